@@ -1,0 +1,27 @@
+// Operator declarations of the genrep_fast library and the Python module entry point.
+//
+// Every op is declared once here with TORCH_LIBRARY; each device implements it in its own file with
+// TORCH_LIBRARY_IMPL(genrep_fast, CPU|CUDA, m). Python adds fake (meta) implementations in
+// genrep_fast/_ops.py so the ops trace under torch.compile.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import genrep_fast._C` runs the static TORCH_LIBRARY initialisers of this shared object. The
+// module itself is empty: the ops are reached through torch.ops.genrep_fast.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "genrep_fast compiled ops (see torch.ops.genrep_fast)", -1,
+      nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(genrep_fast, m) {
+  // Gradient alignment (METHOD.md section 3). group_ids[i] is the group of tensor i (or -1: in no
+  // group). Returns [num_groups, 3] = (<p,g>, |p|^2, |g|^2) per group in float64 whatever the
+  // inputs' dtype (float32 squares underflow below ~1e-19 and overflow above ~1.8e19, which would
+  // turn tiny gradients into "zero" ones), reduced in a fixed order so that repeated calls are
+  // bitwise identical.
+  m.def("group_sums(Tensor[] p, Tensor[] g, int[] group_ids, int num_groups) -> Tensor");
+}

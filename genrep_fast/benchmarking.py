@@ -1,0 +1,310 @@
+"""Benchmark harness: timing, hardware limits measured in the same run, results JSON and report.
+
+Every benchmark in ``bench/`` times the fast op and its baselines with ``time_fn`` in one process
+and records them with ``Results.add``. A record carries the figure of merit next to the time:
+
+* memory-bound ops: ``bytes`` moved -> achieved GB/s and the fraction of ``copy_bandwidth``
+  (a device-to-device copy of a large buffer, measured in the same run);
+* GEMM-like ops: ``flops`` -> achieved TFLOP/s and the fraction of a plain GEMM of the same shape
+  (``gemm_seconds``), measured in the same run.
+
+``python -m genrep_fast.benchmarking RESULTS.json`` turns a results file into a markdown table
+(``RESULTS.md``) and a plot (``RESULTS.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 2,
+    min_reps: int = 3,
+    max_reps: int = 100,
+    min_time_s: float = 0.2,
+    l2_cold: bool = False,
+) -> float:
+    """Median wall time of ``fn()`` in seconds.
+
+    CUDA: CUDA events around each call; ``l2_cold`` writes a 256 MiB buffer between calls so short
+    kernels are timed from DRAM, not from a warm L2 (the H100's L2 is 50 MB). CPU: perf_counter.
+    Runs at least ``min_reps`` and until ``min_time_s`` has passed (at most ``max_reps``).
+    """
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    flush = torch.empty(64 * 2**20, dtype=torch.int32, device=device) if l2_cold else None
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < max_reps and (
+        len(times) < min_reps or time.perf_counter() - start_all < min_time_s
+    ):
+        if flush is not None:
+            flush.zero_()
+        if device.type == "cuda":
+            t0 = torch.cuda.Event(enable_timing=True)
+            t1 = torch.cuda.Event(enable_timing=True)
+            t0.record()
+            fn()
+            t1.record()
+            t1.synchronize()
+            times.append(t0.elapsed_time(t1) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20) -> float:
+    """Measured copy bandwidth in bytes/s (read + write counted) of one large buffer copy."""
+    dev = torch.device(device)
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=dev)
+    dst = torch.empty_like(src)
+    sec = time_fn(lambda: dst.copy_(src), device=dev, warmup=2, min_reps=5, min_time_s=0.3)
+    return 2 * nbytes / sec
+
+
+def gemm_seconds(m: int, n: int, k: int, dtype: torch.dtype, device: str = "cpu") -> float:
+    """Time of ``[m, k] @ [k, n]`` in ``dtype`` on ``device`` (the GEMM a GEMM-shaped op is judged by)."""
+    dev = torch.device(device)
+    a = torch.randn(m, k, dtype=dtype, device=dev)
+    b = torch.randn(k, n, dtype=dtype, device=dev)
+    return time_fn(lambda: a @ b, device=dev)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: str = "cpu") -> dict:
+    """Device name, versions and commit: what every results file records."""
+    dev = torch.device(device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    return {
+        "device": str(dev),
+        "device_name": name,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@dataclasses.dataclass
+class Record:
+    """One timed implementation of one benchmark case."""
+
+    suite: str
+    case: str
+    impl: str
+    seconds: float
+    params: dict = dataclasses.field(default_factory=dict)
+    bytes: float | None = None
+    flops: float | None = None
+    baseline: str | None = None
+    speedup: float | None = None  # baseline time / this time
+    bandwidth_fraction: float | None = None  # achieved bytes/s / measured copy bandwidth
+    gemm_fraction: float | None = None  # plain GEMM time / this time (same shape & precision)
+    peak_memory_bytes: int | None = None
+
+
+class Results:
+    """Collects records of a benchmark session and writes them as JSON."""
+
+    def __init__(self, device: str = "cpu", mode: str = "smoke"):
+        self.device = device
+        self.mode = mode
+        self.records: list[Record] = []
+
+    def add(
+        self,
+        suite: str,
+        case: str,
+        timings: dict[str, float],
+        *,
+        baseline: str,
+        params: dict | None = None,
+        bytes_moved: float | None = None,
+        flops: float | None = None,
+        gemm_time: float | None = None,
+        peak_memory: dict[str, int] | None = None,
+    ) -> list[Record]:
+        """Record every implementation of one case; ratios are against ``timings[baseline]``."""
+        if baseline not in timings:
+            raise ValueError(f"baseline {baseline!r} is not among the timings {list(timings)}")
+        bw = copy_bandwidth(self.device) if bytes_moved is not None else None
+        out = []
+        for impl, sec in timings.items():
+            rec = Record(
+                suite=suite,
+                case=case,
+                impl=impl,
+                seconds=sec,
+                params=dict(params or {}),
+                bytes=bytes_moved,
+                flops=flops,
+                baseline=baseline,
+                speedup=timings[baseline] / sec if sec > 0 else None,
+                bandwidth_fraction=(bytes_moved / sec) / bw if bw and sec > 0 else None,
+                gemm_fraction=gemm_time / sec if gemm_time and sec > 0 else None,
+                peak_memory_bytes=(peak_memory or {}).get(impl),
+            )
+            self.records.append(rec)
+            out.append(rec)
+        return out
+
+    def to_json(self) -> dict:
+        env = environment(self.device)
+        env["copy_bandwidth_GBps"] = copy_bandwidth(self.device) / 1e9 if self.records else None
+        return {
+            "environment": env,
+            "mode": self.mode,
+            "records": [dataclasses.asdict(r) for r in self.records],
+        }
+
+    def write(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        tmp.replace(path)
+        return path
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def markdown_table(data: dict) -> str:
+    env = data["environment"]
+    lines = [
+        f"Device: {env['device_name']} ({env['device']}), torch {env['torch']}, "
+        f"triton {env['triton']}, commit {env['commit']}, {env['date']}, mode {data['mode']}; "
+        f"measured copy bandwidth {_fmt(env.get('copy_bandwidth_GBps'), '.1f')} GB/s.",
+        "",
+        "| suite | case | impl | time (ms) | speedup vs baseline | GB/s | of copy BW | of GEMM |"
+        " peak mem (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["records"]:
+        gbps = r["bytes"] / r["seconds"] / 1e9 if r["bytes"] and r["seconds"] else None
+        mem = r["peak_memory_bytes"] / 2**20 if r["peak_memory_bytes"] else None
+        lines.append(
+            f"| {r['suite']} | {r['case']} | {r['impl']} | {r['seconds'] * 1e3:.3f} | "
+            f"{_fmt(r['speedup'], '.2f')}x vs {r['baseline']} | {_fmt(gbps, '.1f')} | "
+            f"{_fmt(r['bandwidth_fraction'], '.0%')} | {_fmt(r['gemm_fraction'], '.0%')} | "
+            f"{_fmt(mem, '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: str | os.PathLike) -> Path:
+    """Speedup of every implementation against its case's baseline, one bar per (case, impl)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in data["records"] if r["impl"] != r["baseline"]]
+    labels = [f"{r['suite']}/{r['case']}\n{r['impl']}" for r in recs]
+    values = [r["speedup"] or 0.0 for r in recs]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(recs) + 2), 4.5))
+    ax.bar(range(len(recs)), values, color="tab:blue")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(recs)))
+    ax.set_xticklabels(labels, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("speedup vs baseline (x)")
+    if values and max(values) / max(min(v for v in values if v > 0), 1e-9) > 50:
+        ax.set_yscale("log")
+    env = data["environment"]
+    ax.set_title(f"genrep_fast benchmarks on {env['device_name']} (commit {env['commit']})", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(json_path: str | os.PathLike) -> tuple[Path, Path]:
+    """``X.json`` -> ``X.md`` (table) and ``X.png`` (plot) beside it."""
+    json_path = Path(json_path)
+    data = json.loads(json_path.read_text())
+    md = json_path.with_suffix(".md")
+    md.write_text(markdown_table(data))
+    png = plot(data, json_path.with_suffix(".png"))
+    return md, png
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Turn a genrep_fast benchmark JSON into a table + plot")
+    ap.add_argument("results", nargs="+", help="results JSON file(s)")
+    args = ap.parse_args(argv)
+    for p in args.results:
+        md, png = write_report(p)
+        print(md.read_text())
+        print(f"wrote {md} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""Generative perception: the mixture likelihood of the chain bank, the class posterior and the
+distillation loss (METHOD.md section 1).
+
+Public functions validate their arguments, then dispatch to a backend:
+
+* ``"reference"``: the eager float reference of ``genrep_fast.reference`` (materialises
+  ``[B, C, T, D]``; for tests and as the benchmark baseline);
+* ``"torch"``: chunked torch implementation (CPU default);
+* ``"triton"``: the fused Triton kernels of ``genrep_fast.kernels`` (CUDA default).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genrep_fast import reference
+from genrep_fast._validation import (
+    check_choice,
+    check_float_tensor,
+    check_positive_finite,
+    check_same_device,
+    check_same_dtype,
+)
+
+PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
+BACKENDS = ("auto", "triton", "torch", "reference")
+REDUCTIONS = ("batchmean", "sum", "none")
+
+
+def validate_bank(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    class_index: torch.Tensor | None,
+    *,
+    check_values: bool = True,
+) -> None:
+    """Shapes, dtypes and devices of ``(x, mu, sigma, class_index)``; see ``mixture_log_likelihood``."""
+    check_float_tensor("x", x, min_ndim=2)
+    check_float_tensor("mu", mu)
+    check_float_tensor("sigma", sigma, min_ndim=1)
+    check_same_device(x=x, mu=mu, sigma=sigma, class_index=class_index)
+    check_same_dtype(x=x, mu=mu)
+    latent = tuple(x.shape[1:])
+    b = x.shape[0]
+    if mu.dim() == x.dim() + 1:
+        if tuple(mu.shape[2:]) != latent:
+            raise ValueError(
+                f"mu: a shared bank must be [C, T, *latent] with latent = x.shape[1:] = {latent}, "
+                f"got mu of shape {tuple(mu.shape)}"
+            )
+        c, t = mu.shape[0], mu.shape[1]
+        iso_shapes = [(t,), (c, t)]
+    elif mu.dim() == x.dim() + 2:
+        if mu.shape[0] != b or tuple(mu.shape[3:]) != latent:
+            raise ValueError(
+                f"mu: a per-image bank must be [B, C, T, *latent] = [{b}, C, T, {latent}], "
+                f"got mu of shape {tuple(mu.shape)}"
+            )
+        c, t = mu.shape[1], mu.shape[2]
+        iso_shapes = [(t,), (c, t), (b, c, t)]
+    else:
+        raise ValueError(
+            f"mu must be a shared bank [C, T, *latent] ({x.dim() + 1} dims) or a per-image bank "
+            f"[B, C, T, *latent] ({x.dim() + 2} dims) for x of shape {tuple(x.shape)}; "
+            f"got mu of shape {tuple(mu.shape)}"
+        )
+    if c < 1 or t < 1 or b < 1:
+        raise ValueError(f"need B >= 1, C >= 1 and T >= 1; got B={b}, C={c}, T={t}")
+    if tuple(sigma.shape) != tuple(mu.shape) and tuple(sigma.shape) not in iso_shapes:
+        raise ValueError(
+            f"sigma must be isotropic {' or '.join(str(list(s)) for s in iso_shapes)} or diagonal "
+            f"(the shape of mu, {list(mu.shape)}); got sigma of shape {list(sigma.shape)}"
+        )
+    if class_index is not None:
+        if not isinstance(class_index, torch.Tensor):
+            raise TypeError(f"class_index must be a torch.Tensor, got {type(class_index).__name__}")
+        if class_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"class_index must be int64 or int32, got {class_index.dtype}")
+        if class_index.dim() != 2 or class_index.shape[0] != b or class_index.shape[1] < 1:
+            raise ValueError(
+                f"class_index must be [B, K] = [{b}, K >= 1], got shape {tuple(class_index.shape)}"
+            )
+        if check_values and class_index.numel() and (
+            int(class_index.min()) < 0 or int(class_index.max()) >= c
+        ):
+            raise ValueError(
+                f"class_index values must lie in [0, {c}) (C = number of bank classes), got range "
+                f"[{int(class_index.min())}, {int(class_index.max())}]"
+            )
+    if check_values:
+        check_positive_finite("sigma", sigma)
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend != "auto":
+        return backend
+    # Fast paths are added by the posterior-kernel work; until then the reference serves.
+    return "reference"
+
+
+def mixture_log_likelihood(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    *,
+    class_index: torch.Tensor | None = None,
+    precision: str = "ieee",
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Class-conditional log-likelihood of the chain bank's Gaussian mixture.
+
+    ``log p(x|y) = logsumexp_t log N(x; mu[y,t], sigma[y,t]^2) - log T``, in nats.
+
+    Args:
+        x: ``[B, *latent]`` images or latents (float16/bfloat16/float32/float64).
+        mu: shared bank ``[C, T, *latent]`` or per-image bank ``[B, C, T, *latent]``, same dtype as x.
+        sigma: isotropic ``[T]``, ``[C, T]`` (or ``[B, C, T]`` with a per-image bank), or diagonal
+            (the shape of ``mu``); every value finite and > 0.
+        class_index: optional ``[B, K]`` int64 candidate classes per image (values in ``[0, C)``).
+        precision: ``"ieee"`` (fp32), ``"tf32x3"``, ``"tf32"`` or ``"bf16"``: the arithmetic of the
+            shared-bank GEMM form (see docs/NUMERICS.md). The other forms are exact fp32.
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+        validate: check ``sigma > 0`` and the class_index range (one host sync each); set False
+            inside a hot loop once the inputs are known to be good.
+
+    Returns:
+        ``[B, C]`` (or ``[B, K]``) in float32 (float64 for float64 inputs).
+    """
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("backend", backend, BACKENDS)
+    validate_bank(x, mu, sigma, class_index, check_values=validate)
+    impl = _resolve_backend(backend, x.device)
+    if impl == "reference":
+        return reference.mixture_log_likelihood(x, mu, sigma, class_index=class_index)
+    raise NotImplementedError(f"backend={impl!r} is not available in this build")
+
+
+def _check_log_prior(log_prior: torch.Tensor | None, scores: torch.Tensor) -> None:
+    if log_prior is None:
+        return
+    check_float_tensor("log_prior", log_prior, min_ndim=1)
+    check_same_device(log_likelihood=scores, log_prior=log_prior)
+    b, c = scores.shape
+    if tuple(log_prior.shape) not in ((c,), (b, c)):
+        raise ValueError(
+            f"log_prior must be [C] = [{c}] or [B, C] = [{b}, {c}], got {list(log_prior.shape)}"
+        )
+
+
+def class_posterior(
+    log_likelihood: torch.Tensor, log_prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """p(y|x) = softmax_y(log p(x|y) + log p(y)) for ``log_likelihood: [B, C]``; uniform prior by
+    default. Returns ``[B, C]`` probabilities (float32, or float64 for float64 input)."""
+    check_float_tensor("log_likelihood", log_likelihood)
+    if log_likelihood.dim() != 2:
+        raise ValueError(f"log_likelihood must be [B, C], got shape {tuple(log_likelihood.shape)}")
+    _check_log_prior(log_prior, log_likelihood)
+    return reference.class_posterior(log_likelihood, log_prior)
+
+
+def posterior_kl_loss(
+    logits: torch.Tensor,
+    log_likelihood: torch.Tensor,
+    log_prior: torch.Tensor | None = None,
+    reduction: str = "batchmean",
+    *,
+    class_index: torch.Tensor | None = None,
+    detach_teacher: bool = True,
+) -> torch.Tensor:
+    """L_gen_distil = KL(p(y|x) || softmax(logits)), the teacher p from the mixture likelihood.
+
+    Args:
+        logits: ``[B, C]`` head logits (the student).
+        log_likelihood: ``[B, C]`` (or ``[B, K]`` with ``class_index``) from
+            ``mixture_log_likelihood``.
+        log_prior: optional ``[C]`` / ``[B, C]`` (``[K]`` / ``[B, K]`` with candidates) log prior.
+        reduction: ``"batchmean"`` (default: sum over classes, mean over images), ``"sum"``,
+            ``"none"`` (``[B]``).
+        class_index: ``[B, K]`` candidates: logits are gathered to them and both distributions
+            are renormalised over the K classes.
+        detach_teacher: no gradient into the teacher (default, METHOD.md).
+    """
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_float_tensor("logits", logits)
+    check_float_tensor("log_likelihood", log_likelihood)
+    check_same_device(logits=logits, log_likelihood=log_likelihood, class_index=class_index)
+    if logits.dim() != 2 or log_likelihood.dim() != 2:
+        raise ValueError(
+            f"logits and log_likelihood must be 2-D, got {tuple(logits.shape)} and "
+            f"{tuple(log_likelihood.shape)}"
+        )
+    if class_index is not None:
+        if class_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"class_index must be int64 or int32, got {class_index.dtype}")
+        if tuple(class_index.shape) != tuple(log_likelihood.shape):
+            raise ValueError(
+                f"class_index must have the shape of log_likelihood {tuple(log_likelihood.shape)}, "
+                f"got {tuple(class_index.shape)}"
+            )
+        if class_index.numel() and (
+            int(class_index.min()) < 0 or int(class_index.max()) >= logits.shape[1]
+        ):
+            raise ValueError(
+                f"class_index values must lie in [0, {logits.shape[1]}), got range "
+                f"[{int(class_index.min())}, {int(class_index.max())}]"
+            )
+        class_index = class_index.long()
+    elif tuple(logits.shape) != tuple(log_likelihood.shape):
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and log_likelihood {tuple(log_likelihood.shape)} must "
+            "have the same shape (pass class_index for candidate classes)"
+        )
+    _check_log_prior(log_prior, log_likelihood)
+    return reference.posterior_kl_loss(
+        logits,
+        log_likelihood,
+        log_prior,
+        reduction,
+        class_index=class_index,
+        detach_teacher=detach_teacher,
+    )

@@ -1,0 +1,1 @@
+"""Triton kernels of genrep_fast (installed as genrep_fast.kernels)."""
