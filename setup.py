@@ -65,7 +65,7 @@ def _extensions():
                 cpp_sources,
                 extra_compile_args={"cxx": cxx_flags},
                 extra_link_args=link_flags,
-                                py_limited_api=True,
+                py_limited_api=True,
             )
         ]
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):

@@ -78,7 +78,7 @@ def time_fn(
     return statistics.median(times)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20) -> float:
     """Measured copy bandwidth in bytes/s (read + write counted) of one large buffer copy."""
     dev = torch.device(device)
@@ -277,7 +277,9 @@ def plot(data: dict, path: str | os.PathLike) -> Path:
     if values and max(values) / max(min(v for v in values if v > 0), 1e-9) > 50:
         ax.set_yscale("log")
     env = data["environment"]
-    ax.set_title(f"genrep_fast benchmarks on {env['device_name']} (commit {env['commit']})", fontsize=9)
+    ax.set_title(
+        f"genrep_fast benchmarks on {env['device_name']} (commit {env['commit']})", fontsize=9
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -296,7 +298,9 @@ def write_report(json_path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Turn a genrep_fast benchmark JSON into a table + plot")
+    ap = argparse.ArgumentParser(
+        description="Turn a genrep_fast benchmark JSON into a table + plot"
+    )
     ap.add_argument("results", nargs="+", help="results JSON file(s)")
     args = ap.parse_args(argv)
     for p in args.results:

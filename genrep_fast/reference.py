@@ -84,9 +84,13 @@ def _bank_as_bctd(
     if class_index is not None:
         k = class_index.shape[1]
         idx = class_index.reshape(b, k, 1)
-        mu4 = torch.gather(mu4.expand(b, -1, -1, -1), 1, idx[..., None].expand(b, k, t, mu4.shape[-1]))
+        mu4 = torch.gather(
+            mu4.expand(b, -1, -1, -1), 1, idx[..., None].expand(b, k, t, mu4.shape[-1])
+        )
         if diagonal:
-            s4 = torch.gather(s4.expand(b, -1, -1, -1), 1, idx[..., None].expand(b, k, t, s4.shape[-1]))
+            s4 = torch.gather(
+                s4.expand(b, -1, -1, -1), 1, idx[..., None].expand(b, k, t, s4.shape[-1])
+            )
         else:
             s4 = torch.gather(s4.expand(b, -1, -1), 1, idx.expand(b, k, t))
     return mu4, s4, diagonal
@@ -238,7 +242,12 @@ def align_gradients(
         if p is None and g is None:
             pairs.append((None, None))
         else:
-            pairs.append((p if p is not None else torch.zeros_like(g), g if g is not None else torch.zeros_like(p)))
+            pairs.append(
+                (
+                    p if p is not None else torch.zeros_like(g),
+                    g if g is not None else torch.zeros_like(p),
+                )
+            )
     ids = resolve_groups(groups, n)
     g_count = num_groups(groups, n)
     out: list[torch.Tensor | None] = [None] * n

@@ -1,0 +1,70 @@
+"""nvtx_range works with and without the nvtx package; the benchmark harness writes a report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from genrep_fast import benchmarking, profiling
+
+
+def test_nvtx_range_context_and_decorator():
+    calls = []
+
+    @profiling.nvtx_range("decorated")
+    def f(x):
+        calls.append(x)
+        return x + 1
+
+    with profiling.nvtx_range("outer"):
+        assert f(1) == 2
+
+    @profiling.annotate()
+    def g():
+        return "ok"
+
+    assert g() == "ok" and g.__name__ == "g"
+    assert calls == [1]
+    with pytest.raises(ValueError, match="name"):
+        profiling.nvtx_range("")
+
+
+def test_nvtx_range_does_not_swallow_exceptions():
+    with pytest.raises(KeyError), profiling.nvtx_range("boom"):
+        raise KeyError("x")
+
+
+def test_time_fn_and_limits_are_positive():
+    a = torch.randn(64, 64)
+    sec = benchmarking.time_fn(lambda: a @ a, min_time_s=0.01)
+    assert 0 < sec < 1
+    assert benchmarking.copy_bandwidth("cpu", nbytes=8 * 2**20) > 1e8  # > 0.1 GB/s on any CPU
+    assert benchmarking.gemm_seconds(32, 32, 32, torch.float32) > 0
+
+
+def test_results_json_table_and_plot(tmp_path):
+    res = benchmarking.Results(device="cpu", mode="smoke")
+    recs = res.add(
+        "suite",
+        "case",
+        {"fast": 0.001, "reference": 0.004},
+        baseline="reference",
+        bytes_moved=1e6,
+        flops=2e6,
+        gemm_time=0.0005,
+        peak_memory={"fast": 2**20, "reference": 2**22},
+    )
+    assert recs[0].speedup == pytest.approx(4.0)
+    assert recs[0].gemm_fraction == pytest.approx(0.5)
+    path = res.write(tmp_path / "r.json")
+    data = json.loads(path.read_text())
+    assert data["environment"]["torch"] == torch.__version__
+    assert "device_name" in data["environment"] and "commit" in data["environment"]
+    md, png = benchmarking.write_report(path)
+    table = md.read_text()
+    assert "| suite | case | fast |" in table and "4.00x vs reference" in table
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="baseline"):
+        res.add("s", "c", {"fast": 1.0}, baseline="eager")
