@@ -1,0 +1,387 @@
+"""Training configuration: dataclasses, loaded from YAML (configs/*.yaml) and overridden by
+``key.sub=value`` strings from the command line.
+
+Every field is checked when a config is built: an unknown key, a value of the wrong type or a
+value out of range raises ``ConfigError`` (a ``ValueError``) naming the dotted key, e.g.
+``stage2.ema_decay: must be in [0, 1), got 1.5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_CONFIG = "tiny_digits"
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message starts with the dotted key."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The diffusion backbone and the perception/modulation modules on top of it."""
+
+    kind: str = "unet2d"  # "unet2d" (diffusers UNet2DModel) | "dit" (DiTTransformer2DModel)
+    sample_size: int = 8  # latent (or pixel) height = width
+    in_channels: int = 1
+    num_classes: int = 10
+    # Extra keyword arguments of the tiny factory (tiny_unet2d / tiny_dit), e.g. block widths.
+    factory_kwargs: dict = dataclasses.field(default_factory=dict)
+    # A diffusers model directory (from_pretrained, local only) replacing the factory model.
+    pretrained: str | None = None
+    # A diffusers AutoencoderKL directory: images are encoded to latents on the fly.
+    vae: str | None = None
+    head_kwargs: dict = dataclasses.field(default_factory=dict)
+    modulation_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DiffusionConfig:
+    """DDPM schedule, the reverse chain and the chain bank (METHOD.md section 1)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"  # "linear" | "scaled_linear" | "squaredcos_cap_v2"
+    num_steps: int = 200  # reverse-chain (sampling) steps N
+    burn_in: int = 50
+    thin: int = 2
+    chains_per_class: int = 1  # S
+    bank_batch_size: int = 256  # chains advanced together while building the bank
+    bank_dtype: str = "float32"  # "float32" | "bfloat16"
+    bank_refresh_every: int = 500  # R, training steps between bank refreshes (0: never)
+    precision: str = "ieee"  # mixture-likelihood arithmetic (see posterior.PRECISIONS)
+    candidate_classes: int = 0  # K > 0: posterior over the head's top-K plus the label
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """One training stage: its length and optimiser settings."""
+
+    steps: int = 0
+    lr: float = 1e-4
+    backbone_lr_scale: float = 1.0  # lr of the diffusion backbone relative to ``lr``
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: str = "constant"  # "constant" | "cosine" (after warm-up)
+    grad_clip: float = 0.0  # 0: no clipping
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Which GenRep terms are on (the paper's ablation rows switch these)."""
+
+    gen_distil: bool = True  # L_gen_distil = KL(posterior || head) in L_percept
+    gen_distil_weight: float = 1.0
+    semantic: bool = True  # x_sem modulation + L_rep_align in L_genera
+    rep_align_weight: float = 0.5
+    vlb_weight: float = 1e-3  # variance term that trains f_sigma (mean detached)
+
+
+@dataclasses.dataclass
+class AlignConfig:
+    """Gradient alignment of the two stage-2 gradients (METHOD.md section 3)."""
+
+    mode: str = "symmetric"  # "symmetric" | "generation" | "perception" | "none"
+    k: float = 2.0
+    w_p: float = 0.7
+    w_g: float = 0.3
+    groups: str = "attention_blocks"  # "attention_blocks" | "per_tensor" | "global"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    kind: str = "digits"  # "digits" | "image_folder" | "latents"
+    root: str | None = None  # folder of class sub-folders, or of latent shards
+    test_root: str | None = None  # held-out set (image_folder / latents); digits: fixed split
+    image_size: int = 8
+    grayscale: bool = True
+    latent_scale: float = 1.0  # multiplied into stored latents (0.18215 for the SD VAE)
+    batch_size: int = 64  # per process, per micro-batch
+    num_workers: int = 0
+    augment: bool = False  # random horizontal flip (not for digits)
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    ops: str = "fast"  # "fast" (package kernels) | "reference" (eager reference ops)
+    autocast: str = "auto"  # "auto" (bf16 on CUDA, none on CPU) | "bf16" | "none"
+    compile: bool = False  # torch.compile the backbone's forward
+    grad_accum: int = 1  # micro-batches per optimiser step
+    threads: int = 0  # torch CPU threads (0: leave torch's default)
+    log_every: int = 20
+    ckpt_every: int = 0  # 0: only at the end of each stage (and on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    samples_per_class: int = 10  # generated images per class (grid + head accuracy)
+    sample_steps: int = 0  # 0: diffusion.num_steps
+    max_test_images: int = 0  # 0: the whole held-out set
+    ece_bins: int = 15
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    name: str = "tiny_digits"
+    seed: int = 0
+    out_dir: str = "runs/tiny_digits"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    # Stage 0 stands in for a pretrained diffusion model when none is given (DDPM loss only).
+    stage0: StageConfig = dataclasses.field(default_factory=StageConfig)
+    stage1: StageConfig = dataclasses.field(default_factory=StageConfig)
+    stage2: StageConfig = dataclasses.field(default_factory=StageConfig)
+    ema_decay: float = 0.999  # m of theta_sem <- m theta_sem + (1 - m) theta_unified
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    align: AlignConfig = dataclasses.field(default_factory=AlignConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def validate(self) -> TrainConfig:
+        _validate(self)
+        return self
+
+
+CHOICES = {
+    "model.kind": ("unet2d", "dit"),
+    "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "diffusion.bank_dtype": ("float32", "bfloat16"),
+    "diffusion.precision": ("ieee", "tf32x3", "tf32", "bf16"),
+    "stage0.schedule": ("constant", "cosine"),
+    "stage1.schedule": ("constant", "cosine"),
+    "stage2.schedule": ("constant", "cosine"),
+    "align.mode": ("symmetric", "generation", "perception", "none"),
+    "align.groups": ("attention_blocks", "per_tensor", "global"),
+    "data.kind": ("digits", "image_folder", "latents"),
+    "runtime.ops": ("fast", "reference"),
+    "runtime.autocast": ("auto", "bf16", "none"),
+}
+
+
+def _to_plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _to_plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_to_plain(x) for x in v]
+    return v
+
+
+def _fail(key: str, msg: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}: {msg}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation (str form, from ``from __future__``)."""
+    ann = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    optional = "None" in ann
+    base = ann.replace("| None", "").replace("None |", "").strip()
+    if value is None:
+        if optional:
+            return None
+        _fail(key, f"must not be null (expected {base})")
+    if base == "bool":
+        if not isinstance(value, bool):
+            _fail(key, f"must be true or false, got {value!r}")
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, f"must be an integer, got {value!r}")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, f"must be a number, got {value!r}")
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            _fail(key, f"must be a string, got {value!r}")
+        return value
+    if base == "dict":
+        if not isinstance(value, dict):
+            _fail(key, f"must be a mapping, got {value!r}")
+        return dict(value)
+    if base == "tuple":
+        if not isinstance(value, (list, tuple)):
+            _fail(key, f"must be a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys are errors naming the key."""
+    if not isinstance(data, dict):
+        _fail(prefix.rstrip(".") or "<root>", f"must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            _fail(key, f"unknown key (valid keys here: {', '.join(sorted(fields))})")
+        hint = hints[k]
+        if dataclasses.is_dataclass(hint):
+            kwargs[k] = from_dict(hint, v, key + ".")
+        else:
+            kwargs[k] = _coerce(key, v, fields[k].type)
+    return cls(**kwargs)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    flat = flatten(cfg.to_dict())
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            _fail(key, f"must be one of {list(choices)}, got {flat[key]!r}")
+
+    def positive(key: str, minimum: float = 1) -> None:
+        if flat[key] < minimum:
+            _fail(key, f"must be >= {minimum}, got {flat[key]}")
+
+    for key in (
+        "model.sample_size",
+        "model.in_channels",
+        "model.num_classes",
+        "diffusion.num_train_timesteps",
+        "diffusion.num_steps",
+        "diffusion.thin",
+        "diffusion.chains_per_class",
+        "diffusion.bank_batch_size",
+        "data.batch_size",
+        "data.image_size",
+        "runtime.grad_accum",
+        "runtime.log_every",
+        "runtime.keep_checkpoints",
+        "eval.ece_bins",
+    ):
+        positive(key)
+    for key in (
+        "diffusion.burn_in",
+        "diffusion.bank_refresh_every",
+        "diffusion.candidate_classes",
+        "data.num_workers",
+        "runtime.ckpt_every",
+        "runtime.threads",
+        "eval.samples_per_class",
+        "eval.sample_steps",
+        "eval.max_test_images",
+    ):
+        positive(key, 0)
+    d = cfg.diffusion
+    if d.num_steps > d.num_train_timesteps:
+        _fail("diffusion.num_steps", f"must be <= num_train_timesteps={d.num_train_timesteps}")
+    if d.burn_in >= d.num_steps:
+        _fail("diffusion.burn_in", f"must be < diffusion.num_steps={d.num_steps}, got {d.burn_in}")
+    if d.candidate_classes > cfg.model.num_classes:
+        _fail(
+            "diffusion.candidate_classes", f"must be <= model.num_classes={cfg.model.num_classes}"
+        )
+    for s in ("stage0", "stage1", "stage2"):
+        st: StageConfig = getattr(cfg, s)
+        positive(f"{s}.steps", 0)
+        positive(f"{s}.warmup_steps", 0)
+        if not st.lr > 0:
+            _fail(f"{s}.lr", f"must be > 0, got {st.lr}")
+        if st.backbone_lr_scale < 0:
+            _fail(f"{s}.backbone_lr_scale", f"must be >= 0, got {st.backbone_lr_scale}")
+        if st.weight_decay < 0 or st.grad_clip < 0:
+            key = f"{s}.weight_decay" if st.weight_decay < 0 else f"{s}.grad_clip"
+            _fail(key, "must be >= 0")
+        if len(st.betas) != 2 or not all(0 <= float(b) < 1 for b in st.betas):
+            _fail(f"{s}.betas", f"must be two numbers in [0, 1), got {list(st.betas)}")
+    if not 0 <= cfg.ema_decay < 1:
+        _fail("ema_decay", f"must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.align.k < 0:
+        _fail("align.k", f"must be >= 0, got {cfg.align.k}")
+    for key in ("loss.gen_distil_weight", "loss.rep_align_weight", "loss.vlb_weight"):
+        positive(key, 0)
+    if cfg.data.kind != "digits" and not cfg.data.root:
+        _fail("data.root", f"is required for data.kind={cfg.data.kind!r}")
+    if cfg.data.kind == "digits" and (cfg.model.sample_size != 8 or cfg.model.in_channels != 1):
+        _fail("model.sample_size", "the digits data are 1x8x8: set sample_size=8, in_channels=1")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("factory_kwargs", "head_kwargs", "modulation_kwargs"):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"stage2.steps=300"`` -> (["stage2", "steps"], 300); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: an override must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{text}: an override must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _to_plain(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(path[: i + 1])}: is not a section, cannot set {text}")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a bundled config (``tiny_digits`` -> configs/tiny_digits.yaml)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    cand = CONFIG_DIR / f"{name_or_path}.yaml"
+    if cand.exists():
+        return cand
+    raise ConfigError(
+        f"config: no file {str(name_or_path)!r} and no bundled config of that name "
+        f"(bundled: {', '.join(bundled_configs())})"
+    )
+
+
+def bundled_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(
+    name_or_path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()
+) -> TrainConfig:
+    """Read a YAML config (path or bundled name), apply ``key=value`` overrides, validate."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+    return config_from_dict(apply_overrides(data, list(overrides)))
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    return from_dict(TrainConfig, data).validate()
