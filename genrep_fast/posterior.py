@@ -11,9 +11,11 @@ Public functions validate their arguments, then dispatch to a backend:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from genrep_fast import reference
+from genrep_fast import posterior_torch, reference
 from genrep_fast._validation import (
     check_choice,
     check_float_tensor,
@@ -81,8 +83,10 @@ def validate_bank(
             raise ValueError(
                 f"class_index must be [B, K] = [{b}, K >= 1], got shape {tuple(class_index.shape)}"
             )
-        if check_values and class_index.numel() and (
-            int(class_index.min()) < 0 or int(class_index.max()) >= c
+        if (
+            check_values
+            and class_index.numel()
+            and (int(class_index.min()) < 0 or int(class_index.max()) >= c)
         ):
             raise ValueError(
                 f"class_index values must lie in [0, {c}) (C = number of bank classes), got range "
@@ -92,11 +96,109 @@ def validate_bank(
         check_positive_finite("sigma", sigma)
 
 
+def _triton_available(device: torch.device) -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda"
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"``: the Triton kernels on CUDA, the chunked torch path elsewhere. The Triton
+    interpreter is for tests only, so ``"auto"`` never picks it on CPU."""
     if backend != "auto":
         return backend
-    # Fast paths are added by the posterior-kernel work; until then the reference serves.
-    return "reference"
+    return "triton" if _triton_available(device) else "torch"
+
+
+def _num_classes_out(x: torch.Tensor, mu: torch.Tensor, class_index: torch.Tensor | None) -> int:
+    if class_index is not None:
+        return class_index.shape[1]
+    return mu.shape[1] if reference.is_per_image(x, mu) else mu.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops: genrep_fast::mixture_log_likelihood (+ its backward). Opaque to torch.compile (the
+# fake implementations give the output shapes), differentiable through register_autograd.
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("genrep_fast::mixture_log_likelihood", mutates_args=())
+def _mixture_ll_op(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    class_index: torch.Tensor | None,
+    precision: str,
+    impl: str,
+) -> torch.Tensor:
+    if impl == "triton":
+        from genrep_fast.kernels import mixture as mixture_kernels
+
+        lse = mixture_kernels.mixture_lse(x, mu, sigma, class_index, precision=precision)
+        t = mu.shape[2] if reference.is_per_image(x, mu) else mu.shape[1]
+        return (lse - math.log(t)).to(reference.compute_dtype(x.dtype))
+    return posterior_torch.forward(x, mu, sigma, class_index)
+
+
+@_mixture_ll_op.register_fake
+def _(x, mu, sigma, class_index, precision, impl):
+    k = _num_classes_out(x, mu, class_index)
+    return x.new_empty((x.shape[0], k), dtype=reference.compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("genrep_fast::mixture_log_likelihood_backward", mutates_args=())
+def _mixture_ll_backward_op(
+    grad: torch.Tensor,
+    ll: torch.Tensor,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    class_index: torch.Tensor | None,
+    need_x: bool,
+    need_mu: bool,
+    need_sigma: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recompute-based backward (both backends): scores are recomputed chunk by chunk from the
+    saved ``ll`` in float64 GEMM form (shared bank) or the difference form (per-image bank), so
+    ``[B, C, T]`` is never stored. Gradients not asked for come back as empty tensors."""
+    gx, gmu, gsig = posterior_torch.backward(
+        grad, ll, x, mu, sigma, class_index, (need_x, need_mu, need_sigma)
+    )
+    empty = x.new_empty(0)
+    return (
+        gx if gx is not None else empty,
+        gmu if gmu is not None else empty.clone(),
+        gsig if gsig is not None else empty.clone(),
+    )
+
+
+@_mixture_ll_backward_op.register_fake
+def _(grad, ll, x, mu, sigma, class_index, need_x, need_mu, need_sigma):
+    return (
+        torch.empty_like(x) if need_x else x.new_empty(0),
+        torch.empty_like(mu) if need_mu else x.new_empty(0),
+        torch.empty_like(sigma) if need_sigma else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, mu, sigma, class_index, _precision, _impl = inputs
+    ctx.save_for_backward(x, mu, sigma, output)
+    ctx.class_index = class_index
+
+
+def _backward(ctx, grad):
+    x, mu, sigma, ll = ctx.saved_tensors
+    nx, nmu, nsig = ctx.needs_input_grad[:3]
+    gx, gmu, gsig = _mixture_ll_backward_op(
+        grad.contiguous(), ll, x, mu, sigma, ctx.class_index, nx, nmu, nsig
+    )
+    return (gx if nx else None, gmu if nmu else None, gsig if nsig else None, None, None, None)
+
+
+_mixture_ll_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mixture_log_likelihood(
@@ -120,7 +222,8 @@ def mixture_log_likelihood(
             (the shape of ``mu``); every value finite and > 0.
         class_index: optional ``[B, K]`` int64 candidate classes per image (values in ``[0, C)``).
         precision: ``"ieee"`` (fp32), ``"tf32x3"``, ``"tf32"`` or ``"bf16"``: the arithmetic of the
-            shared-bank GEMM form (see docs/NUMERICS.md). The other forms are exact fp32.
+            shared-bank GEMM form of the Triton backend (see docs/NUMERICS.md). The difference forms
+            are exact fp32; the torch backend always uses a float64 GEMM form.
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
         validate: check ``sigma > 0`` and the class_index range (one host sync each); set False
             inside a hot loop once the inputs are known to be good.
@@ -130,11 +233,25 @@ def mixture_log_likelihood(
     """
     check_choice("precision", precision, PRECISIONS)
     check_choice("backend", backend, BACKENDS)
-    validate_bank(x, mu, sigma, class_index, check_values=validate)
+    # The value checks sync with the host; under torch.compile they would break the graph, so a
+    # compiled caller gets the shape/dtype checks only (validate eagerly once, outside the loop).
+    check_values = validate and not torch.compiler.is_compiling()
+    validate_bank(x, mu, sigma, class_index, check_values=check_values)
     impl = _resolve_backend(backend, x.device)
     if impl == "reference":
         return reference.mixture_log_likelihood(x, mu, sigma, class_index=class_index)
-    raise NotImplementedError(f"backend={impl!r} is not available in this build")
+    if impl == "triton" and not _triton_available(x.device) and not _triton_interpreted():
+        raise ValueError(
+            f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests); x is on "
+            f"{x.device}"
+        )
+    return _mixture_ll_op(x, mu, sigma, class_index, precision, impl)
+
+
+def _triton_interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_log_prior(log_prior: torch.Tensor | None, scores: torch.Tensor) -> None:
@@ -214,11 +331,47 @@ def posterior_kl_loss(
             "have the same shape (pass class_index for candidate classes)"
         )
     _check_log_prior(log_prior, log_likelihood)
-    return reference.posterior_kl_loss(
-        logits,
-        log_likelihood,
-        log_prior,
-        reduction,
-        class_index=class_index,
-        detach_teacher=detach_teacher,
-    )
+    if not detach_teacher:
+        # Gradient into the teacher as well: plain autograd through the reference math.
+        return reference.posterior_kl_loss(
+            logits,
+            log_likelihood,
+            log_prior,
+            reduction,
+            class_index=class_index,
+            detach_teacher=False,
+        )
+    if class_index is not None:
+        logits = torch.gather(logits, 1, class_index)
+    per_image = _PosteriorKL.apply(logits, log_likelihood, log_prior)
+    if reduction == "none":
+        return per_image
+    if reduction == "sum":
+        return per_image.sum()
+    return per_image.mean()
+
+
+class _PosteriorKL(torch.autograd.Function):
+    """Per-image ``KL(p || softmax(logits))`` ``[B]`` with the teacher p detached.
+
+    Saves ``p`` and ``log q`` (``[B, C]`` each) and returns ``dL/dlogits = g * (q - p)`` in one
+    elementwise pass instead of autograd's chain through log_softmax, where, sub and sum.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, log_likelihood, log_prior):
+        log_p = reference.log_class_posterior(log_likelihood.detach(), log_prior)
+        log_p = log_p.detach()
+        log_q = torch.log_softmax(logits.detach().to(log_p.dtype), dim=-1)
+        p = log_p.exp()
+        # 0 * log 0 = 0: classes the teacher rules out contribute nothing (not NaN).
+        per_image = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+        ctx.save_for_backward(p, log_q)
+        ctx.logits_dtype = logits.dtype
+        return per_image
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, log_q = ctx.saved_tensors
+        grad_logits = (log_q.exp() - p) * grad.to(p.dtype)[:, None]
+        return grad_logits.to(ctx.logits_dtype), None, None

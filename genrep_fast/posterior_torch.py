@@ -1,0 +1,357 @@
+"""Chunked torch implementation of the mixture log-likelihood (the CPU default of ``backend="auto"``).
+
+Same math as ``genrep_fast.reference.mixture_log_likelihood`` (METHOD.md section 1) without ever
+materialising ``[B, C, T, D]``: the classes are processed in chunks whose temporaries stay under
+``CHUNK_BYTES``, so the extra memory is O(B*C + chunk).
+
+* Shared bank ``mu: [C, T, D]``: the GEMM form ``|x|^2 - 2 x.mu + |mu|^2`` (diagonal sigma:
+  ``[x^2, x] . [1/sigma^2, -2 mu/sigma^2] + sum mu^2/sigma^2``) computed in ``gemm_dtype``
+  (float64 by default). float64 keeps the cancellation error of that form at about
+  ``1e-16 * (|x|^2 + |mu|^2) / sigma^2`` nats, far below the float32 rounding of the result;
+  float32 would lose whole nats when x is near a mean and sigma is small (docs/NUMERICS.md).
+* Per-image bank ``mu: [B, C, T, D]``: the exact difference form ``(x - mu)^2`` in the compute
+  dtype (float32, or float64 for float64 inputs); it is memory-bound anyway.
+* Candidate classes ``class_index: [B, K]`` into a shared bank: the GEMM form over the classes
+  that occur in ``class_index`` (at most ``min(C, B*K)``), then a gather.
+
+``forward`` returns ``log p(x|y)``; ``backward`` recomputes the mixture weights chunk by chunk from
+the saved result (``lse = ll + log T``, flash-attention's trick), so ``[B, C, T]`` is never stored
+either. Both run without autograd; ``genrep_fast.posterior`` wires them into a custom op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from genrep_fast.reference import LOG_2PI, compute_dtype, is_diagonal, is_per_image
+
+# Bytes of temporaries per class chunk (scores, weights, converted bank rows). 64 MiB keeps the
+# realistic CPU case (B=64, T=75, D=1024) in 4-class chunks while the GEMMs stay large enough
+# (>= 300 columns) to run at full BLAS speed.
+CHUNK_BYTES = 64 * 2**20
+
+
+def _classes_per_chunk(per_class_bytes: int, num_classes: int, chunk_bytes: int | None) -> int:
+    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return max(1, min(num_classes, budget // max(per_class_bytes, 1)))
+
+
+def _iso_sigma(sigma: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """Isotropic sigma ``[T]``, ``[C, T]`` or ``[B, C, T]`` as a (broadcast) view of shape ``lead``."""
+    return sigma.expand(lead)
+
+
+def _log_norm_iso(sig: torch.Tensor, d: int) -> torch.Tensor:
+    return -d * torch.log(sig) - 0.5 * d * LOG_2PI
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared bank: GEMM form
+# ------------------------------------------------------------------------------------------------
+
+
+def _shared_chunk_scores(x2, xx, x_sq, mu_c, sig_c, diagonal):
+    """Scores ``log N(x_b; mu_ct, sigma_ct^2)`` ``[B, cc, T]`` and the quadratic term.
+
+    ``x2: [B, D]``, ``xx = |x|^2: [B]``, ``x_sq = x^2`` (diagonal only), ``mu_c: [cc, T, D]``,
+    ``sig_c: [cc, T]`` or ``[cc, T, D]``, all in the GEMM dtype.
+    """
+    cc, t, d = mu_c.shape
+    b = x2.shape[0]
+    mu_flat = mu_c.reshape(cc * t, d)
+    if diagonal:
+        ivar = sig_c.reshape(cc * t, d).square().reciprocal()
+        quad = x_sq @ ivar.T - 2.0 * (x2 @ (mu_flat * ivar).T)
+        quad += (mu_flat.square() * ivar).sum(-1)
+        log_norm = -torch.log(sig_c).sum(-1).reshape(1, cc * t) - 0.5 * d * LOG_2PI
+        # Rounding can push |x - mu|^2 slightly below 0 when x is on a mean.
+        s = -0.5 * quad.clamp_min_(0.0) + log_norm
+    else:
+        quad = (x2 @ mu_flat.T).mul_(-2.0)
+        quad += xx[:, None]
+        quad += mu_flat.square().sum(-1)
+        quad.clamp_min_(0.0)
+        sig_flat = sig_c.reshape(1, cc * t)
+        s = -0.5 * quad / sig_flat.square() + _log_norm_iso(sig_flat, d)
+    return s.reshape(b, cc, t), quad.reshape(b, cc, t)
+
+
+def _shared_forward(x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes):
+    """``[B, C]`` LSE over T of the shared bank (without the ``- log T``)."""
+    b, d = x2.shape
+    c, t, _ = mu3.shape
+    xg = x2.to(gemm_dtype)
+    xx = xg.square().sum(-1)
+    x_sq = xg.square() if diagonal else None
+    es = torch.finfo(gemm_dtype).bits // 8
+    per_class = es * (t * d * (3 if diagonal else 2) + 4 * b * t)
+    cc = _classes_per_chunk(per_class, c, chunk_bytes)
+    out = torch.empty(b, c, dtype=gemm_dtype, device=x2.device)
+    for c0 in range(0, c, cc):
+        c1 = min(c, c0 + cc)
+        s, _ = _shared_chunk_scores(
+            xg, xx, x_sq, mu3[c0:c1].to(gemm_dtype), sig[c0:c1].to(gemm_dtype), diagonal
+        )
+        out[:, c0:c1] = torch.logsumexp(s, dim=-1)
+    return out
+
+
+def _shared_backward(grad, lse, x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, needs):
+    """Gradients of ``sum(grad * lse)`` w.r.t. ``x2 [B, D]``, ``mu3 [C, T, D]`` and ``sig``.
+
+    ``lse: [B, C]`` from the forward (entries with ``grad == 0`` may be ``+inf``). Gradients not
+    in ``needs = (x, mu, sigma)`` are None.
+    """
+    b, d = x2.shape
+    c, t, _ = mu3.shape
+    xg = x2.to(gemm_dtype)
+    xx = xg.square().sum(-1)
+    x_sq = xg.square() if diagonal else None
+    g = grad.to(gemm_dtype)
+    lse = lse.to(gemm_dtype)
+    gx = torch.zeros_like(xg) if needs[0] else None
+    gmu = torch.empty(mu3.shape, dtype=gemm_dtype, device=x2.device) if needs[1] else None
+    gsig = torch.empty(sig.shape, dtype=gemm_dtype, device=x2.device) if needs[2] else None
+    es = torch.finfo(gemm_dtype).bits // 8
+    per_class = es * (t * d * (5 if diagonal else 3) + 6 * b * t)
+    cc = _classes_per_chunk(per_class, c, chunk_bytes)
+    for c0 in range(0, c, cc):
+        c1 = min(c, c0 + cc)
+        n = c1 - c0
+        mu_c = mu3[c0:c1].to(gemm_dtype)
+        sig_c = sig[c0:c1].to(gemm_dtype)
+        s, quad = _shared_chunk_scores(xg, xx, x_sq, mu_c, sig_c, diagonal)
+        # Mixture weights times the incoming gradient: dL/ds_bct.
+        w = torch.exp(s - lse[:, c0:c1, None]) * g[:, c0:c1, None]
+        w_flat = w.reshape(b, n * t)
+        mu_flat = mu_c.reshape(n * t, d)
+        w_sum = w_flat.sum(0)  # [n*T]
+        if diagonal:
+            sig_flat = sig_c.reshape(n * t, d)
+            ivar = sig_flat.square().reciprocal()
+            if gx is not None:
+                # ds/dx = (mu - x) / sigma^2
+                gx += w_flat @ (mu_flat * ivar) - xg * (w_flat @ ivar)
+            wx = w_flat.T @ xg  # [n*T, D]
+            if gmu is not None:
+                gmu[c0:c1] = (ivar * (wx - mu_flat * w_sum[:, None])).reshape(n, t, d)
+            if gsig is not None:
+                # sum_b w (x - mu)^2 = W^T x^2 - 2 mu W^T x + mu^2 sum_b w
+                wq = w_flat.T @ x_sq - 2.0 * mu_flat * wx + mu_flat.square() * w_sum[:, None]
+                gs = wq * ivar / sig_flat - w_sum[:, None] / sig_flat
+                gsig[c0:c1] = gs.reshape(n, t, d)
+        else:
+            sig_flat = sig_c.reshape(n * t)
+            ivar = sig_flat.square().reciprocal()
+            a = w_flat * ivar  # [B, n*T]
+            if gx is not None:
+                gx += a @ mu_flat - xg * a.sum(1, keepdim=True)
+            if gmu is not None:
+                gmu[c0:c1] = (a.T @ xg - mu_flat * a.sum(0)[:, None]).reshape(n, t, d)
+            if gsig is not None:
+                # ds/dsigma = |x - mu|^2 / sigma^3 - D / sigma
+                wq = (w * quad).sum(0).reshape(n * t)
+                gsig[c0:c1] = (wq * ivar / sig_flat - d * w_sum / sig_flat).reshape(n, t)
+    return gx, gmu, gsig
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-image bank (and candidate classes of a per-image bank): difference form
+# ------------------------------------------------------------------------------------------------
+
+
+def _gather_classes(t4: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor | None, c0, c1):
+    """Classes ``c0:c1`` (or candidate columns ``c0:c1`` of ``cls: [B, K]``) of ``t4: [B, C, ...]``."""
+    if cls is None:
+        return t4[:, c0:c1]
+    return t4[rows, cls[:, c0:c1]]
+
+
+def _per_image_chunk_scores(xc, mu_c, sig_c, diagonal):
+    """``xc: [B, D]``, ``mu_c: [B, n, T, D]``, ``sig_c: [B, n, T(, D)]`` -> scores, diff, quad."""
+    d = xc.shape[-1]
+    diff = xc[:, None, None, :] - mu_c
+    if diagonal:
+        z = diff / sig_c
+        quad = z.square().sum(-1)
+        s = -0.5 * quad - torch.log(sig_c).sum(-1) - 0.5 * d * LOG_2PI
+    else:
+        quad = diff.square().sum(-1)
+        s = -0.5 * quad / sig_c.square() + _log_norm_iso(sig_c, d)
+    return s, diff, quad
+
+
+def _per_image_forward(x2, mu4, sig4, cls, dt, chunk_bytes):
+    b, d = x2.shape
+    c, t = mu4.shape[1], mu4.shape[2]
+    diagonal = sig4.dim() == 4
+    k = c if cls is None else cls.shape[1]
+    rows = torch.arange(b, device=x2.device)[:, None]
+    es = torch.finfo(dt).bits // 8
+    cc = _classes_per_chunk(es * b * t * d * (4 if diagonal else 2), k, chunk_bytes)
+    xc = x2.to(dt)
+    out = torch.empty(b, k, dtype=dt, device=x2.device)
+    for c0 in range(0, k, cc):
+        c1 = min(k, c0 + cc)
+        mu_c = _gather_classes(mu4, rows, cls, c0, c1).to(dt)
+        sig_c = _gather_classes(sig4, rows, cls, c0, c1).to(dt)
+        s, _, _ = _per_image_chunk_scores(xc, mu_c, sig_c, diagonal)
+        out[:, c0:c1] = torch.logsumexp(s, dim=-1)
+    return out
+
+
+def _per_image_backward(grad, lse, x2, mu4, sig4, cls, dt, chunk_bytes, needs):
+    b, d = x2.shape
+    c, t = mu4.shape[1], mu4.shape[2]
+    diagonal = sig4.dim() == 4
+    k = c if cls is None else cls.shape[1]
+    rows = torch.arange(b, device=x2.device)[:, None]
+    es = torch.finfo(dt).bits // 8
+    cc = _classes_per_chunk(es * b * t * d * (6 if diagonal else 4), k, chunk_bytes)
+    xc = x2.to(dt)
+    g = grad.to(dt)
+    lse = lse.to(dt)
+    gx = torch.zeros_like(xc) if needs[0] else None
+    gmu = torch.zeros(mu4.shape, dtype=dt, device=x2.device) if needs[1] else None
+    gsig = torch.zeros(sig4.shape, dtype=dt, device=x2.device) if needs[2] else None
+    for c0 in range(0, k, cc):
+        c1 = min(k, c0 + cc)
+        mu_c = _gather_classes(mu4, rows, cls, c0, c1).to(dt)
+        sig_c = _gather_classes(sig4, rows, cls, c0, c1).to(dt)
+        s, diff, quad = _per_image_chunk_scores(xc, mu_c, sig_c, diagonal)
+        w = torch.exp(s - lse[:, c0:c1, None]) * g[:, c0:c1, None]  # [B, n, T]
+        if diagonal:
+            ivar = sig_c.square().reciprocal()
+            gm = w[..., None] * diff * ivar  # ds/dmu = (x - mu) / sigma^2
+            gs = w[..., None] * (diff.square() * ivar - 1.0) / sig_c
+        else:
+            ivar = sig_c.square().reciprocal()
+            gm = (w * ivar)[..., None] * diff
+            gs = w * (quad * ivar - d) / sig_c
+        if gx is not None:
+            gx -= gm.sum((1, 2))
+        for acc, val in ((gmu, gm), (gsig, gs)):
+            if acc is None:
+                continue
+            if cls is None:
+                acc[:, c0:c1] += val
+            else:
+                # A class may be listed twice in one row: accumulate, don't overwrite.
+                acc.index_put_((rows, cls[:, c0:c1]), val, accumulate=True)
+    return gx, gmu, gsig
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------------
+
+
+def _canonical(x, mu, sigma):
+    """``x2: [B, D]``, ``mu`` as ``[C, T, D]`` / ``[B, C, T, D]`` and sigma broadcast to match."""
+    b = x.shape[0]
+    x2 = x.reshape(b, -1)
+    d = x2.shape[1]
+    diagonal = is_diagonal(mu, sigma)
+    if is_per_image(x, mu):
+        c, t = mu.shape[1], mu.shape[2]
+        mu_c = mu.reshape(b, c, t, d)
+        sig_c = sigma.reshape(b, c, t, d) if diagonal else _iso_sigma(sigma, (b, c, t))
+    else:
+        c, t = mu.shape[0], mu.shape[1]
+        mu_c = mu.reshape(c, t, d)
+        sig_c = sigma.reshape(c, t, d) if diagonal else _iso_sigma(sigma, (c, t))
+    return x2, mu_c, sig_c, diagonal
+
+
+def _reduce_sigma_grad(gsig: torch.Tensor, sigma: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """Sum a gradient of the broadcast isotropic sigma view back to ``sigma``'s own shape."""
+    if not diagonal and gsig.dim() > sigma.dim():
+        gsig = gsig.sum(tuple(range(gsig.dim() - sigma.dim())))
+    return gsig.reshape(sigma.shape)
+
+
+def forward(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    class_index: torch.Tensor | None = None,
+    *,
+    gemm_dtype: torch.dtype = torch.float64,
+    chunk_bytes: int | None = None,
+) -> torch.Tensor:
+    """``log p(x|y)``: ``[B, C]`` (``[B, K]`` with ``class_index``), float32 (float64 for float64).
+
+    Arguments as ``genrep_fast.mixture_log_likelihood`` (already validated). No autograd.
+    """
+    out_dtype = compute_dtype(x.dtype)
+    x2, mu_c, sig_c, diagonal = _canonical(x, mu, sigma)
+    t = mu_c.shape[-2]
+    with torch.no_grad():
+        if mu_c.dim() == 4:
+            cls = None if class_index is None else class_index.long()
+            lse = _per_image_forward(x2, mu_c, sig_c, cls, out_dtype, chunk_bytes)
+        elif class_index is None:
+            lse = _shared_forward(x2, mu_c, sig_c, diagonal, gemm_dtype, chunk_bytes)
+        else:
+            uniq, inv = torch.unique(class_index.long(), return_inverse=True)
+            lse_u = _shared_forward(x2, mu_c[uniq], sig_c[uniq], diagonal, gemm_dtype, chunk_bytes)
+            lse = torch.gather(lse_u, 1, inv)
+        return (lse - math.log(t)).to(out_dtype)
+
+
+def backward(
+    grad: torch.Tensor,
+    ll: torch.Tensor,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    class_index: torch.Tensor | None = None,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+    *,
+    gemm_dtype: torch.dtype = torch.float64,
+    chunk_bytes: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum(grad * forward(...))`` w.r.t. ``(x, mu, sigma)`` from the saved ``ll``.
+
+    Recomputes the scores chunk by chunk (never ``[B, C, T]`` at once). Returns the gradients in
+    the dtypes and shapes of the inputs, None where ``needs`` is False.
+    """
+    x2, mu_c, sig_c, diagonal = _canonical(x, mu, sigma)
+    t = mu_c.shape[-2]
+    with torch.no_grad():
+        lse = ll.to(torch.float64 if gemm_dtype == torch.float64 else ll.dtype) + math.log(t)
+        if mu_c.dim() == 4:
+            cls = None if class_index is None else class_index.long()
+            dt = compute_dtype(x.dtype)
+            gx, gmu, gsig = _per_image_backward(
+                grad, lse, x2, mu_c, sig_c, cls, dt, chunk_bytes, needs
+            )
+        elif class_index is None:
+            gx, gmu, gsig = _shared_backward(
+                grad, lse, x2, mu_c, sig_c, diagonal, gemm_dtype, chunk_bytes, needs
+            )
+        else:
+            cls = class_index.long()
+            uniq, inv = torch.unique(cls, return_inverse=True)
+            b, u = x2.shape[0], uniq.numel()
+            g_u = torch.zeros(b, u, dtype=grad.dtype, device=grad.device).scatter_add_(1, inv, grad)
+            # Pairs (b, u) outside the candidates get lse = +inf: weight exp(s - inf) = 0, no NaN.
+            lse_u = torch.full((b, u), math.inf, dtype=lse.dtype, device=lse.device)
+            lse_u.scatter_(1, inv, lse)
+            sig_u = sig_c[uniq]
+            gx, gmu_u, gsig_u = _shared_backward(
+                g_u, lse_u, x2, mu_c[uniq], sig_u, diagonal, gemm_dtype, chunk_bytes, needs
+            )
+            gmu = gsig = None
+            if gmu_u is not None:
+                gmu = torch.zeros(mu_c.shape, dtype=gmu_u.dtype, device=gmu_u.device)
+                gmu.index_add_(0, uniq, gmu_u)
+            if gsig_u is not None:
+                gsig = torch.zeros(sig_c.shape, dtype=gsig_u.dtype, device=gsig_u.device)
+                gsig.index_add_(0, uniq, gsig_u)
+        gx = None if gx is None else gx.reshape(x.shape).to(x.dtype)
+        gmu = None if gmu is None else gmu.reshape(mu.shape).to(mu.dtype)
+        gsig = None if gsig is None else _reduce_sigma_grad(gsig, sigma, diagonal).to(sigma.dtype)
+    return gx, gmu, gsig
