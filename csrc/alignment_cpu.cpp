@@ -1,4 +1,5 @@
-// CPU kernels of gradient alignment: per-group multi-tensor reductions.
+// CPU kernels of gradient alignment (METHOD.md section 3): a per-group multi-tensor reduction
+// (group_sums) and a multi-tensor combine (align_combine), the same two passes as the CUDA ops.
 //
 // Determinism: every tensor is cut into fixed-size chunks (independent of the thread count), each
 // chunk's partial sums are computed in double by one thread, and the partials are added in chunk
@@ -8,7 +9,10 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <vector>
+
+#include "alignment.h"
 
 namespace genrep_fast {
 namespace {
@@ -22,80 +26,161 @@ struct Partial {
 };
 
 // Sums of one chunk in double: every product of two fp32 values is exact in double, so a chunk's
-// partial carries no rounding beyond the additions.
+// partial carries no rounding beyond the additions. `a` or `b` may be null (a missing gradient).
 template <typename scalar_t>
 Partial chunk_sums(const scalar_t* a, const scalar_t* b, int64_t n) {
   double dot = 0.0, pp = 0.0, gg = 0.0;
+  if (a != nullptr && b != nullptr) {
 #pragma omp simd reduction(+ : dot, pp, gg)
-  for (int64_t j = 0; j < n; ++j) {
-    const double x = static_cast<double>(a[j]);
-    const double y = static_cast<double>(b[j]);
-    dot += x * y;
-    pp += x * x;
-    gg += y * y;
+    for (int64_t j = 0; j < n; ++j) {
+      const double x = static_cast<double>(a[j]);
+      const double y = static_cast<double>(b[j]);
+      dot += x * y;
+      pp += x * x;
+      gg += y * y;
+    }
+  } else if (a != nullptr) {
+#pragma omp simd reduction(+ : pp)
+    for (int64_t j = 0; j < n; ++j) {
+      const double x = static_cast<double>(a[j]);
+      pp += x * x;
+    }
+  } else if (b != nullptr) {
+#pragma omp simd reduction(+ : gg)
+    for (int64_t j = 0; j < n; ++j) {
+      const double y = static_cast<double>(b[j]);
+      gg += y * y;
+    }
   }
   return {dot, pp, gg};
 }
 
-void check_lists(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g,
-                 at::IntArrayRef group_ids, int64_t num_groups) {
-  TORCH_CHECK(p.size() == g.size(), "group_sums: p and g must have the same length, got ", p.size(),
-              " and ", g.size());
-  TORCH_CHECK(group_ids.size() == p.size(), "group_sums: group_ids must have one entry per tensor (",
-              p.size(), "), got ", group_ids.size());
-  TORCH_CHECK(num_groups >= 0, "group_sums: num_groups must be >= 0, got ", num_groups);
-  for (size_t i = 0; i < p.size(); ++i) {
-    TORCH_CHECK(p[i].sizes() == g[i].sizes(), "group_sums: p[", i, "] and g[", i,
-                "] differ in shape: ", p[i].sizes(), " vs ", g[i].sizes());
-    TORCH_CHECK(p[i].scalar_type() == g[i].scalar_type(), "group_sums: p[", i, "] and g[", i,
-                "] differ in dtype: ", p[i].scalar_type(), " vs ", g[i].scalar_type());
-    TORCH_CHECK(at::isFloatingType(p[i].scalar_type()), "group_sums: p[", i,
-                "] must be floating point, got ", p[i].scalar_type());
-    TORCH_CHECK(group_ids[i] >= -1 && group_ids[i] < num_groups, "group_sums: group_ids[", i,
-                "] = ", group_ids[i], " is out of range [-1, ", num_groups, ")");
+// out = a * p + b * g over one chunk, in double (see align_coefficients for why). `out` may alias
+// `p` or `g` element for element (in-place update of .grad), so no pointer is __restrict__.
+template <typename scalar_t>
+void chunk_combine(const scalar_t* p, const scalar_t* g, scalar_t* out, double a, double b,
+                   int64_t n) {
+  if (p != nullptr && g != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = static_cast<scalar_t>(a * static_cast<double>(p[j]) + b * static_cast<double>(g[j]));
+    }
+  } else if (p != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(a * static_cast<double>(p[j]));
+  } else if (g != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(b * static_cast<double>(g[j]));
+  } else {
+    std::fill(out, out + n, static_cast<scalar_t>(0));
   }
 }
 
-at::Tensor group_sums_cpu(at::TensorList p_list, at::TensorList g_list, at::IntArrayRef group_ids,
-                          int64_t num_groups) {
-  std::vector<at::Tensor> p(p_list.begin(), p_list.end()), g(g_list.begin(), g_list.end());
-  check_lists(p, g, group_ids, num_groups);
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
 
-  // Chunk table: (tensor, start) for every chunk of every grouped tensor.
-  std::vector<at::Tensor> pc(p.size()), gc(g.size());
-  std::vector<std::pair<int64_t, int64_t>> chunks;
-  for (size_t i = 0; i < p.size(); ++i) {
-    if (group_ids[i] < 0 || p[i].numel() == 0) continue;
-    pc[i] = p[i].contiguous();
-    gc[i] = g[i].contiguous();
-    for (int64_t s = 0; s < p[i].numel(); s += kChunk) chunks.emplace_back(i, s);
+at::Tensor contiguous_or_undefined(const at::Tensor& t) {
+  return t.defined() ? t.contiguous() : at::Tensor();
+}
+
+struct Chunk {
+  int64_t tensor, start;
+};
+
+at::Tensor group_sums_cpu(const OptionalTensorList& p_list, const OptionalTensorList& g_list,
+                          at::IntArrayRef group_ids, int64_t num_groups) {
+  check_align_lists("group_sums", p_list, g_list, group_ids, num_groups, c10::DeviceType::CPU);
+  const size_t n = p_list.size();
+  std::vector<at::Tensor> pc(n), gc(n);
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor src = present_of(p_list, g_list, i);
+    if (group_ids[i] < 0 || !src.defined() || src.numel() == 0) continue;
+    pc[i] = contiguous_or_undefined(get_or_undefined(p_list, i));
+    gc[i] = contiguous_or_undefined(get_or_undefined(g_list, i));
+    for (int64_t s = 0; s < src.numel(); s += kChunk) chunks.push_back({int64_t(i), s});
   }
   std::vector<Partial> partials(chunks.size());
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const auto [i, start] = chunks[c];
-      const int64_t n = std::min(kChunk, pc[i].numel() - start);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pc[i].scalar_type(), "group_sums",
+      const Chunk ch = chunks[c];
+      const at::Tensor& ref = pc[ch.tensor].defined() ? pc[ch.tensor] : gc[ch.tensor];
+      const int64_t len = std::min(kChunk, ref.numel() - ch.start);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ref.scalar_type(), "group_sums",
                                       [&] {
-        partials[c] = chunk_sums(pc[i].const_data_ptr<scalar_t>() + start,
-                                 gc[i].const_data_ptr<scalar_t>() + start, n);
+        const scalar_t* a = data_or_null<scalar_t>(pc[ch.tensor]);
+        const scalar_t* b = data_or_null<scalar_t>(gc[ch.tensor]);
+        partials[c] = chunk_sums(a ? a + ch.start : nullptr, b ? b + ch.start : nullptr, len);
       });
     }
   });
-  std::vector<double> acc(static_cast<size_t>(num_groups) * 3, 0.0);
+  // Cleanup pass: chunk order is fixed by the inputs alone, so the additions are too.
+  auto out = at::zeros({num_groups, 3}, at::TensorOptions().dtype(at::kDouble));
+  double* acc = out.data_ptr<double>();
   for (size_t c = 0; c < chunks.size(); ++c) {
-    const int64_t grp = group_ids[chunks[c].first];
+    const int64_t grp = group_ids[chunks[c].tensor];
     acc[grp * 3 + 0] += partials[c].dot;
     acc[grp * 3 + 1] += partials[c].pp;
     acc[grp * 3 + 2] += partials[c].gg;
   }
-  auto out = at::empty({num_groups, 3}, at::TensorOptions().dtype(at::kDouble));
-  std::copy(acc.begin(), acc.end(), out.data_ptr<double>());
   return out;
+}
+
+void align_combine_cpu(const OptionalTensorList& p_list, const OptionalTensorList& g_list,
+                       const at::Tensor& sums, at::IntArrayRef group_ids, double k, double w_p,
+                       double w_g, c10::string_view mode, at::TensorList out) {
+  const int64_t num_groups = sums.dim() == 2 ? sums.size(0) : 0;
+  check_align_lists("align_combine", p_list, g_list, group_ids, num_groups, c10::DeviceType::CPU);
+  check_combine_args(p_list, g_list, sums, out, c10::DeviceType::CPU);
+  TORCH_CHECK_VALUE(k >= 0.0, "align_combine: k must be >= 0, got ", k);
+  const AlignParams prm{k, w_p, w_g, parse_align_mode(std::string(mode))};
+
+  // Coefficients of every group, computed once: sums is a CPU tensor, so reading it is no sync.
+  const at::Tensor sums_c = sums.contiguous();
+  const double* s = sums_c.const_data_ptr<double>();
+  std::vector<double> coef_a(num_groups + 1), coef_b(num_groups + 1);  // slot 0: group -1
+  for (int64_t grp = -1; grp < num_groups; ++grp) {
+    align_coefficients(s, grp, prm, &coef_a[grp + 1], &coef_b[grp + 1]);
+  }
+
+  const size_t n = p_list.size();
+  std::vector<at::Tensor> pc(n), gc(n), oc(n);
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < n; ++i) {
+    if (out[i].numel() == 0) continue;
+    pc[i] = contiguous_or_undefined(get_or_undefined(p_list, i));
+    gc[i] = contiguous_or_undefined(get_or_undefined(g_list, i));
+    // A strided output is computed into a contiguous buffer and copied back after the pass.
+    oc[i] = out[i].is_contiguous() ? out[i] : at::empty_like(out[i], at::MemoryFormat::Contiguous);
+    for (int64_t st = 0; st < out[i].numel(); st += kChunk) chunks.push_back({int64_t(i), st});
+  }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk ch = chunks[c];
+      const at::Tensor& o = oc[ch.tensor];
+      const int64_t len = std::min(kChunk, o.numel() - ch.start);
+      const int64_t slot = group_ids[ch.tensor] + 1;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "align_combine",
+                                      [&] {
+        const scalar_t* pp = data_or_null<scalar_t>(pc[ch.tensor]);
+        const scalar_t* gp = data_or_null<scalar_t>(gc[ch.tensor]);
+        chunk_combine(pp ? pp + ch.start : nullptr, gp ? gp + ch.start : nullptr,
+                      o.data_ptr<scalar_t>() + ch.start, coef_a[slot], coef_b[slot], len);
+      });
+    }
+  });
+  for (size_t i = 0; i < n; ++i) {
+    if (oc[i].defined() && !oc[i].is_same(out[i])) out[i].copy_(oc[i]);
+  }
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(genrep_fast, CPU, m) { m.impl("group_sums", &group_sums_cpu); }
+TORCH_LIBRARY_IMPL(genrep_fast, CPU, m) {
+  m.impl("group_sums", &group_sums_cpu);
+  m.impl("align_combine", &align_combine_cpu);
+}
 
 }  // namespace genrep_fast

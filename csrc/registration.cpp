@@ -23,5 +23,14 @@ TORCH_LIBRARY(genrep_fast, m) {
   // inputs' dtype (float32 squares underflow below ~1e-19 and overflow above ~1.8e19, which would
   // turn tiny gradients into "zero" ones), reduced in a fixed order so that repeated calls are
   // bitwise identical.
-  m.def("group_sums(Tensor[] p, Tensor[] g, int[] group_ids, int num_groups) -> Tensor");
+  // A None entry of p or g is a missing gradient and counts as zeros (no zeros tensor is made).
+  m.def("group_sums(Tensor?[] p, Tensor?[] g, int[] group_ids, int num_groups) -> Tensor");
+  // out[i] = a[grp] * p[i] + b[grp] * g[i] with grp = group_ids[i] and (a, b) computed from
+  // sums ([G, 3] float64, as group_sums returns it) on the device: no host sync, so a CUDA graph
+  // can capture it. Group -1 gets (w_p, w_g); a group with non-finite sums gets nan. out[i] may be
+  // p[i] or g[i] (in-place update of .grad); both None writes zeros. mode is one of symmetric,
+  // generation, perception, none (reference.alignment_coefficients).
+  m.def(
+      "align_combine(Tensor?[] p, Tensor?[] g, Tensor sums, int[] group_ids, float k, float w_p, "
+      "float w_g, str mode, Tensor(a!)[] out) -> ()");
 }

@@ -29,11 +29,17 @@ def _has_kernel(op_name: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"genrep_fast::{op_name}", key)
 
 
-HAS_CUDA_OPS = _has_kernel("group_sums", "CUDA")
+HAS_CUDA_OPS = _has_kernel("group_sums", "CUDA") and _has_kernel("align_combine", "CUDA")
 
 if HAS_EXTENSION:
 
     @torch.library.register_fake("genrep_fast::group_sums")
     def _group_sums_fake(p, g, group_ids, num_groups):
-        device = p[0].device if len(p) else torch.device("cpu")
+        present = [t for t in (*p, *g) if t is not None]
+        device = present[0].device if present else torch.device("cpu")
         return torch.empty((num_groups, 3), dtype=torch.float64, device=device)
+
+    @torch.library.register_fake("genrep_fast::align_combine")
+    def _align_combine_fake(p, g, sums, group_ids, k, w_p, w_g, mode, out):
+        # Writes into `out` only: nothing to allocate, nothing to return.
+        return None

@@ -2,12 +2,20 @@
 other per parameter group, combined into one update ``a * p + b * g`` per group.
 
 ``align_gradients`` validates, then dispatches to the compiled ops (``backend="auto"``) or to the
-eager reference (``backend="reference"``).
+eager reference (``backend="reference"``). The ops are two passes over the tensor lists:
+
+1. ``torch.ops.genrep_fast.group_sums``: ``[G, 3]`` float64 sums ``(<p,g>, |p|^2, |g|^2)`` per group;
+2. ``torch.ops.genrep_fast.align_combine``: ``a``, ``b`` per group computed from the sums on the
+   device (no host sync) and ``out = a * p + b * g`` written per tensor (in place is allowed).
+
+Between the two, ``reduce_sums`` may change the sums (e.g. an all-reduce over parameter shards,
+see ``genrep_fast.distributed``). ``GradientAligner`` wraps both backward passes of a training step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -77,6 +85,35 @@ def validate_gradients(
                 )
 
 
+def validate_out(
+    out: Sequence[torch.Tensor | None],
+    grads_p: Sequence[torch.Tensor | None],
+    grads_g: Sequence[torch.Tensor | None],
+) -> None:
+    if isinstance(out, torch.Tensor) or not isinstance(out, Sequence):
+        raise TypeError(f"out must be a list of tensors, got {type(out).__name__}")
+    if len(out) != len(grads_p):
+        raise ValueError(f"out must have one tensor per gradient ({len(grads_p)}), got {len(out)}")
+    for i, (o, p, g) in enumerate(zip(out, grads_p, grads_g)):
+        src = p if p is not None else g
+        if o is None:
+            if src is not None:
+                raise TypeError(f"out[{i}] is None but gradient {i} is given")
+            continue
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"out[{i}] must be a tensor, got {type(o).__name__}")
+        if src is None:
+            continue
+        if o.shape != src.shape:
+            raise ValueError(
+                f"out[{i}] has shape {tuple(o.shape)}, the gradients have {tuple(src.shape)}"
+            )
+        if o.dtype != src.dtype:
+            raise TypeError(f"out[{i}] has dtype {o.dtype}, the gradients have {src.dtype}")
+        if o.device != src.device:
+            raise ValueError(f"out[{i}] is on {o.device}, the gradients on {src.device}")
+
+
 def align_gradients(
     grads_p: Sequence[torch.Tensor | None],
     grads_g: Sequence[torch.Tensor | None],
@@ -86,6 +123,8 @@ def align_gradients(
     w_p: float = 0.7,
     w_g: float = 0.3,
     mode: str = "symmetric",
+    out: Sequence[torch.Tensor | None] | None = None,
+    reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
     backend: str = "auto",
 ) -> list[torch.Tensor | None]:
     """Aligned update ``a * p + b * g`` per tensor (METHOD.md section 3).
@@ -93,17 +132,25 @@ def align_gradients(
     Args:
         grads_p: perception gradients, one per parameter (None counts as zeros).
         grads_g: generation gradients, same length; ``grads_p[i]`` and ``grads_g[i]`` share shape,
-            dtype and device.
+            dtype and device. Dtypes may differ between tensors (fp32 next to bf16 is fine).
         groups: None (one group per tensor), ``"global"`` (all tensors one group) or a list of
             disjoint lists of tensor indices; tensors in no group get ``w_p * p + w_g * g``.
         k: exponent of ``alpha = ((cos + 1) / 2) ** k``, >= 0.
         w_p, w_g: task weights.
         mode: ``"symmetric"``, ``"generation"`` (align only the generation gradient),
             ``"perception"`` (only the perception gradient) or ``"none"``.
-        backend: ``"auto"`` (compiled ops when built), ``"ops"`` or ``"reference"``.
+        out: optional list of output tensors, one per gradient (shape, dtype, device of the
+            gradients; None where both gradients are None). ``out[i]`` may be ``grads_p[i]`` or
+            ``grads_g[i]``: the update is then written in place.
+        reduce_sums: optional ``f(sums) -> sums`` applied to the ``[G, 3]`` float64 sums
+            ``(<p,g>, |p|^2, |g|^2)`` before the coefficients are formed, e.g. an all-reduce when
+            each rank holds a shard of every parameter (``distributed.all_reduce_sums``).
+        backend: ``"auto"`` (compiled ops where built for the device, else the reference),
+            ``"ops"`` or ``"reference"``.
 
     Returns:
-        The update per tensor in its gradient's dtype (None where both gradients are None).
+        The update per tensor in its gradient's dtype (the ``out`` tensors when given; None where
+        both gradients are None). A group with a non-finite value gets a non-finite update.
     """
     validate_gradients(grads_p, grads_g)
     validate_groups(groups, len(grads_p))
@@ -112,33 +159,313 @@ def align_gradients(
     w_g = check_real("w_g", w_g)
     check_choice("mode", mode, MODES)
     check_choice("backend", backend, BACKENDS)
-    if backend == "reference" or (backend == "auto" and not _ops.HAS_EXTENSION):
-        return reference.align_gradients(
+    if out is not None:
+        validate_out(out, grads_p, grads_g)
+    if reduce_sums is not None and not callable(reduce_sums):
+        raise TypeError(f"reduce_sums must be callable, got {type(reduce_sums).__name__}")
+    devices = {t.device for t in (*grads_p, *grads_g) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all gradients must be on one device, got {sorted(map(str, devices))}")
+    device = next(iter(devices)) if devices else torch.device("cpu")
+    if backend == "ops" and not _ops_available(device):
+        raise RuntimeError(
+            f"backend='ops' needs the compiled extension genrep_fast._C with {device.type} kernels"
+        )
+    use_ops = backend == "ops" or (backend == "auto" and _ops_available(device))
+    if not use_ops and reduce_sums is None:
+        upd = reference.align_gradients(
             grads_p, grads_g, groups=groups, k=k, w_p=w_p, w_g=w_g, mode=mode
         )
-    if not _ops.HAS_EXTENSION:
-        raise RuntimeError("backend='ops' needs the compiled extension genrep_fast._C")
-    return _align_with_ops(grads_p, grads_g, groups, k, w_p, w_g, mode)
+        if out is None:
+            return upd
+        for o, u in zip(out, upd):
+            if u is not None:
+                o.copy_(u)
+        return [o if u is not None else None for o, u in zip(out, upd)]
+    return _align_two_pass(grads_p, grads_g, groups, k, w_p, w_g, mode, out, reduce_sums, use_ops)
 
 
-def _align_with_ops(grads_p, grads_g, groups, k, w_p, w_g, mode):
+def _ops_available(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return _ops.HAS_EXTENSION
+    return device.type == "cuda" and _ops.HAS_CUDA_OPS
+
+
+def _align_two_pass(grads_p, grads_g, groups, k, w_p, w_g, mode, out, reduce_sums, use_ops):
     n = len(grads_p)
     ids_all = reference.resolve_groups(groups, n)
     g_count = reference.num_groups(groups, n)
     present = [i for i in range(n) if grads_p[i] is not None or grads_g[i] is not None]
-    ps = [grads_p[i] if grads_p[i] is not None else torch.zeros_like(grads_g[i]) for i in present]
-    gs = [grads_g[i] if grads_g[i] is not None else torch.zeros_like(grads_p[i]) for i in present]
-    ids = [ids_all[i] for i in present]
-    out: list[torch.Tensor | None] = [None] * n
+    result: list[torch.Tensor | None] = [None] * n
     if not present:
-        return out
-    sums = torch.ops.genrep_fast.group_sums(ps, gs, ids, g_count)
-    a, b = reference.alignment_coefficients(sums, k, w_p, w_g, mode)
+        return result
+    ps = [grads_p[i] for i in present]
+    gs = [grads_g[i] for i in present]
+    ids = [ids_all[i] for i in present]
+    if out is None:
+        outs = [torch.empty_like(p if p is not None else g) for p, g in zip(ps, gs)]
+    else:
+        outs = [out[i] for i in present]
+    if use_ops:
+        sums = torch.ops.genrep_fast.group_sums(ps, gs, ids, g_count)
+    else:
+        sums = _group_sums_torch(ps, gs, ids, g_count)
+    if reduce_sums is not None:
+        sums = reduce_sums(sums)
+        if not isinstance(sums, torch.Tensor) or sums.shape != (g_count, 3):
+            raise ValueError(f"reduce_sums must return a [{g_count}, 3] tensor, got {sums!r}")
+    if use_ops:
+        torch.ops.genrep_fast.align_combine(ps, gs, sums, ids, k, w_p, w_g, mode, outs)
+    else:
+        _combine_torch(ps, gs, sums, ids, k, w_p, w_g, mode, outs)
     for j, i in enumerate(present):
-        gid = ids[j]
+        result[i] = outs[j]
+    return result
+
+
+def _group_sums_torch(ps, gs, ids, g_count):
+    """Torch fallback of ``group_sums`` (float64 accumulation, same contract)."""
+    device = next(t.device for t in (*ps, *gs) if t is not None)
+    sums = torch.zeros(g_count, 3, dtype=torch.float64, device=device)
+    for p, g, gid in zip(ps, gs, ids):
         if gid < 0:
-            upd = w_p * ps[j].double() + w_g * gs[j].double()
+            continue
+        p64 = p.double() if p is not None else torch.zeros_like(g, dtype=torch.float64)
+        g64 = g.double() if g is not None else torch.zeros_like(p, dtype=torch.float64)
+        sums[gid] += torch.stack([(p64 * g64).sum(), (p64 * p64).sum(), (g64 * g64).sum()])
+    return sums
+
+
+def _combine_torch(ps, gs, sums, ids, k, w_p, w_g, mode, outs):
+    """Torch fallback of ``align_combine``."""
+    a, b = reference.alignment_coefficients(sums, k, w_p, w_g, mode)
+    for p, g, gid, o in zip(ps, gs, ids, outs):
+        ai, bi = (w_p, w_g) if gid < 0 else (a[gid], b[gid])
+        upd = torch.zeros_like(o, dtype=torch.float64)
+        if p is not None:
+            upd = upd + ai * p.double()
+        if g is not None:
+            upd = upd + bi * g.double()
+        o.copy_(upd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-loop API
+# ---------------------------------------------------------------------------------------------
+
+GROUP_PRESETS = ("per_tensor", "global")
+
+
+class GradientAligner:
+    """Both task gradients of a training step, aligned per group, left in ``.grad``.
+
+    ``aligner.backward(loss_p, loss_g)`` runs two backward passes over one graph
+    (``torch.autograd.grad`` for each loss, the first with ``retain_graph=True``), aligns the two
+    gradient lists with the ops and writes the update into the first list's buffers in place, then
+    hands them to ``.grad`` (added when ``.grad`` already holds a gradient, like ``.backward``).
+    Peak memory: the two gradient lists, no third copy.
+
+    Args:
+        model_or_params: an ``nn.Module`` (its parameters that require grad) or an iterable of
+            parameters.
+        groups: ``"per_tensor"`` or None (one group per parameter), ``"global"`` (one group), or a
+            list of disjoint lists of parameters (or of indices into the parameter list), e.g.
+            ``GradientAligner.by_module(model, predicate)``. Parameters in no group get
+            ``w_p * p + w_g * g``.
+        k, w_p, w_g, mode: as in ``align_gradients``.
+        process_group: data parallel (DDP): both gradient lists are averaged over this group
+            (``torch.distributed.group.WORLD`` when True) before alignment. Run the forward pass
+            under ``ddp_model.no_sync()`` so DDP's own hooks do not all-reduce (see
+            ``genrep_fast.distributed``).
+        sharded: every rank holds its own shard of each parameter as a plain tensor (a ZeRO-style
+            partition; gradients of the shard are already averaged over data-parallel ranks by the
+            caller): only the ``[G, 3]`` sums are all-reduced (summed) over ``process_group`` so
+            every rank forms the same ``a``, ``b``. DTensor parameters are not handled here: pass
+            their local gradient shards to ``align_gradients(..., reduce_sums=...)``.
+        backend: as in ``align_gradients``.
+
+    AMP: pass losses scaled by one ``torch.amp.GradScaler`` (``scaler.scale(loss)``); the update
+    is homogeneous of degree one in the scale, and a non-finite gradient in a group makes that
+    group's update non-finite, so ``scaler.step`` skips the step.
+    """
+
+    def __init__(
+        self,
+        model_or_params: torch.nn.Module | Iterable[torch.nn.Parameter],
+        groups: str | Sequence[Sequence[torch.Tensor | int]] | None = None,
+        *,
+        k: float = 2.0,
+        w_p: float = 0.7,
+        w_g: float = 0.3,
+        mode: str = "symmetric",
+        process_group: object = None,
+        sharded: bool = False,
+        backend: str = "auto",
+    ):
+        if isinstance(model_or_params, torch.nn.Module):
+            params = [p for p in model_or_params.parameters() if p.requires_grad]
+        elif isinstance(model_or_params, torch.Tensor):
+            raise TypeError("model_or_params must be an nn.Module or an iterable of parameters")
         else:
-            upd = a[gid] * ps[j].double() + b[gid] * gs[j].double()
-        out[i] = upd.to(ps[j].dtype)
+            params = list(model_or_params)
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"model_or_params[{i}] must be a tensor, got {type(p).__name__}")
+            if not p.requires_grad:
+                raise ValueError(f"model_or_params[{i}] does not require grad")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("model_or_params lists a parameter more than once")
+        if not params:
+            raise ValueError("model_or_params holds no parameter that requires grad")
+        self.params = params
+        self.groups = self._resolve_groups(groups, params)
+        self.k = check_real("k", k, minimum=0.0)
+        self.w_p = check_real("w_p", w_p)
+        self.w_g = check_real("w_g", w_g)
+        self.mode = check_choice("mode", mode, MODES)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        if not isinstance(sharded, bool):
+            raise TypeError(f"sharded must be a bool, got {type(sharded).__name__}")
+        if sharded and process_group is None:
+            raise ValueError("sharded=True needs a process_group (or True for the world group)")
+        self.process_group = process_group
+        self.sharded = sharded
+
+    @staticmethod
+    def _resolve_groups(groups, params) -> Groups:
+        if groups is None or groups == "per_tensor":
+            return None
+        if groups == "global":
+            return "global"
+        if isinstance(groups, str) or not isinstance(groups, Sequence):
+            raise TypeError(
+                f"groups must be 'per_tensor', 'global', None or a list of lists of parameters, "
+                f"got {groups!r}"
+            )
+        index = {id(p): i for i, p in enumerate(params)}
+        resolved = []
+        for gi, members in enumerate(groups):
+            if isinstance(members, (str, bytes, torch.Tensor)) or not isinstance(members, Iterable):
+                raise TypeError(f"groups[{gi}] must be a list of parameters, got {members!r}")
+            ids = []
+            for m in members:
+                if isinstance(m, torch.Tensor):
+                    if id(m) not in index:
+                        raise ValueError(
+                            f"groups[{gi}] holds a tensor of shape {tuple(m.shape)} that is not "
+                            f"among the aligner's parameters"
+                        )
+                    ids.append(index[id(m)])
+                else:
+                    ids.append(m)
+            resolved.append(ids)
+        validate_groups(resolved, len(params))
+        return resolved
+
+    @staticmethod
+    def by_module(
+        model: torch.nn.Module,
+        predicate: Callable[[str, torch.nn.Module], bool] | type | tuple[type, ...],
+    ) -> list[list[torch.nn.Parameter]]:
+        """One group per module that ``predicate(name, module)`` accepts (or per instance of the
+        given class(es)), e.g. one group per attention block. A module nested inside an accepted
+        one belongs to the outer group; parameters shared by two accepted modules go to the first.
+        """
+        if isinstance(predicate, type) or (
+            isinstance(predicate, tuple) and all(isinstance(t, type) for t in predicate)
+        ):
+            classes = predicate
+
+            def predicate(name, module):
+                return isinstance(module, classes)
+
+        elif not callable(predicate):
+            raise TypeError(f"predicate must be callable or a class, got {predicate!r}")
+        elif len(inspect.signature(predicate).parameters) != 2:
+            raise TypeError("predicate must take (name, module)")
+        taken: set[int] = set()
+        groups: list[list[torch.nn.Parameter]] = []
+        inside: list[str] = []
+        for name, module in model.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in inside):
+                continue
+            if not predicate(name, module):
+                continue
+            inside.append(name)
+            members = []
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in taken:
+                    taken.add(id(p))
+                    members.append(p)
+            if members:
+                groups.append(members)
+        return groups
+
+    def backward(self, loss_p: torch.Tensor, loss_g: torch.Tensor) -> None:
+        """Both gradients of one graph, aligned, accumulated into ``.grad`` of the parameters."""
+        for name, loss in (("loss_p", loss_p), ("loss_g", loss_g)):
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(f"{name} must be a scalar tensor, got {loss!r}")
+        grads_p = list(
+            torch.autograd.grad(loss_p, self.params, retain_graph=True, allow_unused=True)
+        )
+        grads_g = list(torch.autograd.grad(loss_g, self.params, allow_unused=True))
+        reduce_sums = None
+        if self.process_group is not None:
+            from genrep_fast import distributed
+
+            group = None if self.process_group is True else self.process_group
+            if self.sharded:
+                reduce_sums = distributed.all_reduce_sums_fn(group)
+            else:
+                distributed.all_reduce_gradients(grads_p, group)
+                distributed.all_reduce_gradients(grads_g, group)
+        out = _writable_outputs(grads_p, grads_g)
+        update = align_gradients(
+            grads_p,
+            grads_g,
+            groups=self.groups,
+            k=self.k,
+            w_p=self.w_p,
+            w_g=self.w_g,
+            mode=self.mode,
+            out=out,
+            reduce_sums=reduce_sums,
+            backend=self.backend,
+        )
+        for param, u in zip(self.params, update):
+            if u is None:
+                continue
+            if param.grad is None:
+                param.grad = u
+            else:
+                param.grad.add_(u)
+
+
+def _writable_outputs(grads_p, grads_g) -> list[torch.Tensor | None]:
+    """Where the update may go in place: a gradient buffer that is contiguous and whose storage
+    no other entry shares (autograd may hand one tensor to two parameters, e.g. for ``a + b``, or
+    an expanded stride-0 tensor for ``w.sum()``); a fresh buffer otherwise."""
+    owners: dict[int, set[int]] = {}
+    for i, pair in enumerate(zip(grads_p, grads_g)):
+        for t in pair:
+            if t is not None:
+                owners.setdefault(t.untyped_storage().data_ptr(), set()).add(i)
+    out: list[torch.Tensor | None] = []
+    for i, (p, g) in enumerate(zip(grads_p, grads_g)):
+        choice = None
+        for t in (p, g):
+            if (
+                t is not None
+                and t.is_contiguous()
+                and owners[t.untyped_storage().data_ptr()] == {i}
+                and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            ):
+                choice = t
+                break
+        if choice is None and (p is not None or g is not None):
+            choice = torch.empty_like(
+                p if p is not None else g, memory_format=torch.contiguous_format
+            )
+        out.append(choice)
     return out
