@@ -1,0 +1,423 @@
+"""Triton kernels of the thinned Gaussian-mixture log-likelihood (METHOD.md section 1).
+
+Both kernels return ``lse[b, k] = logsumexp_t log N(x_b; mu[k, t], sigma[k, t]^2)`` (no ``- log T``)
+and never write the ``[B, C, T]`` scores: the log-sum-exp over T runs online in registers.
+
+* ``_mixture_diff_kernel``: one program per (image, class) pair; the exact difference form
+  ``sum_d (x_d - mu_d)^2`` with fp32 accumulation (fp64 for fp64 inputs). Serves the per-image
+  bank, candidate classes (``class_index`` gathers rows of a shared bank) and the shared bank at
+  ``precision="ieee"``. Memory-bound: reads each mu row once.
+* ``_mixture_gemm_kernel``: the shared bank as a GEMM ``[B, D] x [D, C*T]``; one program per
+  (block of images, class) loops over T in ``BLOCK_T`` tiles (masked, the bank is not padded) and
+  folds each tile into a running max / sum. ``precision`` picks the dot's arithmetic: ``"tf32x3"``,
+  ``"tf32"`` or ``"bf16"``. The GEMM form ``|x|^2 - 2 x.mu + |mu|^2`` cancels when x is near a
+  mean and sigma is small (docs/NUMERICS.md), which is why ``"ieee"`` uses the difference form.
+
+Under ``TRITON_INTERPRET=1`` the interpreter computes every ``tl.dot`` in exact fp32 (and cannot do
+a bf16 dot), so the launcher sets ``EMULATE`` and the kernel rounds the operands itself (tf32:
+10-bit mantissa; tf32x3: hi/lo split; bf16: a cast) so that the tests measure each mode's error.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+PRECISION_CODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
+
+# Tile limits. The difference kernel's tile is [BLOCK_T, BLOCK_D]; 32 x 128 fp32 values keep a
+# program's registers (mu tile + diff) at 32 KiB. The GEMM kernel's tiles are the usual tensor-core
+# shapes (>= 16 on every side for tl.dot). A single config: autotuning is owed on the GPU machine.
+DIFF_MAX_BLOCK_T = 32
+DIFF_MAX_BLOCK_D = 128
+GEMM_MAX_BLOCK_B = 64
+GEMM_BLOCK_T = 32
+GEMM_BLOCK_D = 32
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# Difference form: per-image bank, candidate classes, shared bank at "ieee"
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mixture_diff_kernel(
+    x_ptr,
+    mu_ptr,
+    sig_ptr,
+    idx_ptr,
+    out_ptr,
+    K,
+    T,
+    D,
+    stride_xb,
+    stride_mb,
+    stride_mc,
+    stride_mt,
+    stride_sb,
+    stride_sc,
+    stride_st,
+    stride_sd,
+    stride_ib,
+    log_norm_const,
+    HAS_INDEX: tl.constexpr,
+    DIAG: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    pid = tl.program_id(0).to(tl.int64)
+    # int64 from here on: b * stride_mb overflows int32 once a per-image bank passes 2^31 values.
+    b = pid // K
+    k = pid % K
+    if HAS_INDEX:
+        cls = tl.load(idx_ptr + b * stride_ib + k).to(tl.int64)
+    else:
+        cls = k
+    mu_row = mu_ptr + b * stride_mb + cls * stride_mc
+    sig_row = sig_ptr + b * stride_sb + cls * stride_sc
+    x_row = x_ptr + b * stride_xb
+    m = tl.full([1], float("-inf"), acc_t)
+    l = tl.zeros([1], acc_t)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        t_mask = offs_t < T
+        quad = tl.zeros([BLOCK_T], acc_t)
+        log_det = tl.zeros([BLOCK_T], acc_t)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            d_mask = offs_d < D
+            tile_mask = t_mask[:, None] & d_mask[None, :]
+            xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(acc_t)
+            mv = tl.load(
+                mu_row + offs_t[:, None] * stride_mt + offs_d[None, :], mask=tile_mask, other=0.0
+            ).to(acc_t)
+            diff = xv[None, :] - mv
+            if DIAG:
+                # other=1.0: a masked lane adds (0/1)^2 = 0 to quad and log(1) = 0 to log_det.
+                sv = tl.load(
+                    sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
+                    mask=tile_mask,
+                    other=1.0,
+                ).to(acc_t)
+                z = diff / sv
+                quad += tl.sum(z * z, 1)
+                log_det += tl.sum(tl.log(sv), 1)
+            else:
+                quad += tl.sum(diff * diff, 1)
+        if DIAG:
+            s = -0.5 * quad - log_det + log_norm_const
+        else:
+            sv = tl.load(sig_row + offs_t * stride_st, mask=t_mask, other=1.0).to(acc_t)
+            s = -0.5 * quad / (sv * sv) - D * tl.log(sv) + log_norm_const
+        s = tl.where(t_mask, s, float("-inf"))
+        # Online log-sum-exp over T (every tile has >= 1 unmasked step, so m_new is finite).
+        m_new = tl.maximum(m, tl.max(s, 0))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
+        m = m_new
+    tl.store(out_ptr + pid + tl.arange(0, 1), m + tl.log(l))
+
+
+def _expand_strides(t: torch.Tensor, ndim: int) -> list[int]:
+    """Strides of ``t`` left-padded with zeros to ``ndim`` dims (a missing leading dim broadcasts)."""
+    return [0] * (ndim - t.dim()) + list(t.stride())
+
+
+def mixture_lse_diff(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    class_index: torch.Tensor | None,
+    *,
+    per_image: bool,
+) -> torch.Tensor:
+    """Difference-form LSE ``[B, K]``: float32 (float64 for float64 inputs).
+
+    ``x: [B, *latent]``; ``mu: [C, T, *latent]`` (shared) or ``[B, C, T, *latent]``; ``sigma``
+    isotropic (any of ``[T]``, ``[C, T]``, ``[B, C, T]``) or diagonal (the shape of mu).
+    """
+    b = x.shape[0]
+    x2 = x.reshape(b, -1).contiguous()
+    d = x2.shape[1]
+    lead = 3 if per_image else 2
+    mu_l = mu.reshape(*mu.shape[:lead], d).contiguous()
+    c, t = mu_l.shape[lead - 2], mu_l.shape[lead - 1]
+    diagonal = tuple(sigma.shape) == tuple(mu.shape)
+    if diagonal:
+        sig_l = sigma.reshape(mu_l.shape).contiguous()
+        ss = _expand_strides(sig_l, 4)
+    else:
+        sig_l = sigma.contiguous()
+        ss = _expand_strides(sig_l, 3) + [0]
+    ms = _expand_strides(mu_l, 4)
+    k = c if class_index is None else class_index.shape[1]
+    idx = class_index.contiguous() if class_index is not None else x2  # dummy pointer
+    acc_f64 = x.dtype == torch.float64
+    out = torch.empty(b, k, dtype=torch.float64 if acc_f64 else torch.float32, device=x.device)
+    block_t = min(DIFF_MAX_BLOCK_T, triton.next_power_of_2(t))
+    block_d = min(DIFF_MAX_BLOCK_D, triton.next_power_of_2(d))
+    _mixture_diff_kernel[(b * k,)](
+        x2,
+        mu_l,
+        sig_l,
+        idx,
+        out,
+        k,
+        t,
+        d,
+        x2.stride(0),
+        ms[0],
+        ms[1],
+        ms[2],
+        ss[0],
+        ss[1],
+        ss[2],
+        ss[3],
+        idx.stride(0),
+        -0.5 * d * LOG_2PI,
+        HAS_INDEX=class_index is not None,
+        DIAG=diagonal,
+        ACC_F64=acc_f64,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# GEMM form: shared bank at "tf32x3" / "tf32" / "bf16"
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_tf32(a):
+    # Round-to-nearest onto tf32's 10-bit mantissa: add half an ulp of tf32, clear 13 low bits.
+    bits = a.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x1000) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_bf16(a):
+    # Round-to-nearest onto bf16's 7-bit mantissa, kept in fp32. The interpreter's own fp32->bf16
+    # cast truncates (measured: 7x the error of torch's bf16 rounding at D=37), so emulate it here.
+    bits = a.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x8000) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 ``a @ b`` in the arithmetic of PRECISION (0 ieee, 1 tf32, 2 tf32x3, 3 bf16)."""
+    if PRECISION == 3:
+        if EMULATE:
+            # bf16 x bf16 products are exact in fp32: rounding the operands is the whole mode.
+            return tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    if EMULATE:
+        if PRECISION == 1:
+            return tl.dot(_round_tf32(a), _round_tf32(b), input_precision="ieee")
+        if PRECISION == 2:
+            a_hi = _round_tf32(a)
+            b_hi = _round_tf32(b)
+            a_lo = _round_tf32(a - a_hi)
+            b_lo = _round_tf32(b - b_hi)
+            acc = tl.dot(a_hi, b_lo, input_precision="ieee")
+            acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
+            return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
+        return tl.dot(a, b, input_precision="ieee")
+    if PRECISION == 1:
+        return tl.dot(a, b, input_precision="tf32")
+    if PRECISION == 2:
+        return tl.dot(a, b, input_precision="tf32x3")
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _mixture_gemm_kernel(
+    x_ptr,
+    m1_ptr,
+    m2_ptr,
+    xx_ptr,
+    mm_ptr,
+    scale_ptr,
+    log_norm_ptr,
+    out_ptr,
+    B,
+    C,
+    T,
+    D,
+    DIAG: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Scores of one (image block, class) tile by tile over T:
+
+    ``s = -0.5 * scale_t * (xx_b + mm_t - 2 x_b.m1_t + [x_b^2].m2_t) + log_norm_t``
+
+    Isotropic: ``m1 = mu``, ``mm = |mu|^2``, ``scale = 1/sigma^2``, ``xx = |x|^2`` (no m2).
+    Diagonal: ``m1 = mu/sigma^2``, ``m2 = 1/sigma^2``, ``mm = sum mu^2/sigma^2``, ``scale = 1``,
+    ``xx = 0``. All bank rows ``[C*T, D]`` contiguous.
+    """
+    pid_b = tl.program_id(0)
+    c = tl.program_id(1).to(tl.int64)
+    offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    b_mask = offs_b < B
+    if DIAG:
+        xx = tl.zeros([BLOCK_B], tl.float32)
+    else:
+        xx = tl.load(xx_ptr + offs_b, mask=b_mask, other=0.0)
+    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_B], tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        t_mask = offs_t < T
+        rows = c * T + offs_t  # int64: C*T*D passes 2^31 at ImageNet scale
+        cross = tl.zeros([BLOCK_B, BLOCK_T], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            d_mask = offs_d < D
+            xa = tl.load(
+                x_ptr + offs_b[:, None] * D + offs_d[None, :],
+                mask=b_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            bank_off = rows[None, :] * D + offs_d[:, None]  # [BLOCK_D, BLOCK_T]: mu^T tile
+            bank_mask = d_mask[:, None] & t_mask[None, :]
+            m1 = tl.load(m1_ptr + bank_off, mask=bank_mask, other=0.0).to(tl.float32)
+            cross += -2.0 * _dot(xa, m1, PRECISION, EMULATE)
+            if DIAG:
+                m2 = tl.load(m2_ptr + bank_off, mask=bank_mask, other=0.0).to(tl.float32)
+                cross += _dot(xa * xa, m2, PRECISION, EMULATE)
+        mm = tl.load(mm_ptr + rows, mask=t_mask, other=0.0)
+        scale = tl.load(scale_ptr + rows, mask=t_mask, other=0.0)
+        log_norm = tl.load(log_norm_ptr + rows, mask=t_mask, other=0.0)
+        # Rounding can make |x - mu|^2 slightly negative when x sits on a mean: clamp at 0.
+        quad = tl.maximum(cross + xx[:, None] + mm[None, :], 0.0)
+        s = -0.5 * quad * scale[None, :] + log_norm[None, :]
+        s = tl.where(t_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m = m_new
+    tl.store(out_ptr + offs_b * C + c, m + tl.log(l), mask=b_mask)
+
+
+class PreparedBank:
+    """Per-bank operands of the GEMM kernel, computed once and reused across batches.
+
+    ``m1, m2: [C*T, D]`` fp32, ``mm, scale, log_norm: [C*T]`` fp32 (see ``_mixture_gemm_kernel``).
+    ``|mu|^2`` and ``sum mu^2/sigma^2`` are summed in float64 (exact difference-free terms).
+    """
+
+    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor):
+        c, t = mu.shape[0], mu.shape[1]
+        d = mu[0, 0].numel()
+        self.num_classes, self.num_steps, self.dim = c, t, d
+        mu2 = mu.reshape(c * t, d)
+        self.diagonal = tuple(sigma.shape) == tuple(mu.shape)
+        const = -0.5 * d * LOG_2PI
+        if self.diagonal:
+            sig = sigma.reshape(c * t, d).double()
+            ivar = sig.square().reciprocal()
+            self.m1 = (mu2.double() * ivar).float().contiguous()
+            self.m2 = ivar.float().contiguous()
+            self.mm = (mu2.double().square() * ivar).sum(-1).float()
+            self.scale = torch.ones(c * t, dtype=torch.float32, device=mu.device)
+            self.log_norm = (const - torch.log(sig).sum(-1)).float()
+        else:
+            sig = sigma.expand(c, t).reshape(c * t).double()
+            self.m1 = mu2.float().contiguous()
+            self.m2 = self.m1  # unused
+            self.mm = mu2.double().square().sum(-1).float()
+            self.scale = sig.square().reciprocal().float()
+            self.log_norm = (const - d * torch.log(sig)).float()
+        self._key = _bank_key(mu, sigma)
+
+
+def _bank_key(mu: torch.Tensor, sigma: torch.Tensor) -> tuple:
+    # A tensor's _version counts in-place writes: a refreshed bank written in place is re-prepared.
+    return tuple(
+        (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+        for t in (mu, sigma)
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_slot() -> dict:
+    return {}
+
+
+def prepare_bank(mu: torch.Tensor, sigma: torch.Tensor) -> PreparedBank:
+    """The prepared operands of a shared bank, cached for the most recent ``(mu, sigma)``."""
+    slot = _cache_slot()
+    key = _bank_key(mu, sigma)
+    bank = slot.get("bank")
+    if bank is None or bank._key != key:
+        bank = PreparedBank(mu, sigma)
+        slot["bank"] = bank
+    return bank
+
+
+def mixture_lse_gemm(x: torch.Tensor, bank: PreparedBank, precision: str) -> torch.Tensor:
+    """GEMM-form LSE ``[B, C]`` float32 of a prepared shared bank; ``x: [B, *latent]``."""
+    b = x.shape[0]
+    x2 = x.reshape(b, -1).float().contiguous()
+    xx = x2.double().square().sum(-1).float()
+    out = torch.empty(b, bank.num_classes, dtype=torch.float32, device=x.device)
+    block_b = max(16, min(GEMM_MAX_BLOCK_B, triton.next_power_of_2(b)))
+    grid = (triton.cdiv(b, block_b), bank.num_classes)
+    _mixture_gemm_kernel[grid](
+        x2,
+        bank.m1,
+        bank.m2,
+        xx,
+        bank.mm,
+        bank.scale,
+        bank.log_norm,
+        out,
+        b,
+        bank.num_classes,
+        bank.num_steps,
+        bank.dim,
+        DIAG=bank.diagonal,
+        PRECISION=PRECISION_CODES[precision],
+        EMULATE=_interpreted(),
+        BLOCK_B=block_b,
+        BLOCK_T=GEMM_BLOCK_T,
+        BLOCK_D=GEMM_BLOCK_D,
+    )
+    return out
+
+
+def mixture_lse(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    class_index: torch.Tensor | None,
+    *,
+    precision: str = "ieee",
+) -> torch.Tensor:
+    """``logsumexp_t log N(x; mu, sigma^2)`` ``[B, C]`` / ``[B, K]`` (arguments already validated).
+
+    The shared bank goes through the GEMM kernel for ``precision`` in tf32x3 / tf32 / bf16 (float
+    inputs below float64, no ``class_index``); everything else through the difference kernel.
+    """
+    per_image = mu.dim() == x.dim() + 2
+    if per_image or class_index is not None or precision == "ieee" or x.dtype == torch.float64:
+        return mixture_lse_diff(x, mu, sigma, class_index, per_image=per_image)
+    return mixture_lse_gemm(x, prepare_bank(mu, sigma), precision)
