@@ -200,13 +200,17 @@ class ChainBank:
         c, s, t = num_classes, chains_per_class, len(steps)
         shape = (c, s * t, *adapter.latent_shape)
         diagonal = adapter.diagonal_sigma
+        sigma_dtype = dtype if diagonal else torch.float32
+        # Round sigma_min into the storage dtype first: rounding is monotonic, so every stored
+        # sigma is then >= the recorded sigma_min exactly.
+        sigma_min = float(torch.tensor(sigma_min, dtype=torch.float64).to(sigma_dtype))
         sampler = DDPMSampler(adapter, num_steps, modulation, guidance_scale)
         bank = cls(
             torch.empty(shape, dtype=dtype, device=adapter.device),
             torch.empty(
                 shape if diagonal else shape[:2],
                 device=adapter.device,
-                dtype=dtype if diagonal else torch.float32,
+                dtype=sigma_dtype,
             ),
             sampler.timesteps[steps].clone(),
             num_steps=num_steps,
@@ -243,8 +247,7 @@ class ChainBank:
                     y, generator=generator, record_steps=self.steps, progress=progress
                 )
                 mu_rows[rows] = rec.mu.to(self.mu.dtype)
-                sig = rec.sigma.clamp(min=self.sigma_min)
-                sig_rows[rows] = sig.to(self.sigma.dtype)
+                sig_rows[rows] = rec.sigma.to(self.sigma.dtype).clamp(min=self.sigma_min)
 
     def refresh(
         self,
