@@ -120,7 +120,9 @@ def test_bench_mixture_log_likelihood(results, realistic, bench_device, layout):
     if compiled is not None:
         try:
             compiled(x, mu, sigma)
-            timings["reference_compiled"] = time_fn(lambda: compiled(x, mu, sigma), device=bench_device)
+            timings["reference_compiled"] = time_fn(
+                lambda: compiled(x, mu, sigma), device=bench_device
+            )
         except Exception as exc:  # recorded as missing, the reason printed
             print(f"torch.compile(reference) failed for {layout}: {type(exc).__name__}: {exc}")
     if bench_device == "cuda" and layout == "shared":
@@ -132,11 +134,16 @@ def test_bench_mixture_log_likelihood(results, realistic, bench_device, layout):
     peak = None
     if realistic:
         if bench_device == "cpu":
-            peak = {impl: cpu_extra_peak_bytes(impl, layout, shape) for impl in ("reference", "genrep_fast")}
+            peak = {
+                impl: cpu_extra_peak_bytes(impl, layout, shape)
+                for impl in ("reference", "genrep_fast")
+            }
         else:
             peak = {
                 "reference": cuda_extra_peak_bytes(lambda: R.mixture_log_likelihood(x, mu, sigma)),
-                "genrep_fast": cuda_extra_peak_bytes(lambda: G.mixture_log_likelihood(x, mu, sigma)),
+                "genrep_fast": cuda_extra_peak_bytes(
+                    lambda: G.mixture_log_likelihood(x, mu, sigma)
+                ),
             }
     bytes_mu = mu.numel() * mu.element_size()
     recs = results.add(
@@ -150,7 +157,9 @@ def test_bench_mixture_log_likelihood(results, realistic, bench_device, layout):
         peak_memory=peak,
     )
     fast = next(r for r in recs if r.impl == "genrep_fast")
-    print(f"{layout} {shape}: genrep_fast {fast.seconds * 1e3:.2f} ms, {fast.speedup:.1f}x reference")
+    print(
+        f"{layout} {shape}: genrep_fast {fast.seconds * 1e3:.2f} ms, {fast.speedup:.1f}x reference"
+    )
     # Same numbers as the reference (the benchmark measures a correct op).
     torch.testing.assert_close(
         G.mixture_log_likelihood(x, mu, sigma).double(),
