@@ -243,7 +243,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/torch_cuda/{i}"] = s
     ver, internal, gauss = random.getstate()
-    npst = np.random.get_state()
+    npst = np.random.get_state()  # noqa: NPY002 - the legacy global state is what users seed
     meta = {
         "python": [ver, list(internal), gauss],
         "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
@@ -261,4 +261,4 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     ver, internal, gauss = meta["python"]
     random.setstate((ver, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))  # noqa: NPY002

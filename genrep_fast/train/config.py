@@ -81,6 +81,7 @@ class LossConfig:
     semantic: bool = True  # x_sem modulation + L_rep_align in L_genera
     rep_align_weight: float = 0.5
     vlb_weight: float = 1e-3  # variance term that trains f_sigma (mean detached)
+    label_dropout: float = 0.1  # generation: class -> null class (CFG-style), stages 0 and 2
 
 
 @dataclasses.dataclass
@@ -306,6 +307,8 @@ def _validate(cfg: TrainConfig) -> None:
         _fail("align.k", f"must be >= 0, got {cfg.align.k}")
     for key in ("loss.gen_distil_weight", "loss.rep_align_weight", "loss.vlb_weight"):
         positive(key, 0)
+    if not 0 <= cfg.loss.label_dropout < 1:
+        _fail("loss.label_dropout", f"must be in [0, 1), got {cfg.loss.label_dropout}")
     if cfg.data.kind != "digits" and not cfg.data.root:
         _fail("data.root", f"is required for data.kind={cfg.data.kind!r}")
     if cfg.data.kind == "digits" and (cfg.model.sample_size != 8 or cfg.model.in_channels != 1):

@@ -1,0 +1,211 @@
+"""``genrep-fast``: the command line of the GenRep trainer (also ``python -m genrep_fast``).
+
+    genrep-fast demo --out DIR [--ablation]        both stages on the embedded digits + report
+    genrep-fast train [--config NAME|PATH] [--set key=value ...] [--out DIR] [--resume PATH]
+    genrep-fast eval --checkpoint RUN_OR_CKPT [--out DIR]
+    genrep-fast sample --checkpoint RUN_OR_CKPT --out samples.png [--per-class N]
+    genrep-fast classify --checkpoint RUN_OR_CKPT IMAGE [IMAGE ...]
+    genrep-fast bench [--benchmark] [pytest args]   run bench/ and print the results table
+
+Multi-GPU / multi-node: ``torchrun --nproc_per_node=8 -m genrep_fast train --config ...``.
+Exit codes: 0 done, 2 bad arguments or config, 3 bad checkpoint, 128+signal after SIGTERM/SIGINT
+(a checkpoint was written first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny_digits", help="bundled config name or YAML path")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set stage2.steps=100 (repeatable)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="genrep-fast", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train both stages of tiny_digits and write a report")
+    p.add_argument("--out", default="genrep-demo", help="output folder")
+    p.add_argument("--ablation", action="store_true", help="also run the paper's ablation rows")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("train", help="train from a config")
+    _config_args(p)
+    p.add_argument("--out", default=None, help="run folder (default: the config's out_dir)")
+    p.add_argument("--resume", default=None, help="checkpoint or run folder to continue from")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the held-out set")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default=None, help="folder for metrics.json and the pictures")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("sample", help="draw class-conditional samples into a grid PNG")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("classify", help="classify image files with the head")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+
+    p = sub.add_parser("bench", help="run the benchmark suites (pytest bench/) and print the table")
+    p.add_argument("--benchmark", action="store_true", help="realistic shapes, results saved")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _trainer_from_checkpoint(path: str, overrides: list[str] = ()):
+    from genrep_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from genrep_fast.train.config import apply_overrides, config_from_dict
+    from genrep_fast.train.trainer import Trainer
+
+    ckpt = resolve_checkpoint(path)
+    _, meta = load_checkpoint(ckpt)
+    cfg = config_from_dict(
+        apply_overrides(meta["config"], list(overrides) + ["runtime.progress=false"])
+    )
+    out = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return Trainer(cfg, out, resume=ckpt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from genrep_fast.train.checkpoint import CheckpointError
+    from genrep_fast.train.config import ConfigError
+
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"genrep-fast: config error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"genrep-fast: checkpoint error: {exc}", file=sys.stderr)
+        return 3
+
+
+def _dispatch(args) -> int:
+    from genrep_fast.train.trainer import TrainingInterrupted
+
+    cmd = args.command
+    if cmd == "bench":
+        root = Path(__file__).resolve().parents[1]
+        extra = [a for a in args.pytest_args if a != "--"]
+        cmd_line = (
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                str(root / "bench"),
+                "-q",
+                "-s",
+                "-p",
+                "no:cacheprovider",
+            ]
+            + (["--benchmark"] if args.benchmark else [])
+            + extra
+        )
+        return subprocess.call(cmd_line, cwd=root)
+    if cmd == "demo":
+        from genrep_fast.train.demo import run_demo
+
+        try:
+            res = run_demo(args.out, args.overrides, ablation=args.ablation)
+        except TrainingInterrupted as exc:
+            print(f"genrep-fast: {exc}", file=sys.stderr)
+            return 128 + int(exc.signum)
+        keys = (
+            "head_top1",
+            "posterior_top1",
+            "ece_head",
+            "ece_posterior",
+            "gen_head_accuracy",
+            "stage0_seconds",
+            "stage1_seconds",
+            "stage2_seconds",
+            "wall_seconds",
+        )
+        print(json.dumps({k: res[k] for k in keys if k in res}, indent=1))
+        print(f"wrote {args.out}/metrics.json, reliability.png, samples.png, report.md")
+        return 0
+    if cmd == "train":
+        from genrep_fast.train.config import load_config
+        from genrep_fast.train.evaluation import evaluate
+        from genrep_fast.train.trainer import Trainer
+
+        cfg = load_config(args.config, args.overrides)
+        trainer = Trainer(cfg, args.out, resume=args.resume)
+        try:
+            trainer.run()
+        except TrainingInterrupted as exc:
+            print(f"genrep-fast: {exc}", file=sys.stderr)
+            return 128 + int(exc.signum)
+        if trainer.rank == 0 and not args.no_eval and trainer.test_set is not None:
+            res = evaluate(
+                trainer.net, cfg, trainer.test_set, trainer.out_dir, backend=trainer.backend
+            )
+            (trainer.out_dir / "eval.json").write_text(json.dumps(res, indent=1))
+            print(json.dumps(res, indent=1))
+        return 0
+    trainer = _trainer_from_checkpoint(args.checkpoint, getattr(args, "overrides", []))
+    if cmd == "eval":
+        from genrep_fast.train.evaluation import evaluate
+
+        if trainer.test_set is None:
+            print("genrep-fast: the config has no held-out set (data.test_root)", file=sys.stderr)
+            return 2
+        out = Path(args.out) if args.out else trainer.out_dir
+        res = evaluate(trainer.net, trainer.cfg, trainer.test_set, out, backend=trainer.backend)
+        (out / "eval.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        return 0
+    if cmd == "sample":
+        from genrep_fast.train.evaluation import generate
+        from genrep_fast.train.metrics import image_grid
+
+        x, _ = generate(trainer.net, trainer.cfg, args.per_class, seed=args.seed, progress=True)
+        image_grid(x, args.per_class, args.out, scale=max(1, 64 // x.shape[-1]))
+        print(f"wrote {args.out}")
+        return 0
+    if cmd == "classify":
+        import torch
+
+        from genrep_fast.train.data import ImageFolder
+        from genrep_fast.train.evaluation import head_probabilities
+
+        c, h, _ = trainer.net.adapter.latent_shape
+        loader = ImageFolder.__new__(ImageFolder)
+        loader.image_size, loader.grayscale, loader.flip = h, c == 1, False
+        xs = []
+        for f in args.images:
+            loader.files = [(Path(f), 0)]
+            xs.append(loader[0][0])
+        probs = head_probabilities(trainer.net, torch.stack(xs).to(trainer.device))
+        for f, p in zip(args.images, probs):
+            top = p.topk(min(3, p.numel()))
+            print(
+                f"{f}: "
+                + ", ".join(
+                    f"class {int(i)} ({float(v):.3f})" for v, i in zip(top.values, top.indices)
+                )
+            )
+        return 0
+    raise AssertionError(cmd)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

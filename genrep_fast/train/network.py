@@ -1,0 +1,287 @@
+"""The GenRep network of the trainer: a diffusion backbone (through ``BackboneAdapter``), the
+perception head and the semantic modulation, plus the losses of the three stages.
+
+Class ids: the backbone gets one class-embedding row more than there are classes; row ``C`` is
+the *null* class. The perception pass (``GenRepNet.perceive``) always conditions on it, because a
+classifier cannot condition on the label it has to predict; generation conditions on the class
+(with label dropout to the null class while training, as DiT does for classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import nn
+
+from genrep_fast import mixture_log_likelihood, posterior_kl_loss
+from genrep_fast.models.ddpm import ddpm_transition
+from genrep_fast.train.config import TrainConfig
+
+
+class GenRepNet(nn.Module):
+    """``backbone`` (the diffusers model), ``head`` (PerceptionHead), ``modulation``
+    (SemanticModulation); ``adapter`` is the BackboneAdapter over ``backbone``."""
+
+    def __init__(self, adapter, head: nn.Module, modulation: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = adapter.model
+        self.head = head
+        self.modulation = modulation
+        self.adapter = adapter  # plain attribute: holds no parameters of its own
+        self.num_classes = num_classes
+        self.null_class = num_classes
+
+    @property
+    def scheduler(self) -> DDPMScheduler:
+        return self.adapter.scheduler
+
+    @property
+    def latent_channels(self) -> int:
+        return self.adapter.latent_shape[0]
+
+    def null_labels(self, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.full((batch,), self.null_class, dtype=torch.int64, device=device)
+
+    def perceive(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [B, C], x_sem [B, *latent])`` of a noise-free, null-class pass."""
+        feats = self.adapter.features(x0, self.null_labels(x0.shape[0], x0.device))
+        logits, x_sem = self.head(feats)
+        return logits.float(), x_sem
+
+    def copy(self) -> GenRepNet:
+        return copy.deepcopy(self)
+
+
+def build_network(cfg: TrainConfig, device: torch.device) -> GenRepNet:
+    """The network ``cfg.model`` describes, on ``device`` (float32 weights)."""
+    from genrep_fast.models import BackboneAdapter, PerceptionHead, SemanticModulation
+
+    m, d = cfg.model, cfg.diffusion
+    c = m.num_classes
+    scheduler = DDPMScheduler(
+        num_train_timesteps=d.num_train_timesteps,
+        beta_schedule=d.beta_schedule,
+        variance_type="learned_range" if m.kind == "dit" else "fixed_small",
+        clip_sample=cfg.data.kind != "latents",  # pixels live in [-1, 1]; latents do not
+    )
+    if m.pretrained:
+        from diffusers import DiTTransformer2DModel, UNet2DModel
+
+        cls = DiTTransformer2DModel if m.kind == "dit" else UNet2DModel
+        try:
+            model = cls.from_pretrained(m.pretrained, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(
+                f"model.pretrained: cannot load a {cls.__name__} from {m.pretrained!r} ({exc})"
+            ) from None
+    elif m.kind == "dit":
+        from genrep_fast.models import tiny_dit
+
+        model = tiny_dit(
+            sample_size=m.sample_size, in_channels=m.in_channels, num_classes=c, **m.factory_kwargs
+        )
+    else:
+        from genrep_fast.models import tiny_unet2d
+
+        # one extra class-embedding row: the null class
+        model = tiny_unet2d(
+            sample_size=m.sample_size,
+            in_channels=m.in_channels,
+            num_classes=c + 1,
+            **m.factory_kwargs,
+        )
+    model = _as_model(model).to(device)
+    if m.kind == "dit":
+        adapter = BackboneAdapter.dit(model, scheduler, num_classes=c + 1)
+    else:
+        adapter = BackboneAdapter.unet2d(model, scheduler, num_classes=c + 1)
+    head = PerceptionHead(adapter.feature_channels, c, adapter.latent_shape, **m.head_kwargs)
+    modulation = SemanticModulation(adapter.latent_shape[0], **m.modulation_kwargs)
+    return GenRepNet(adapter, head, modulation, c).to(device)
+
+
+def _as_model(obj) -> nn.Module:
+    # A factory may hand back an adapter rather than the bare diffusers model.
+    return obj.model if hasattr(obj, "model") and not isinstance(obj, nn.Module) else obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_noising(
+    net: GenRepNet, x0: torch.Tensor, num_steps: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(t, prev_t, noise, x_t)``: t uniform over the training timesteps, prev_t one reverse-chain
+    stride (num_train_timesteps // num_steps) earlier (-1 past the start)."""
+    n_train = int(net.scheduler.config.num_train_timesteps)
+    b = x0.shape[0]
+    t = torch.randint(0, n_train, (b,), generator=generator, device=generator.device).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    prev = t - max(1, n_train // num_steps)
+    prev = torch.where(prev < 0, torch.full_like(prev, -1), prev)
+    x_t = net.scheduler.add_noise(x0, noise, t)
+    return t, prev, noise, x_t
+
+
+def drop_labels(
+    net: GenRepNet, y: torch.Tensor, p: float, generator: torch.Generator
+) -> torch.Tensor:
+    if p <= 0:
+        return y
+    drop = torch.rand(y.shape, generator=generator, device=generator.device).to(y.device) < p
+    return torch.where(drop, torch.full_like(y, net.null_class), y)
+
+
+def _posterior_vlb(net, x0, x_t, t, prev, mu_p, sigma_p):
+    """Mean KL(q(x_prev | x_t, x0) || N(mu_p, sigma_p^2)) per value over the noisy transitions
+    (prev_t >= 0; the step to x_0 has no variance to score)."""
+    mu_q, sig_q = ddpm_transition(
+        net.scheduler,
+        x_t,
+        t,
+        _eps_from_x0(net, x_t, t, x0),
+        prev,
+        learned_variance=False,
+    )
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    sq = sig_q.view(shape) if sig_q.dim() == 1 else sig_q
+    sp = sigma_p.view(shape) if sigma_p.dim() == 1 else sigma_p
+    keep = (prev >= 0).view(shape).float()
+    sp = torch.where(keep > 0, sp, torch.ones_like(sp))
+    sq = torch.where(keep > 0, sq, torch.ones_like(sq))
+    kl = torch.log(sp / sq) + (sq.square() + (mu_q - mu_p).square()) / (2 * sp.square()) - 0.5
+    return (kl * keep).sum() / (keep.sum() * x0[0].numel()).clamp_min(1)
+
+
+def _eps_from_x0(net, x_t, t, x0):
+    ac = net.scheduler.alphas_cumprod.to(device=x_t.device, dtype=x_t.dtype)[t]
+    shape = (-1,) + (1,) * (x_t.dim() - 1)
+    return (x_t - ac.sqrt().view(shape) * x0) / (1 - ac).sqrt().view(shape)
+
+
+def mean_to_eps_scale(net, t, prev, dtype) -> torch.Tensor:
+    """``s_t`` with ``mu - mu_true = s_t (eps - eps_hat)`` for an epsilon model, ``[B]``."""
+    ac = net.scheduler.alphas_cumprod.to(device=t.device, dtype=dtype)
+    a_t = ac[t]
+    a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(a_t))
+    beta = 1 - a_t / a_prev
+    return a_prev.sqrt() * beta / ((1 - a_t).sqrt() * a_t.sqrt())
+
+
+def generation_loss(
+    net: GenRepNet,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator,
+    cfg: TrainConfig,
+    x_sem: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_genera = L_LDM (+ L_rep_align with ``x_sem``), METHOD.md section 2.
+
+    Without ``x_sem`` (stage 0, or the ablation without semantic generation) this is the plain
+    DDPM noise-prediction loss (plus the variance term of a learned-variance model). With it, the
+    modulated transition ``(mu', sigma') = modulation(mu, sigma, x_t, x_sem, t)`` is scored: its
+    mean correction in noise units, ``eps_eff = eps_hat - (mu' - mu) / s_t``, enters the MSE
+    (identical to the plain loss while the modulation is zero), ``sigma'`` enters a KL to the true
+    posterior with the mean detached (weight ``loss.vlb_weight``), and the generation path's
+    noisy-input features, projected by the head, are aligned to ``x_sem`` (L_rep_align).
+    """
+    from genrep_fast.models import rep_align_loss
+
+    t, prev, noise, x_t = sample_noising(net, x0, cfg.diffusion.num_steps, generator)
+    y_in = drop_labels(net, y, cfg.loss.label_dropout, generator)
+    c = net.latent_channels
+    parts: dict[str, float] = {}
+    if x_sem is None:
+        out = net.adapter.predict(x_t, t, y_in)
+        eps_hat = out[:, :c].float()
+        loss = F.mse_loss(eps_hat, noise)
+        parts["ldm"] = float(loss.detach())
+        if net.adapter.learned_variance:
+            mu, sigma = ddpm_transition(
+                net.scheduler,
+                x_t,
+                t,
+                torch.cat([eps_hat.detach(), out[:, c:].float()], 1),
+                prev,
+                learned_variance=True,
+            )
+            vlb = _posterior_vlb(net, x0, x_t, t, prev, mu, sigma)
+            loss = loss + cfg.loss.vlb_weight * vlb
+            parts["vlb"] = float(vlb.detach())
+        return loss, parts
+
+    feats, out = net.adapter.features(x_t, y_in, t=t, return_output=True)
+    eps_hat = out[:, :c].float()
+    mu, sigma = ddpm_transition(
+        net.scheduler, x_t, t, out.float(), prev, learned_variance=net.adapter.learned_variance
+    )
+    sigma = sigma.clamp_min(1e-6)
+    mu_mod, sigma_mod = net.modulation(mu, sigma, x_t, x_sem.detach().float(), t)
+    scale = mean_to_eps_scale(net, t, prev, mu.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    eps_eff = eps_hat - (mu_mod - mu) / scale
+    ldm = F.mse_loss(eps_eff, noise)
+    vlb = _posterior_vlb(net, x0, x_t, t, prev, mu_mod.detach(), sigma_mod)
+    _, h = net.head(feats)
+    rep = rep_align_loss(h.float(), x_sem.detach().float())
+    loss = ldm + cfg.loss.vlb_weight * vlb + cfg.loss.rep_align_weight * rep
+    parts.update(ldm=float(ldm.detach()), vlb=float(vlb.detach()), rep_align=float(rep.detach()))
+    return loss, parts
+
+
+def candidate_classes(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, k]``: the head's top-k classes with the label in place of the last when missing."""
+    top = logits.detach().topk(k, dim=1).indices
+    has = (top == y[:, None]).any(1)
+    top[:, -1] = torch.where(has, top[:, -1], y)
+    return top
+
+
+def perception_loss(
+    net: GenRepNet,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    bank,
+    cfg: TrainConfig,
+    backend: str,
+    timer=None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """L_percept = CE(logits, y) + w * KL(p(y|x) || softmax(logits)); returns (loss, logits, parts).
+
+    The teacher ``p(y|x)`` is the class posterior of the chain bank's Gaussian mixture.
+    """
+    logits, _ = net.perceive(x0)
+    ce = F.cross_entropy(logits, y)
+    parts = {"ce": float(ce.detach())}
+    loss = ce
+    if cfg.loss.gen_distil and bank is not None:
+        ctx = timer("posterior") if timer is not None else _null()
+        with ctx:
+            k = cfg.diffusion.candidate_classes
+            idx = candidate_classes(logits, y, k) if k else None
+            ll = mixture_log_likelihood(
+                x0.detach().to(bank.mu.dtype),
+                bank.mu,
+                bank.sigma,
+                class_index=idx,
+                precision=cfg.diffusion.precision,
+                backend=backend,
+                validate=False,
+            )
+            kl = posterior_kl_loss(logits, ll, class_index=idx)
+        loss = loss + cfg.loss.gen_distil_weight * kl
+        parts["kl"] = float(kl.detach())
+    return loss, logits, parts
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
