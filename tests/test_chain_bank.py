@@ -168,6 +168,12 @@ def test_bf16_bank_is_widened_for_fp32_x(iso_adapter):
     got = bank.log_likelihood(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-3)
+    # the widened copy is reused until the bank changes in place
+    assert bank._mu_as(torch.float32) is bank._mu_as(torch.float32)
+    before = bank._mu_as(torch.float32)
+    bank.refresh(iso_adapter, classes=[0])
+    after = bank._mu_as(torch.float32)
+    assert after is not before and torch.equal(after, bank.mu.float())
 
 
 def test_load_errors(tmp_path):

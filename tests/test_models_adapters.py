@@ -100,6 +100,13 @@ def test_features_shapes_and_no_hook_residue(adapter):
         ref = adapter.predict(x, 0, y) if adapter.kind != "dit" else None
     if ref is not None:
         torch.testing.assert_close(out.detach(), ref)
+    with torch.no_grad():  # the unchecked fast path computes the same thing
+        fast = adapter.features(x, y, validate=False)
+        pred = adapter.predict(x, 0, y, validate=False)
+    for a, f in zip(feats, fast):
+        torch.testing.assert_close(a.detach(), f)
+    if ref is not None:
+        torch.testing.assert_close(pred, ref)
     # gradients flow into the blocks through the features
     sum(f.float().square().mean() for f in feats).backward()
     block = next(iter(adapter.attention_blocks().values()))

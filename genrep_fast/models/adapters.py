@@ -258,8 +258,8 @@ class BackboneAdapter:
 
     def attention_blocks(self) -> dict[str, nn.Module]:
         """``{name: module}`` of the attention blocks, in forward order."""
-        modules = dict(self.model.named_modules())
-        return {n: modules[n] for n in self.attention_block_names}
+        # get_submodule walks one path; dict(named_modules()) would visit the whole model
+        return {n: self.model.get_submodule(n) for n in self.attention_block_names}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The parameters of each attention block (the alignment groups)."""
@@ -357,14 +357,24 @@ class BackboneAdapter:
             return self.model(x, t, encoder_hidden_states=ctx, class_labels=y, return_dict=False)[0]
         return self.model(x, timestep=t, class_labels=y, return_dict=False)[0]
 
-    def predict(self, x_t: torch.Tensor, t: int | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _unchecked_timesteps(self, t: int | torch.Tensor, batch: int) -> torch.Tensor:
+        t = t if isinstance(t, torch.Tensor) else torch.tensor(t)
+        return t.to(device=self.device, dtype=torch.int64).expand(batch)
+
+    def predict(
+        self, x_t: torch.Tensor, t: int | torch.Tensor, y: torch.Tensor, *, validate: bool = True
+    ) -> torch.Tensor:
         """The raw model output for ``x_t: [B, *latent]`` at diffusers timesteps ``t`` (int or
-        ``[B]``) and class ids ``y: [B]``: ``[B, C, H, W]`` or ``[B, 2C, H, W]`` (learned variance),
-        in the model's dtype. Runs in the caller's grad mode and the model's train/eval mode (a DiT
-        in train mode drops labels for classifier-free guidance, as it was trained)."""
+        ``[B]``) and class ids ``y: [B]`` (the null class allowed): ``[B, C, H, W]`` or
+        ``[B, 2C, H, W]`` (learned variance), in the model's dtype. Runs in the caller's grad mode
+        and the model's train/eval mode (a DiT in train mode drops labels for classifier-free
+        guidance, as it was trained). ``validate=False`` skips the checks (and their host syncs)."""
+        b = x_t.shape[0]
+        if not validate:
+            return self._forward(x_t, self._unchecked_timesteps(t, b), y.to(self.device))
         self.check_latents("x_t", x_t)
-        y = self.check_labels(y, x_t.shape[0], allow_null=True)
-        return self._forward(x_t, self._timesteps(t, x_t.shape[0]), y)
+        y = self.check_labels(y, b, allow_null=True)
+        return self._forward(x_t, self._timesteps(t, b), y)
 
     def _guided(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float
@@ -423,8 +433,7 @@ class BackboneAdapter:
             guidance_scale = self.check_guidance(guidance_scale)
             t = self._timesteps(t, b)
         else:
-            t = t if isinstance(t, torch.Tensor) else torch.tensor(t)
-            t = t.to(device=self.device, dtype=torch.int64).expand(b)
+            t = self._unchecked_timesteps(t, b)
         if prev_t is None:
             prev = previous_timesteps(self.scheduler, t)
         else:
@@ -456,6 +465,7 @@ class BackboneAdapter:
         *,
         t: int | torch.Tensor = 0,
         return_output: bool = False,
+        validate: bool = True,
     ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         """Attention-block outputs of a noise-free (``t = 0``) class-conditioned pass.
 
@@ -469,14 +479,19 @@ class BackboneAdapter:
             y: ``[B]`` class ids.
             t: the timestep of the pass (default 0).
             return_output: also return the model output of the same pass.
+            validate: check shapes, class ids and t (host syncs); False in a hot loop.
 
         Returns:
             One ``[B, C_i, H_i, W_i]`` map per attention block (DiT tokens reshaped to the patch
             grid), in the model's dtype; with ``return_output``, ``(features, output)``.
         """
-        self.check_latents("x0", x0)
-        y = self.check_labels(y, x0.shape[0])
-        tt = self._timesteps(t, x0.shape[0])
+        if validate:
+            self.check_latents("x0", x0)
+            y = self.check_labels(y, x0.shape[0])
+            tt = self._timesteps(t, x0.shape[0])
+        else:
+            y = y.to(self.device)
+            tt = self._unchecked_timesteps(t, x0.shape[0])
         captured: dict[str, torch.Tensor] = {}
 
         def hook(name: str, module: nn.Module, args: object, output: object) -> None:

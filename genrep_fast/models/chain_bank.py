@@ -295,7 +295,19 @@ class ChainBank:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__}")
         dt = torch.promote_types(x.dtype, self.mu.dtype)
-        return genrep_fast.mixture_log_likelihood(x.to(dt), self.mu.to(dt), self.sigma, **kw)
+        return genrep_fast.mixture_log_likelihood(x.to(dt), self._mu_as(dt), self.sigma, **kw)
+
+    def _mu_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """``mu`` in ``dtype``; a widened copy is kept until ``mu`` changes (its in-place version
+        counter moves on refresh), so the posterior's per-bank preparation cache stays warm."""
+        if dtype == self.mu.dtype:
+            return self.mu
+        key = (dtype, self.mu.data_ptr(), self.mu._version, self.mu.device)
+        cached = getattr(self, "_widened", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.mu.to(dtype))
+            self._widened = cached
+        return cached[1]
 
     # ---------------------------------------------------------------- persistence
 
