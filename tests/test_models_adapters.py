@@ -295,3 +295,44 @@ def test_xformers_or_sdpa_on_cuda():
     with torch.no_grad():
         out = ad.predict(x, 10, torch.tensor([0, 1], device="cuda"))
     assert torch.isfinite(out).all() and backend in ("sdpa", "xformers")
+
+
+def test_learned_variance_unet_gives_diagonal_sigma():
+    torch.manual_seed(0)
+    model = tiny_unet2d(block_out_channels=(16, 32), learned_variance=True).eval()
+    ad = make_adapter(model, tiny_scheduler(learned_variance=True))
+    assert ad.learned_variance and ad.diagonal_sigma
+    x = torch.randn(2, *ad.latent_shape)
+    with torch.no_grad():
+        mu, sigma = ad.step_distribution(x, 300, torch.tensor([0, 1]))
+    assert sigma.shape == x.shape and (sigma > 0).all()
+    # with a fixed-variance scheduler the variance half is ignored (as diffusers' DiT pipeline)
+    ad_fixed = make_adapter(model, tiny_scheduler())
+    with torch.no_grad():
+        mu2, sigma2 = ad_fixed.step_distribution(x, 300, torch.tensor([0, 1]))
+    assert not ad_fixed.diagonal_sigma and sigma2.shape == (2,)
+    torch.testing.assert_close(mu2, mu)
+
+
+def test_nvtx_ranges_around_features_steps_and_refresh(monkeypatch):
+    import genrep_fast.profiling as profiling
+    from genrep_fast.models import ChainBank
+
+    names: list[str] = []
+
+    class FakeNvtx:
+        @staticmethod
+        def push_range(name, color=None, domain=None):
+            names.append(name)
+
+        @staticmethod
+        def pop_range(domain=None):
+            pass
+
+    monkeypatch.setattr(profiling, "_nvtx", FakeNvtx)
+    ad = make_adapter(tiny_dit(), tiny_scheduler(learned_variance=True))
+    ad.features(torch.randn(1, *ad.latent_shape), torch.tensor([0]))
+    assert names == ["genrep.features"]
+    names.clear()
+    ChainBank.build(ad, 1, 4, burn_in=1, batch_size=1)
+    assert names[0] == "genrep.bank_refresh" and names.count("genrep.sampling_step") == 4
