@@ -29,8 +29,9 @@ TORCH_LIBRARY(genrep_fast, m) {
   // sums ([G, 3] float64, as group_sums returns it) on the device: no host sync, so a CUDA graph
   // can capture it. Group -1 gets (w_p, w_g); a group with non-finite sums gets nan. out[i] may be
   // p[i] or g[i] (in-place update of .grad); both None writes zeros. mode is one of symmetric,
-  // generation, perception, none (reference.alignment_coefficients).
+  // generation, perception, none (reference.alignment_coefficients). (Not named
+  // "mode": auto_functionalize passes a keyword of that name.)
   m.def(
       "align_combine(Tensor?[] p, Tensor?[] g, Tensor sums, int[] group_ids, float k, float w_p, "
-      "float w_g, str mode, Tensor(a!)[] out) -> ()");
+      "float w_g, str align_mode, Tensor(a!)[] out) -> ()");
 }

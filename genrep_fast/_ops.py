@@ -40,6 +40,6 @@ if HAS_EXTENSION:
         return torch.empty((num_groups, 3), dtype=torch.float64, device=device)
 
     @torch.library.register_fake("genrep_fast::align_combine")
-    def _align_combine_fake(p, g, sums, group_ids, k, w_p, w_g, mode, out):
+    def _align_combine_fake(p, g, sums, group_ids, k, w_p, w_g, align_mode, out):
         # Writes into `out` only: nothing to allocate, nothing to return.
         return None
