@@ -203,6 +203,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             _fail(key, f"must be an integer, got {value!r}")
         return value
     if base == "float":
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; accept what float() accepts.
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(key, f"must be a number, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, f"must be a number, got {value!r}")
         return float(value)

@@ -1,0 +1,134 @@
+"""Few-step runs of every stage on a tiny config; exact resume; SIGTERM writes a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from train_helpers import tiny_config
+
+from genrep_fast.train.checkpoint import CheckpointError, list_checkpoints
+from genrep_fast.train.evaluation import evaluate
+from genrep_fast.train.trainer import Trainer, TrainingInterrupted, ema_update
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    out = {f"net.{k}": v.clone() for k, v in trainer.net.state_dict().items()}
+    if trainer.teacher is not None:
+        out.update({f"teacher.{k}": v.clone() for k, v in trainer.teacher.state_dict().items()})
+    return out
+
+
+def test_all_stages_run_and_evaluate(tmp_path):
+    cfg = tiny_config(tmp_path)
+    tr = Trainer(cfg)
+    before = {k: v.clone() for k, v in tr.net.state_dict().items()}
+    tr.run()
+    # stage 2 made the unified net and the EMA teacher, both moved from the stage-1 weights
+    assert tr.teacher is not None
+    after = tr.net.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    stages = [r["stage"] for r in tr.history]
+    assert stages == [0] * 3 + [1] * 3 + [2] * 3
+    last = tr.history[-1]
+    assert {"ce", "kl", "ldm", "vlb", "rep_align"} <= set(last)
+    assert all(torch.isfinite(torch.tensor(v)) for v in last.values())
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 9 and json.loads(lines[-1])["stage"] == 2
+    for key in ("features", "bank_refresh", "posterior", "backward_p", "backward_g", "alignment",
+                "optimizer", "ema"):
+        assert tr.timer.seconds.get(key, 0) > 0, key
+    res = evaluate(tr.net, cfg, tr.test_set, tmp_path)
+    for key in ("head_top1", "posterior_top1", "ece_head", "ece_posterior", "gen_head_accuracy"):
+        assert 0.0 <= res[key] <= 1.0
+    assert (tmp_path / "reliability.png").stat().st_size > 0
+    assert (tmp_path / "samples.png").stat().st_size > 0
+
+
+def test_ema_fused_matches_loop():
+    torch.manual_seed(0)
+    t1 = [torch.randn(5, 3), torch.randn(7)]
+    s = [torch.randn(5, 3), torch.randn(7)]
+    t2 = [t.clone() for t in t1]
+    ema_update(t1, s, 0.999, fused=True)
+    ema_update(t2, s, 0.999, fused=False)
+    for a, b, x, y in zip(t1, t2, [t.clone() for t in t2], s):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    ref = 0.999 * torch.tensor(1.5, dtype=torch.float64) + 0.001 * 2.5
+    one = [torch.tensor([1.5])]
+    ema_update(one, [torch.tensor([2.5])], 0.999)
+    assert abs(float(one[0]) - float(ref)) < 1e-6
+
+
+def test_reference_ops_give_the_same_training(tmp_path):
+    """runtime.ops=reference swaps posterior/alignment/EMA implementations, not the math."""
+    a = Trainer(tiny_config(tmp_path / "a", "stage0.steps=1", "stage1.steps=2", "stage2.steps=2"))
+    a.run()
+    b = Trainer(tiny_config(tmp_path / "b", "stage0.steps=1", "stage1.steps=2", "stage2.steps=2",
+                            "runtime.ops=reference"))
+    b.run()
+    # Adam turns tiny gradient differences into lr-sized weight changes, so the weights are no
+    # test; the losses of every step (which see the updated weights) are.
+    assert len(a.history) == len(b.history) == 5
+    for ra, rb in zip(a.history, b.history):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-5), (ra, rb)
+
+
+class _StopAfter:
+    """Sends the trainer a (simulated) SIGTERM once stage ``stage`` reaches ``step``."""
+
+    def __init__(self, trainer, stage, step):
+        self.trainer, self.stage, self.step = trainer, stage, step
+        orig = trainer.train_step
+
+        def wrapped(*a, **k):
+            out = orig(*a, **k)
+            if trainer.stage == self.stage and trainer.step + 1 == self.step:
+                trainer._stop_signal = signal.SIGTERM
+            return out
+
+        trainer.train_step = wrapped
+
+
+@pytest.mark.parametrize("stop_stage, stop_step", [(1, 2), (2, 1)])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, stop_stage, stop_step):
+    full = Trainer(tiny_config(tmp_path / "full"))
+    full.run()
+
+    cfg = tiny_config(tmp_path / "cut")
+    first = Trainer(cfg)
+    _StopAfter(first, stop_stage, stop_step)
+    with pytest.raises(TrainingInterrupted) as info:
+        first.run()
+    assert info.value.checkpoint is not None and info.value.checkpoint.exists()
+    assert info.value.checkpoint.name == f"stage{stop_stage}-{stop_step:08d}"
+    del first
+    resumed = Trainer(cfg, resume=tmp_path / "cut")
+    assert (resumed.stage, resumed.step) == (stop_stage, stop_step)
+    resumed.run()
+
+    wf, wr = _weights(full), _weights(resumed)
+    assert wf.keys() == wr.keys()
+    for k in wf:
+        assert torch.equal(wf[k], wr[k]), k
+
+
+def test_resume_from_bad_checkpoint_is_a_clear_error(tmp_path):
+    cfg = tiny_config(tmp_path, "stage1.steps=0", "stage2.steps=0")
+    Trainer(cfg).run()
+    (ck,) = list_checkpoints(tmp_path / "checkpoints")
+    state = ck / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Trainer(cfg, resume=tmp_path)
+
+
+def test_resume_with_another_model_is_a_clear_error(tmp_path):
+    Trainer(tiny_config(tmp_path, "stage1.steps=0", "stage2.steps=0")).run()
+    other = tiny_config(tmp_path / "x", "model.factory_kwargs={block_out_channels: [16, 16]}")
+    with pytest.raises(CheckpointError, match="checkpoint net: (does not match|.* has shape)"):
+        Trainer(other, resume=tmp_path)
