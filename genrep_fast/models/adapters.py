@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from genrep_fast.models.ddpm import check_scheduler, ddpm_transition, previous_timesteps
@@ -504,9 +505,7 @@ class BackboneAdapter:
         label_dropout = []
         if self.kind == "dit":
             label_dropout = [
-                m
-                for m in self.model.modules()
-                if type(m).__name__ == "LabelEmbedding" and m.training
+                m for m in self.model.modules() if isinstance(m, LabelEmbedding) and m.training
             ]
         try:
             for m in label_dropout:
