@@ -1,0 +1,58 @@
+"""The command line: train / eval / sample / classify, config errors, checkpoint errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from train_helpers import TINY
+
+from genrep_fast.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_run")
+    args = ["train", "--out", str(out), "--no-eval"]
+    for o in TINY + ["stage2.steps=2"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    return out
+
+
+def test_train_writes_checkpoint_and_metrics(run_dir):
+    assert (run_dir / "checkpoints" / "latest").exists()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["stage"] == 2
+
+
+def test_eval_sample_classify(run_dir, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(run_dir), "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 <= res["head_top1"] <= 1 and (tmp_path / "reliability.png").exists()
+    png = tmp_path / "s.png"
+    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(png), "--per-class", "1"]) == 0
+    assert png.stat().st_size > 0
+    capsys.readouterr()
+    assert main(["classify", "--checkpoint", str(run_dir), str(png)]) == 0
+    assert "class " in capsys.readouterr().out
+
+
+def test_bad_config_key_exits_2_naming_it(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--set", "stage2.stepz=3"]) == 2
+    assert "stage2.stepz: unknown key" in capsys.readouterr().err
+
+
+def test_bad_checkpoint_exits_3(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path)]) == 3
+    assert "checkpoint error" in capsys.readouterr().err
+
+
+def test_python_dash_m_help():
+    proc = subprocess.run([sys.executable, "-m", "genrep_fast", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0
+    for cmd in ("train", "eval", "sample", "classify", "bench", "demo"):
+        assert cmd in proc.stdout
