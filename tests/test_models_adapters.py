@@ -229,7 +229,7 @@ def test_bad_inputs_give_clear_errors(adapter):
         adapter.predict(torch.zeros(2, c, h, w, dtype=torch.int64), 0, y)
     x = torch.randn(2, c, h, w)
     with pytest.raises(ValueError, match=r"class ids must be in \[0, num_classes=10\)"):
-        adapter.features(x, torch.tensor([0, 10]))
+        adapter.features(x, torch.tensor([0, 11]))  # 10 is the DiT's null class, 11 never valid
     with pytest.raises(ValueError, match="class ids"):
         adapter.step_distribution(x, 5, torch.tensor([-1, 0]))
     with pytest.raises(TypeError, match="y must be int64"):
@@ -336,3 +336,22 @@ def test_nvtx_ranges_around_features_steps_and_refresh(monkeypatch):
     names.clear()
     ChainBank.build(ad, 1, 4, burn_in=1, batch_size=1)
     assert names[0] == "genrep.bank_refresh" and names.count("genrep.sampling_step") == 4
+
+
+def test_null_class_pass_and_counting_the_null_row():
+    ad = build("dit")
+    ad.model.eval()
+    x = torch.randn(2, *ad.latent_shape)
+    null = torch.full((2,), ad.null_class)
+    with torch.no_grad():
+        feats, out = ad.features(x, null, return_output=True)  # class-agnostic perception
+        ref = ad.predict(x, 0, null)
+    torch.testing.assert_close(out, ref)
+    # a caller may count the null row as a class (num_classes = C + 1)
+    again = BackboneAdapter.dit(ad.model, ad.scheduler, num_classes=11)
+    assert again.num_classes == 11 and again.null_class == 10
+    unet = tiny_unet2d(block_out_channels=(16, 32), num_classes=11)
+    ad_u = BackboneAdapter.unet2d(unet, tiny_scheduler(), num_classes=10, null_class=10)
+    assert ad_u.check_guidance(2.0) == 2.0
+    with pytest.raises(ValueError, match="class ids"):
+        ad_u.features(x[:, :1].expand(2, 1, 8, 8).contiguous(), torch.tensor([0, 11]))

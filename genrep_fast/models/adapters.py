@@ -178,11 +178,8 @@ class BackboneAdapter:
             raise ValueError(
                 f"null_class={self.null_class} is not a row of the class embedding ({rows})"
             )
-        if self.null_class is not None and self.null_class < self.num_classes:
-            raise ValueError(
-                f"null_class={self.null_class} collides with a real class id (< num_classes="
-                f"{self.num_classes})"
-            )
+        # A caller may count the null row as a class (num_classes = C + 1); that is allowed, the
+        # null id then simply passes the class-id checks too.
 
         out_ch = int(cfg.out_channels if cfg.out_channels is not None else cfg.in_channels)
         c = self.latent_shape[0]
@@ -430,7 +427,7 @@ class BackboneAdapter:
         b = x_t.shape[0]
         if validate:
             self.check_latents("x_t", x_t)
-            y = self.check_labels(y, b)
+            y = self.check_labels(y, b, allow_null=True)
             guidance_scale = self.check_guidance(guidance_scale)
             t = self._timesteps(t, b)
         else:
@@ -477,7 +474,8 @@ class BackboneAdapter:
 
         Args:
             x0: ``[B, *latent]`` clean images / latents.
-            y: ``[B]`` class ids.
+            y: ``[B]`` class ids (``null_class`` allowed: a class-agnostic pass, e.g. to
+                classify an image whose class is unknown).
             t: the timestep of the pass (default 0).
             return_output: also return the model output of the same pass.
             validate: check shapes, class ids and t (host syncs); False in a hot loop.
@@ -488,7 +486,7 @@ class BackboneAdapter:
         """
         if validate:
             self.check_latents("x0", x0)
-            y = self.check_labels(y, x0.shape[0])
+            y = self.check_labels(y, x0.shape[0], allow_null=True)
             tt = self._timesteps(t, x0.shape[0])
         else:
             y = y.to(self.device)

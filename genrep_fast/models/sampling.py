@@ -114,7 +114,7 @@ class DDPMSampler:
         The model runs in eval mode (restored afterwards) and without gradients.
 
         Args:
-            y: ``[B]`` int64 class ids in ``[0, num_classes)``.
+            y: ``[B]`` int64 class ids in ``[0, num_classes)`` (or ``null_class``: unconditional).
             generator: torch generator(s) for the start noise and every step's noise.
             record_steps: 0-based positions whose ``(mu, sigma)`` to keep, e.g.
                 ``genrep_fast.thinned_steps(N, burn_in, thin)``.
@@ -126,7 +126,7 @@ class DDPMSampler:
         """
         ad = self.adapter
         b = y.shape[0] if isinstance(y, torch.Tensor) and y.dim() == 1 else -1
-        y = ad.check_labels(y, b if b >= 0 else 0)
+        y = ad.check_labels(y, b if b >= 0 else 0, allow_null=True)
         steps = self._check_record_steps(record_steps)
         device = ad.device
         shape = (b, *ad.latent_shape)
