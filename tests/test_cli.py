@@ -33,7 +33,9 @@ def test_eval_sample_classify(run_dir, tmp_path, capsys):
     res = json.loads((tmp_path / "eval.json").read_text())
     assert 0 <= res["head_top1"] <= 1 and (tmp_path / "reliability.png").exists()
     png = tmp_path / "s.png"
-    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(png), "--per-class", "1"]) == 0
+    assert (
+        main(["sample", "--checkpoint", str(run_dir), "--out", str(png), "--per-class", "1"]) == 0
+    )
     assert png.stat().st_size > 0
     capsys.readouterr()
     assert main(["classify", "--checkpoint", str(run_dir), str(png)]) == 0
@@ -51,8 +53,9 @@ def test_bad_checkpoint_exits_3(tmp_path, capsys):
 
 
 def test_python_dash_m_help():
-    proc = subprocess.run([sys.executable, "-m", "genrep_fast", "--help"], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "genrep_fast", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0
     for cmd in ("train", "eval", "sample", "classify", "bench", "demo"):
         assert cmd in proc.stdout

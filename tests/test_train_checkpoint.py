@@ -27,7 +27,10 @@ def test_round_trip_and_latest(tmp_path):
 def test_keep_prunes_old(tmp_path):
     for s in range(4):
         ckpt.save_checkpoint(tmp_path, f"stage1-{s:08d}", _tensors(s), {"step": s}, keep=2)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["stage1-00000002", "stage1-00000003"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "stage1-00000002",
+        "stage1-00000003",
+    ]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "meta", "missing"])

@@ -20,8 +20,10 @@ def test_bundled_configs_load_with_paper_settings():
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = load_config("tiny_digits", ["stage2.steps=7", "loss.gen_distil=false", "stage1.lr=3e-4",
-                                      "stage1.betas=[0.5, 0.9]"])
+    cfg = load_config(
+        "tiny_digits",
+        ["stage2.steps=7", "loss.gen_distil=false", "stage1.lr=3e-4", "stage1.betas=[0.5, 0.9]"],
+    )
     assert cfg.stage2.steps == 7 and cfg.loss.gen_distil is False
     assert cfg.stage1.lr == pytest.approx(3e-4)
     assert cfg.stage1.betas == (0.5, 0.9)

@@ -22,7 +22,8 @@ def _free_port() -> int:
 
 def test_two_process_gloo_run(tmp_path):
     script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, sys, torch
         sys.path.insert(0, {str(HERE)!r})
         from train_helpers import tiny_config
@@ -35,10 +36,18 @@ def test_two_process_gloo_run(tmp_path):
                          + [p.detach().reshape(-1) for p in tr.teacher.parameters()])
         torch.save(flat, {str(tmp_path)!r} + f"/rank{{tr.rank}}.pt")
         assert tr.world == 2 and torch.distributed.get_backend() == "gloo"
-    """))
+    """)
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(script),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt")

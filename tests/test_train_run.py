@@ -37,8 +37,16 @@ def test_all_stages_run_and_evaluate(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in last.values())
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 9 and json.loads(lines[-1])["stage"] == 2
-    for key in ("features", "bank_refresh", "posterior", "backward_p", "backward_g", "alignment",
-                "optimizer", "ema"):
+    for key in (
+        "features",
+        "bank_refresh",
+        "posterior",
+        "backward_p",
+        "backward_g",
+        "alignment",
+        "optimizer",
+        "ema",
+    ):
         assert tr.timer.seconds.get(key, 0) > 0, key
     res = evaluate(tr.net, cfg, tr.test_set, tmp_path)
     for key in ("head_top1", "posterior_top1", "ece_head", "ece_posterior", "gen_head_accuracy"):
@@ -66,8 +74,15 @@ def test_reference_ops_give_the_same_training(tmp_path):
     """runtime.ops=reference swaps posterior/alignment/EMA implementations, not the math."""
     a = Trainer(tiny_config(tmp_path / "a", "stage0.steps=1", "stage1.steps=2", "stage2.steps=2"))
     a.run()
-    b = Trainer(tiny_config(tmp_path / "b", "stage0.steps=1", "stage1.steps=2", "stage2.steps=2",
-                            "runtime.ops=reference"))
+    b = Trainer(
+        tiny_config(
+            tmp_path / "b",
+            "stage0.steps=1",
+            "stage1.steps=2",
+            "stage2.steps=2",
+            "runtime.ops=reference",
+        )
+    )
     b.run()
     # Adam turns tiny gradient differences into lr-sized weight changes, so the weights are no
     # test; the losses of every step (which see the updated weights) are.
