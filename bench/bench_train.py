@@ -111,7 +111,7 @@ def test_stage2_step(realistic, bench_device, results, tmp_path):
         tr, batches = _trainer(overrides, ops, tmp_path, bench_device)
         tr.timer.seconds.clear()
 
-        def step():
+        def step(tr=tr, batches=batches):
             tr.train_step(2, batches, 1)
 
         timings[f"{ops} ops"] = time_fn(
