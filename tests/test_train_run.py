@@ -147,3 +147,19 @@ def test_resume_with_another_model_is_a_clear_error(tmp_path):
     other = tiny_config(tmp_path / "x", "model.factory_kwargs={block_out_channels: [16, 16]}")
     with pytest.raises(CheckpointError, match="checkpoint net: (does not match|.* has shape)"):
         Trainer(other, resume=tmp_path)
+
+
+def test_dit_backbone_runs_all_stages(tmp_path):
+    """A learned-variance DiT: diagonal sigma, the variance (vlb) term, the null class for perception."""
+    cfg = tiny_config(
+        tmp_path,
+        "model.kind=dit",
+        "model.factory_kwargs={}",
+        "stage0.steps=2",
+        "stage1.steps=2",
+        "stage2.steps=2",
+    )
+    tr = Trainer(cfg)
+    tr.run()
+    assert tr.net.adapter.learned_variance and tr.bank.diagonal
+    assert all(torch.isfinite(torch.tensor(v)) for v in tr.history[-1].values())

@@ -139,29 +139,22 @@ def drop_labels(
 
 def _posterior_vlb(net, x0, x_t, t, prev, mu_p, sigma_p):
     """Mean KL(q(x_prev | x_t, x0) || N(mu_p, sigma_p^2)) per value over the noisy transitions
-    (prev_t >= 0; the step to x_0 has no variance to score)."""
-    mu_q, sig_q = ddpm_transition(
-        net.scheduler,
-        x_t,
-        t,
-        _eps_from_x0(net, x_t, t, x0),
-        prev,
-        learned_variance=False,
-    )
+    (prev_t >= 0; the step to x_0 has no variance to score). q is DDPM's true posterior (eq. 7)."""
     shape = (-1,) + (1,) * (x0.dim() - 1)
-    sq = sig_q.view(shape) if sig_q.dim() == 1 else sig_q
-    sp = sigma_p.view(shape) if sigma_p.dim() == 1 else sigma_p
+    ac = net.scheduler.alphas_cumprod.to(device=x_t.device, dtype=torch.float32)
+    a_t = ac[t]
+    a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(a_t))
+    beta = 1 - a_t / a_prev
+    coef_x0 = (a_prev.sqrt() * beta / (1 - a_t)).view(shape)
+    coef_xt = ((a_t / a_prev).sqrt() * (1 - a_prev) / (1 - a_t)).view(shape)
+    mu_q = coef_x0 * x0.float() + coef_xt * x_t.float()
     keep = (prev >= 0).view(shape).float()
-    sp = torch.where(keep > 0, sp, torch.ones_like(sp))
+    sq = ((1 - a_prev) / (1 - a_t) * beta).clamp_min(1e-20).sqrt().view(shape)
     sq = torch.where(keep > 0, sq, torch.ones_like(sq))
+    sp = sigma_p.view(shape) if sigma_p.dim() == 1 else sigma_p
+    sp = torch.where(keep > 0, sp, torch.ones_like(sp))
     kl = torch.log(sp / sq) + (sq.square() + (mu_q - mu_p).square()) / (2 * sp.square()) - 0.5
     return (kl * keep).sum() / (keep.sum() * x0[0].numel()).clamp_min(1)
-
-
-def _eps_from_x0(net, x_t, t, x0):
-    ac = net.scheduler.alphas_cumprod.to(device=x_t.device, dtype=x_t.dtype)[t]
-    shape = (-1,) + (1,) * (x_t.dim() - 1)
-    return (x_t - ac.sqrt().view(shape) * x0) / (1 - ac).sqrt().view(shape)
 
 
 def mean_to_eps_scale(net, t, prev, dtype) -> torch.Tensor:
