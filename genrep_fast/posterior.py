@@ -151,7 +151,6 @@ def _(x, mu, sigma, class_index, precision, impl):
 @torch.library.custom_op("genrep_fast::mixture_log_likelihood_backward", mutates_args=())
 def _mixture_ll_backward_op(
     grad: torch.Tensor,
-    ll: torch.Tensor,
     x: torch.Tensor,
     mu: torch.Tensor,
     sigma: torch.Tensor,
@@ -159,13 +158,18 @@ def _mixture_ll_backward_op(
     need_x: bool,
     need_mu: bool,
     need_sigma: bool,
+    impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Recompute-based backward (both backends): scores are recomputed chunk by chunk from the
-    saved ``ll`` in float64 GEMM form (shared bank) or the difference form (per-image bank), so
-    ``[B, C, T]`` is never stored. Gradients not asked for come back as empty tensors."""
-    gx, gmu, gsig = posterior_torch.backward(
-        grad, ll, x, mu, sigma, class_index, (need_x, need_mu, need_sigma)
-    )
+    """Recompute-based backward: the scores, their LSE and the mixture weights are recomputed tile
+    by tile (Triton, exact difference form whatever the forward precision) or chunk by chunk
+    (torch, float64 GEMM form for a shared bank), so ``[B, C, T]`` is never stored. The LSE is not
+    taken from the forward's float32 output: its rounding (ulp(|ll|), 0.06 nats at -6e5) would
+    scale the weights. Gradients not asked for come back as empty tensors."""
+    needs = (need_x, need_mu, need_sigma)
+    if impl == "triton":
+        gx, gmu, gsig = _triton_backward(grad, x, mu, sigma, class_index, needs)
+    else:
+        gx, gmu, gsig = posterior_torch.backward(grad, x, mu, sigma, class_index, needs)
     empty = x.new_empty(0)
     return (
         gx if gx is not None else empty,
@@ -174,8 +178,14 @@ def _mixture_ll_backward_op(
     )
 
 
+def _triton_backward(grad, x, mu, sigma, class_index, needs):
+    from genrep_fast.kernels import mixture_backward
+
+    return mixture_backward.mixture_lse_backward(grad, x, mu, sigma, class_index, needs)
+
+
 @_mixture_ll_backward_op.register_fake
-def _(grad, ll, x, mu, sigma, class_index, need_x, need_mu, need_sigma):
+def _(grad, x, mu, sigma, class_index, need_x, need_mu, need_sigma, impl):
     return (
         torch.empty_like(x) if need_x else x.new_empty(0),
         torch.empty_like(mu) if need_mu else x.new_empty(0),
@@ -184,16 +194,17 @@ def _(grad, ll, x, mu, sigma, class_index, need_x, need_mu, need_sigma):
 
 
 def _setup_context(ctx, inputs, output):
-    x, mu, sigma, class_index, _precision, _impl = inputs
-    ctx.save_for_backward(x, mu, sigma, output)
+    x, mu, sigma, class_index, _precision, impl = inputs
+    ctx.save_for_backward(x, mu, sigma)
     ctx.class_index = class_index
+    ctx.impl = impl
 
 
 def _backward(ctx, grad):
-    x, mu, sigma, ll = ctx.saved_tensors
+    x, mu, sigma = ctx.saved_tensors
     nx, nmu, nsig = ctx.needs_input_grad[:3]
     gx, gmu, gsig = _mixture_ll_backward_op(
-        grad.contiguous(), ll, x, mu, sigma, ctx.class_index, nx, nmu, nsig
+        grad.contiguous(), x, mu, sigma, ctx.class_index, nx, nmu, nsig, ctx.impl
     )
     return (gx if nx else None, gmu if nmu else None, gsig if nsig else None, None, None, None)
 

@@ -14,9 +14,10 @@ materialising ``[B, C, T, D]``: the classes are processed in chunks whose tempor
 * Candidate classes ``class_index: [B, K]`` into a shared bank: the GEMM form over the classes
   that occur in ``class_index`` (at most ``min(C, B*K)``), then a gather.
 
-``forward`` returns ``log p(x|y)``; ``backward`` recomputes the mixture weights chunk by chunk from
-the saved result (``lse = ll + log T``, flash-attention's trick), so ``[B, C, T]`` is never stored
-either. Both run without autograd; ``genrep_fast.posterior`` wires them into a custom op.
+``forward`` returns ``log p(x|y)``; ``backward`` recomputes the scores and the mixture weights
+chunk by chunk (flash-attention's trick), so ``[B, C, T]`` is never stored either. The LSE is
+recomputed from those scores (every chunk holds all T of its classes) instead of read from the
+saved float32 result, whose rounding at |ll| ~ 1e5..1e7 would scale every weight. Both run without autograd; ``genrep_fast.posterior`` wires them into a custom op.
 """
 
 from __future__ import annotations
@@ -98,11 +99,10 @@ def _shared_forward(x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes):
     return out
 
 
-def _shared_backward(grad, lse, x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, needs):
+def _shared_backward(grad, x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, needs):
     """Gradients of ``sum(grad * lse)`` w.r.t. ``x2 [B, D]``, ``mu3 [C, T, D]`` and ``sig``.
 
-    ``lse: [B, C]`` from the forward (entries with ``grad == 0`` may be ``+inf``). Gradients not
-    in ``needs = (x, mu, sigma)`` are None.
+    Gradients not in ``needs = (x, mu, sigma)`` are None.
     """
     b, d = x2.shape
     c, t, _ = mu3.shape
@@ -110,7 +110,6 @@ def _shared_backward(grad, lse, x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes,
     xx = xg.square().sum(-1)
     x_sq = xg.square() if diagonal else None
     g = grad.to(gemm_dtype)
-    lse = lse.to(gemm_dtype)
     gx = torch.zeros_like(xg) if needs[0] else None
     gmu = torch.empty(mu3.shape, dtype=gemm_dtype, device=x2.device) if needs[1] else None
     gsig = torch.empty(sig.shape, dtype=gemm_dtype, device=x2.device) if needs[2] else None
@@ -123,8 +122,10 @@ def _shared_backward(grad, lse, x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes,
         mu_c = mu3[c0:c1].to(gemm_dtype)
         sig_c = sig[c0:c1].to(gemm_dtype)
         s, quad = _shared_chunk_scores(xg, xx, x_sq, mu_c, sig_c, diagonal)
-        # Mixture weights times the incoming gradient: dL/ds_bct.
-        w = torch.exp(s - lse[:, c0:c1, None]) * g[:, c0:c1, None]
+        # Mixture weights times the incoming gradient: dL/ds_bct. The LSE comes from these very
+        # scores (all T of a class are in the chunk), not from the saved float32 ll, whose
+        # rounding (ulp(|ll|): 0.06 nats at -6e5) would scale every weight.
+        w = torch.exp(s - torch.logsumexp(s, -1, keepdim=True)) * g[:, c0:c1, None]
         w_flat = w.reshape(b, n * t)
         mu_flat = mu_c.reshape(n * t, d)
         w_sum = w_flat.sum(0)  # [n*T]
@@ -215,7 +216,7 @@ def _per_image_forward(x2, mu4, sig4, cls, dt, chunk_bytes):
     return out
 
 
-def _per_image_backward(grad, lse, x2, mu4, sig4, cls, dt, chunk_bytes, needs):
+def _per_image_backward(grad, x2, mu4, sig4, cls, dt, chunk_bytes, needs):
     b, d = x2.shape
     c, t = mu4.shape[1], mu4.shape[2]
     diagonal = sig4.dim() == 4
@@ -225,7 +226,6 @@ def _per_image_backward(grad, lse, x2, mu4, sig4, cls, dt, chunk_bytes, needs):
     cc = _classes_per_chunk(es * b * t * d * (6 if diagonal else 4), k, chunk_bytes)
     xc = x2.to(dt)
     g = grad.to(dt)
-    lse = lse.to(dt)
     gx = torch.zeros_like(xc) if needs[0] else None
     gmu = torch.zeros(mu4.shape, dtype=dt, device=x2.device) if needs[1] else None
     gsig = torch.zeros(sig4.shape, dtype=dt, device=x2.device) if needs[2] else None
@@ -234,7 +234,7 @@ def _per_image_backward(grad, lse, x2, mu4, sig4, cls, dt, chunk_bytes, needs):
         mu_c = _gather_classes(mu4, rows, cls, c0, c1).to(dt)
         sig_c = _gather_classes(sig4, rows, cls, c0, c1).to(dt)
         s, diff, quad = _per_image_chunk_scores(xc, mu_c, sig_c, diagonal)
-        w = torch.exp(s - lse[:, c0:c1, None]) * g[:, c0:c1, None]  # [B, n, T]
+        w = torch.exp(s - torch.logsumexp(s, -1, keepdim=True)) * g[:, c0:c1, None]  # [B, n, T]
         if diagonal:
             ivar = sig_c.square().reciprocal()
             gm = w[..., None] * diff * ivar  # ds/dmu = (x - mu) / sigma^2
@@ -316,7 +316,6 @@ def forward(
 
 def backward(
     grad: torch.Tensor,
-    ll: torch.Tensor,
     x: torch.Tensor,
     mu: torch.Tensor,
     sigma: torch.Tensor,
@@ -326,36 +325,29 @@ def backward(
     gemm_dtype: torch.dtype = torch.float64,
     chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``sum(grad * forward(...))`` w.r.t. ``(x, mu, sigma)`` from the saved ``ll``.
+    """Gradients of ``sum(grad * forward(...))`` w.r.t. ``(x, mu, sigma)``.
 
-    Recomputes the scores chunk by chunk (never ``[B, C, T]`` at once). Returns the gradients in
-    the dtypes and shapes of the inputs, None where ``needs`` is False.
+    Recomputes the scores and their LSE chunk by chunk (never ``[B, C, T]`` at once). Returns the
+    gradients in the dtypes and shapes of the inputs, None where ``needs`` is False.
     """
     x2, mu_c, sig_c, diagonal = _canonical(x, mu, sigma)
-    t = mu_c.shape[-2]
     with torch.no_grad():
-        lse = ll.to(torch.float64 if gemm_dtype == torch.float64 else ll.dtype) + math.log(t)
         if mu_c.dim() == 4:
             cls = None if class_index is None else class_index.long()
             dt = compute_dtype(x.dtype)
-            gx, gmu, gsig = _per_image_backward(
-                grad, lse, x2, mu_c, sig_c, cls, dt, chunk_bytes, needs
-            )
+            gx, gmu, gsig = _per_image_backward(grad, x2, mu_c, sig_c, cls, dt, chunk_bytes, needs)
         elif class_index is None:
             gx, gmu, gsig = _shared_backward(
-                grad, lse, x2, mu_c, sig_c, diagonal, gemm_dtype, chunk_bytes, needs
+                grad, x2, mu_c, sig_c, diagonal, gemm_dtype, chunk_bytes, needs
             )
         else:
             cls = class_index.long()
             uniq, inv = torch.unique(cls, return_inverse=True)
             b, u = x2.shape[0], uniq.numel()
+            # Pairs (b, u) outside the candidates get a zero gradient, hence zero weights.
             g_u = torch.zeros(b, u, dtype=grad.dtype, device=grad.device).scatter_add_(1, inv, grad)
-            # Pairs (b, u) outside the candidates get lse = +inf: weight exp(s - inf) = 0, no NaN.
-            lse_u = torch.full((b, u), math.inf, dtype=lse.dtype, device=lse.device)
-            lse_u.scatter_(1, inv, lse)
-            sig_u = sig_c[uniq]
             gx, gmu_u, gsig_u = _shared_backward(
-                g_u, lse_u, x2, mu_c[uniq], sig_u, diagonal, gemm_dtype, chunk_bytes, needs
+                g_u, x2, mu_c[uniq], sig_c[uniq], diagonal, gemm_dtype, chunk_bytes, needs
             )
             gmu = gsig = None
             if gmu_u is not None:

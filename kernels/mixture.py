@@ -417,7 +417,17 @@ def mixture_lse(
     The shared bank goes through the GEMM kernel for ``precision`` in tf32x3 / tf32 / bf16 (float
     inputs below float64, no ``class_index``); everything else through the difference kernel.
     """
+    if uses_gemm_form(x, mu, class_index, precision):
+        return mixture_lse_gemm(x, prepare_bank(mu, sigma), precision)
+    return mixture_lse_diff(x, mu, sigma, class_index, per_image=mu.dim() == x.dim() + 2)
+
+
+def uses_gemm_form(
+    x: torch.Tensor, mu: torch.Tensor, class_index: torch.Tensor | None, precision: str
+) -> bool:
+    """True where ``mixture_lse`` takes the GEMM-form kernel: a shared bank without candidate
+    classes, inputs below float64, ``precision`` other than ``"ieee"``."""
     per_image = mu.dim() == x.dim() + 2
-    if per_image or class_index is not None or precision == "ieee" or x.dtype == torch.float64:
-        return mixture_lse_diff(x, mu, sigma, class_index, per_image=per_image)
-    return mixture_lse_gemm(x, prepare_bank(mu, sigma), precision)
+    return not (
+        per_image or class_index is not None or precision == "ieee" or x.dtype == torch.float64
+    )

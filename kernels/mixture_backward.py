@@ -1,0 +1,651 @@
+"""Triton backward of the thinned Gaussian-mixture log-likelihood (METHOD.md section 1).
+
+Given the incoming gradient ``g: [B, K]`` of ``lse[b, k] = logsumexp_t s[b, k, t]`` with
+``s = log N(x_b; mu[k, t], sigma[k, t]^2)``, the mixture weights are
+``w[b, k, t] = g[b, k] * exp(s[b, k, t] - lse[b, k])`` and (difference form, exact):
+
+    dL/dx_b       = sum_{k,t} w * (mu - x_b) / sigma^2
+    dL/dmu_kt     = sum_b     w * (x_b - mu) / sigma^2          (per-image bank: no sum over b)
+    dL/dsigma_kt  = sum_b     w * (|x_b - mu|^2 / sigma^3 - D / sigma)        (isotropic)
+    dL/dsigma_ktd = sum_b     w * ((x_bd - mu_d)^2 / sigma_d^3 - 1 / sigma_d)  (diagonal)
+
+The scores ``s`` are recomputed tile by tile from the saved ``lse`` (flash-attention's trick):
+``[B, K, T]`` is never stored. Two kernels:
+
+* ``_mixture_bwd_rows_kernel``: one program per (image, group of classes) walks its classes and
+  all T, accumulating ``dL/dx_b`` into a per-group partial row ``[B, G, D]`` (summed over G
+  afterwards in a fixed order). For the per-image bank (and its candidate classes) the program
+  owns its ``mu[b, k]`` rows, so it also writes ``dL/dmu`` and ``dL/dsigma`` there.
+* ``_mixture_bwd_bank_kernel``: the shared bank (with or without candidate classes). One program
+  per (class, tile of T) loops over the images that use that class (a CSR list built on the host,
+  in a fixed order) in blocks of ``BLOCK_B`` and accumulates ``dL/dmu``, ``dL/dsigma`` of its own
+  tile. No float atomics: every output element has one writer, so the result is deterministic.
+
+Accumulation is fp32 (fp64 for fp64 inputs); gradients come back in the input dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from genrep_fast.reference import compute_dtype, is_diagonal, is_per_image
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+# Row kernel tile: as the forward difference kernel (32 x 128 fp32 = 16 KiB of mu per tile).
+ROWS_MAX_BLOCK_T = 32
+ROWS_MAX_BLOCK_D = 128
+# Groups of classes per image: enough programs to fill a GPU (~4 per SM on 132 SMs) when B is
+# small, at most MAX_GROUPS partial rows of D per image (the partial buffer is [B, G, D]).
+ROWS_TARGET_PROGRAMS = 512
+ROWS_MAX_GROUPS = 64
+# Bank kernel tile: [BLOCK_B, BLOCK_T, BLOCK_D] = 16 x 16 x 32 = 8192 values of the 3-D
+# difference tile (64 fp32 registers per thread at 4 warps).
+BANK_BLOCK_B = 16
+BANK_MAX_BLOCK_T = 16
+BANK_MAX_BLOCK_D = 32
+# Programs of the bank kernel to aim for (C x splits), and the cap on its partial buffer.
+BANK_TARGET_PROGRAMS = 512
+BANK_PARTIAL_BYTES = 512 * 2**20
+
+
+@triton.jit
+def _row_scores(
+    x_row,
+    mu_row,
+    sig_row,
+    offs_t,
+    t_mask,
+    D,
+    stride_mt,
+    stride_st,
+    stride_sd,
+    log_norm_const,
+    DIAG: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Scores ``s [BLOCK_T]`` of one image against one tile of steps, the quadratic term and the
+    isotropic sigma of the tile. Both passes of the row kernel call this one function so that
+    their scores agree bitwise (the weights exp(s - lse) then sum to exactly 1)."""
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    quad = tl.zeros([BLOCK_T], acc_t)
+    log_det = tl.zeros([BLOCK_T], acc_t)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        d_mask = offs_d < D
+        tile_mask = t_mask[:, None] & d_mask[None, :]
+        xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(acc_t)
+        mv = tl.load(
+            mu_row + offs_t[:, None] * stride_mt + offs_d[None, :], mask=tile_mask, other=0.0
+        ).to(acc_t)
+        diff = xv[None, :] - mv
+        if DIAG:
+            sv = tl.load(
+                sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
+                mask=tile_mask,
+                other=1.0,
+            ).to(acc_t)
+            z = diff / sv
+            quad += tl.sum(z * z, 1)
+            log_det += tl.sum(tl.log(sv), 1)
+        else:
+            quad += tl.sum(diff * diff, 1)
+    if DIAG:
+        siso = tl.full([BLOCK_T], 1.0, acc_t)  # unused
+        s = -0.5 * quad - log_det + log_norm_const
+    else:
+        siso = tl.load(sig_row + offs_t * stride_st, mask=t_mask, other=1.0).to(acc_t)
+        s = -0.5 * quad / (siso * siso) - D * tl.log(siso) + log_norm_const
+    return tl.where(t_mask, s, float("-inf")), quad, siso
+
+
+@triton.jit
+def _bank_scores(
+    x_rows,
+    e_mask,
+    mu_row,
+    sig_row,
+    offs_t,
+    t_mask,
+    log_det,
+    siso,
+    D,
+    stride_mt,
+    stride_st,
+    stride_sd,
+    log_norm_const,
+    DIAG: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Scores ``[BLOCK_B, BLOCK_T]`` of a block of images against one tile of steps (3-D
+    difference tile) and the quadratic term; both passes of the bank kernel call this."""
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    quad = tl.zeros([BLOCK_B, BLOCK_T], acc_t)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        d_mask = offs_d < D
+        tile_mask = t_mask[:, None] & d_mask[None, :]
+        xv = tl.load(
+            x_rows[:, None] + offs_d[None, :], mask=e_mask[:, None] & d_mask[None, :], other=0.0
+        ).to(acc_t)
+        mv = tl.load(
+            mu_row + offs_t[:, None] * stride_mt + offs_d[None, :], mask=tile_mask, other=0.0
+        ).to(acc_t)
+        diff = xv[:, None, :] - mv[None, :, :]
+        if DIAG:
+            sv = tl.load(
+                sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
+                mask=tile_mask,
+                other=1.0,
+            ).to(acc_t)
+            z = diff / sv[None, :, :]
+            quad += tl.sum(z * z, 2)
+        else:
+            quad += tl.sum(diff * diff, 2)
+    if DIAG:
+        s = -0.5 * quad - log_det[None, :] + log_norm_const
+    else:
+        s = -0.5 * quad / (siso * siso)[None, :] - log_det[None, :] + log_norm_const
+    return tl.where(e_mask[:, None] & t_mask[None, :], s, float("-inf")), quad
+
+
+@triton.jit
+def _mixture_bwd_rows_kernel(
+    x_ptr,
+    mu_ptr,
+    sig_ptr,
+    idx_ptr,
+    g_ptr,
+    gx_part_ptr,
+    gmu_ptr,
+    gsig_ptr,
+    K,
+    T,
+    D,
+    G,
+    classes_per_group,
+    stride_xb,
+    stride_mb,
+    stride_mc,
+    stride_mt,
+    stride_sb,
+    stride_sc,
+    stride_st,
+    stride_sd,
+    stride_ib,
+    stride_gmb,
+    stride_gmc,
+    stride_gsb,
+    stride_gsc,
+    log_norm_const,
+    HAS_INDEX: tl.constexpr,
+    DIAG: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    NEED_X: tl.constexpr,
+    WRITE_MU: tl.constexpr,
+    WRITE_SIG: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``gmu``/``gsig`` buffers (WRITE_*) are ``[B, C, T, D]`` / ``[B, C, T(, D)]`` contiguous in
+    their last dims; ``g`` is ``[B, K]`` contiguous; ``gx_part`` is ``[B, G, D]``."""
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    # int64: b * stride_mb overflows int32 once a per-image bank passes 2^31 values.
+    b = tl.program_id(0).to(tl.int64)
+    grp = tl.program_id(1).to(tl.int64)
+    x_row = x_ptr + b * stride_xb
+    part_row = gx_part_ptr + (b * G + grp) * D
+    k0 = grp * classes_per_group
+    k1 = tl.minimum(k0 + classes_per_group, K)
+    for k in range(k0, k1):
+        g = tl.load(g_ptr + b * K + k).to(acc_t)
+        # A zero gradient (or a duplicate candidate folded into its first occurrence) adds
+        # nothing: skip the whole class. Its gmu rows stay at the buffer's zeros.
+        if g != 0:
+            if HAS_INDEX:
+                cls = tl.load(idx_ptr + b * stride_ib + k).to(tl.int64)
+            else:
+                cls = k
+            mu_row = mu_ptr + b * stride_mb + cls * stride_mc
+            sig_row = sig_ptr + b * stride_sb + cls * stride_sc
+            gmu_row = gmu_ptr + b * stride_gmb + cls * stride_gmc
+            gsig_row = gsig_ptr + b * stride_gsb + cls * stride_gsc
+            # Pass A: the LSE over T, recomputed with the very arithmetic of pass 1 below and
+            # kept as (max, log sum): the fp32 LSE saved by the forward rounds to ulp(|lse|)
+            # (0.06 nats at -6e5), which would scale every weight by up to e^0.03.
+            m = tl.full([1], float("-inf"), acc_t)
+            l = tl.zeros([1], acc_t)
+            for t0 in range(0, T, BLOCK_T):
+                offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+                t_mask = offs_t < T
+                s, quad, siso = _row_scores(
+                    x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
+                    log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+                )  # fmt: skip
+                m_new = tl.maximum(m, tl.max(s, 0))
+                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
+                m = m_new
+            log_l = tl.log(l)
+            for t0 in range(0, T, BLOCK_T):
+                offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+                t_mask = offs_t < T
+                # Pass 1: the scores of this tile again, then the weights.
+                s, quad, siso = _row_scores(
+                    x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
+                    log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+                )  # fmt: skip
+                w = tl.where(t_mask, tl.exp((s - m) - log_l) * g, 0.0)
+                if not DIAG:
+                    ivar_t = 1.0 / (siso * siso)
+                    a = w * ivar_t
+                    if WRITE_SIG:
+                        gs = w * (quad * ivar_t - D) / siso
+                        tl.store(gsig_row + offs_t, gs, mask=t_mask)
+                # Pass 2: gradients of this tile, D block by D block.
+                if NEED_X or WRITE_MU or (DIAG and WRITE_SIG):
+                    for d0 in range(0, D, BLOCK_D):
+                        offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+                        d_mask = offs_d < D
+                        tile_mask = t_mask[:, None] & d_mask[None, :]
+                        xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(acc_t)
+                        mv = tl.load(
+                            mu_row + offs_t[:, None] * stride_mt + offs_d[None, :],
+                            mask=tile_mask,
+                            other=0.0,
+                        ).to(acc_t)
+                        diff = xv[None, :] - mv
+                        tile_off = offs_t[:, None] * D + offs_d[None, :]
+                        if DIAG:
+                            sv = tl.load(
+                                sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
+                                mask=tile_mask,
+                                other=1.0,
+                            ).to(acc_t)
+                            ivar = 1.0 / (sv * sv)
+                            contrib = w[:, None] * diff * ivar  # dL/dmu = w (x - mu) / sigma^2
+                            if WRITE_SIG:
+                                gs = w[:, None] * (diff * diff * ivar - 1.0) / sv
+                                tl.store(gsig_row + tile_off, gs, mask=tile_mask)
+                        else:
+                            contrib = a[:, None] * diff
+                        if WRITE_MU:
+                            tl.store(gmu_row + tile_off, contrib, mask=tile_mask)
+                        if NEED_X:
+                            # The program owns this partial row: load-add-store, no race.
+                            acc = tl.load(part_row + offs_d, mask=d_mask, other=0.0)
+                            tl.store(part_row + offs_d, acc - tl.sum(contrib, 0), mask=d_mask)
+
+
+@triton.jit
+def _mixture_bwd_bank_kernel(
+    x_ptr,
+    mu_ptr,
+    sig_ptr,
+    ent_ptr,
+    ent_b_ptr,
+    ent_g_ptr,
+    gmu_ptr,
+    gsig_ptr,
+    C,
+    T,
+    D,
+    stride_xb,
+    stride_mc,
+    stride_mt,
+    stride_sc,
+    stride_st,
+    stride_sd,
+    log_norm_const,
+    DIAG: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    NEED_MU: tl.constexpr,
+    NEED_SIG: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per (class c, split of c's images) of a shared bank ``mu: [C, T, D]``.
+
+    Entries ``ent_ptr[c] .. ent_ptr[c+1]`` of ``ent_b`` / ``ent_g`` list the images using class c
+    with their incoming gradient; split s of ``num_programs(1)`` takes a contiguous share of them.
+    ``gmu`` is ``[S, C, T, D]`` and ``gsig`` ``[S, C, T]`` / ``[S, C, T, D]``, contiguous and
+    zero-initialised: each program owns its slice (summed over S afterwards, in a fixed order).
+    """
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    c = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    splits = tl.num_programs(1).to(tl.int64)
+    mu_row = mu_ptr + c * stride_mc
+    sig_row = sig_ptr + c * stride_sc
+    e_lo = tl.load(ent_ptr + c)
+    e_hi = tl.load(ent_ptr + c + 1)
+    share = (e_hi - e_lo + splits - 1) // splits
+    e0 = e_lo + split * share
+    e1 = tl.minimum(e0 + share, e_hi)
+    # int64: S*C*T*D passes 2^31 at ImageNet scale.
+    slice_rows = (split * C + c) * T
+    for e in range(e0, e1, BLOCK_B):
+        offs_e = e + tl.arange(0, BLOCK_B)
+        e_mask = offs_e < e1
+        rows_b = tl.load(ent_b_ptr + offs_e, mask=e_mask, other=0).to(tl.int64)
+        g = tl.load(ent_g_ptr + offs_e, mask=e_mask, other=0.0).to(acc_t)
+        x_rows = x_ptr + rows_b * stride_xb
+        # Pass A: the LSE over all T of each image of the block (as in the row kernel).
+        m = tl.full([BLOCK_B], float("-inf"), acc_t)
+        l = tl.zeros([BLOCK_B], acc_t)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+            t_mask = offs_t < T
+            log_det, siso = _bank_sigma_terms(
+                sig_row, offs_t, t_mask, D, stride_st, stride_sd, DIAG, ACC_F64, BLOCK_T, BLOCK_D
+            )
+            s, quad = _bank_scores(
+                x_rows, e_mask, mu_row, sig_row, offs_t, t_mask, log_det, siso, D, stride_mt,
+                stride_st, stride_sd, log_norm_const, DIAG, ACC_F64, BLOCK_B, BLOCK_T, BLOCK_D,
+            )  # fmt: skip
+            m_new = tl.maximum(m, tl.max(s, 1))
+            # Masked images have m = -inf throughout: keep them at 0 instead of NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+            m = m_new
+        m = tl.where(m == float("-inf"), 0.0, m)
+        log_l = tl.log(tl.where(l > 0, l, 1.0))
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+            t_mask = offs_t < T
+            log_det, siso = _bank_sigma_terms(
+                sig_row, offs_t, t_mask, D, stride_st, stride_sd, DIAG, ACC_F64, BLOCK_T, BLOCK_D
+            )
+            s, quad = _bank_scores(
+                x_rows, e_mask, mu_row, sig_row, offs_t, t_mask, log_det, siso, D, stride_mt,
+                stride_st, stride_sd, log_norm_const, DIAG, ACC_F64, BLOCK_B, BLOCK_T, BLOCK_D,
+            )  # fmt: skip
+            valid = e_mask[:, None] & t_mask[None, :]
+            w = tl.where(valid, tl.exp((s - m[:, None]) - log_l[:, None]) * g[:, None], 0.0)
+            out_rows = (slice_rows + offs_t) * D
+            if not DIAG:
+                ivar_t = 1.0 / (siso * siso)
+                a = w * ivar_t[None, :]
+                if NEED_SIG:
+                    upd = tl.sum(w * (quad * ivar_t[None, :] - D), 0) / siso
+                    gs_ptr = gsig_ptr + slice_rows + offs_t
+                    tl.store(gs_ptr, tl.load(gs_ptr, mask=t_mask, other=0.0) + upd, mask=t_mask)
+            # Pass 2: this block's contribution to the program's own gmu (and diagonal gsig).
+            if NEED_MU or (DIAG and NEED_SIG):
+                w_sum = tl.sum(w, 0)
+                for d0 in range(0, D, BLOCK_D):
+                    offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+                    d_mask = offs_d < D
+                    tile_mask = t_mask[:, None] & d_mask[None, :]
+                    xv = tl.load(
+                        x_rows[:, None] + offs_d[None, :],
+                        mask=e_mask[:, None] & d_mask[None, :],
+                        other=0.0,
+                    ).to(acc_t)
+                    mv = tl.load(
+                        mu_row + offs_t[:, None] * stride_mt + offs_d[None, :],
+                        mask=tile_mask,
+                        other=0.0,
+                    ).to(acc_t)
+                    diff = xv[:, None, :] - mv[None, :, :]
+                    out_off = out_rows[:, None] + offs_d[None, :]
+                    if DIAG:
+                        sv = tl.load(
+                            sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
+                            mask=tile_mask,
+                            other=1.0,
+                        ).to(acc_t)
+                        ivar = 1.0 / (sv * sv)
+                        wd = tl.sum(w[:, :, None] * diff, 0)  # sum_b w (x_b - mu)
+                        if NEED_MU:
+                            gm = tl.load(gmu_ptr + out_off, mask=tile_mask, other=0.0)
+                            tl.store(gmu_ptr + out_off, gm + wd * ivar, mask=tile_mask)
+                        if NEED_SIG:
+                            wq = tl.sum(w[:, :, None] * diff * diff, 0)
+                            gs = tl.load(gsig_ptr + out_off, mask=tile_mask, other=0.0)
+                            upd = (wq * ivar - w_sum[:, None]) / sv
+                            tl.store(gsig_ptr + out_off, gs + upd, mask=tile_mask)
+                    else:
+                        gm = tl.load(gmu_ptr + out_off, mask=tile_mask, other=0.0)
+                        upd = tl.sum(a[:, :, None] * diff, 0)
+                        tl.store(gmu_ptr + out_off, gm + upd, mask=tile_mask)
+
+
+@triton.jit
+def _bank_sigma_terms(
+    sig_row,
+    offs_t,
+    t_mask,
+    D,
+    stride_st,
+    stride_sd,
+    DIAG: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``(sum_d log sigma [BLOCK_T], isotropic sigma [BLOCK_T])`` of one tile of steps."""
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    if DIAG:
+        log_det = tl.zeros([BLOCK_T], acc_t)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            tile_mask = t_mask[:, None] & (offs_d < D)[None, :]
+            sv = tl.load(
+                sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
+                mask=tile_mask,
+                other=1.0,
+            ).to(acc_t)
+            log_det += tl.sum(tl.log(sv), 1)
+        siso = tl.full([BLOCK_T], 1.0, acc_t)  # unused
+    else:
+        siso = tl.load(sig_row + offs_t * stride_st, mask=t_mask, other=1.0).to(acc_t)
+        log_det = D * tl.log(siso)
+    return log_det, siso
+
+
+def _expand_strides(t: torch.Tensor, ndim: int) -> list[int]:
+    """Strides of ``t`` left-padded with zeros to ``ndim`` dims (a missing leading dim broadcasts)."""
+    return [0] * (ndim - t.dim()) + list(t.stride())
+
+
+def _fold_duplicate_candidates(grad: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` gradient with repeated classes of a row summed into their first occurrence and
+    the repeats set to 0 (they share the same scores and LSE, so one program does their work)."""
+    same = class_index[:, :, None] == class_index[:, None, :]  # [B, K, K]
+    k = class_index.shape[1]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=grad.device).tril(-1)
+    first = ~(same & earlier).any(-1)  # no earlier equal entry
+    summed = (same.to(grad.dtype) * grad[:, None, :]).sum(-1)
+    return torch.where(first, summed, torch.zeros_like(summed))
+
+
+def _bank_entries(grad, class_index, num_classes):
+    """CSR list of the (image, gradient) entries of each class of a shared bank, in a fixed
+    order (images ascending within a class), so the bank kernel's sums are deterministic."""
+    b, k = grad.shape
+    dev = grad.device
+    if class_index is None:
+        ent_ptr = torch.arange(num_classes + 1, device=dev, dtype=torch.int64) * b
+        ent_b = torch.arange(b, device=dev, dtype=torch.int64).repeat(num_classes)
+        return ent_ptr, ent_b, grad.T.contiguous().reshape(-1)
+    cls = class_index.reshape(-1).long()
+    order = torch.argsort(cls, stable=True)
+    ent_b = torch.arange(b, device=dev, dtype=torch.int64).repeat_interleave(k)[order]
+    counts = torch.bincount(cls, minlength=num_classes)
+    ent_ptr = torch.zeros(num_classes + 1, dtype=torch.int64, device=dev)
+    ent_ptr[1:] = torch.cumsum(counts, 0)
+    return ent_ptr, ent_b, grad.reshape(-1)[order].contiguous()
+
+
+def _reduce_to(gsig: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Sum a gradient of the broadcast isotropic sigma back to ``sigma``'s own shape."""
+    if gsig.dim() > sigma.dim():
+        gsig = gsig.sum(tuple(range(gsig.dim() - sigma.dim())))
+    return gsig.reshape(sigma.shape)
+
+
+def mixture_lse_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    class_index: torch.Tensor | None,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum(grad * lse)`` w.r.t. ``(x, mu, sigma)`` (arguments already validated),
+    ``lse[b, k] = logsumexp_t log N(x_b; mu[k, t], sigma[k, t]^2)`` in the exact difference form.
+
+    ``grad: [B, K]``. The LSE is recomputed here (one extra pass over the bank) rather than taken
+    from the forward: the forward's float32 LSE rounds to ulp(|lse|), and a GEMM-mode forward can
+    be off by many nats; with its own LSE the weights of each (image, class) sum to exactly 1.
+    Returns the gradients in the shapes and dtypes of the inputs, None where ``needs`` is False.
+    """
+    need_x, need_mu, need_sig = needs
+    b = x.shape[0]
+    x2 = x.reshape(b, -1).contiguous()
+    d = x2.shape[1]
+    per_image = is_per_image(x, mu)
+    diagonal = is_diagonal(mu, sigma)
+    lead = 3 if per_image else 2
+    mu_l = mu.reshape(*mu.shape[:lead], d).contiguous()
+    c, t = mu_l.shape[lead - 2], mu_l.shape[lead - 1]
+    if diagonal:
+        sig_l = sigma.reshape(mu_l.shape).contiguous()
+        ss = _expand_strides(sig_l, 4)
+    else:
+        sig_l = sigma.contiguous()
+        ss = _expand_strides(sig_l, 3) + [0]
+    ms = _expand_strides(mu_l, 4)
+    acc_dtype = compute_dtype(x.dtype)
+    acc_f64 = acc_dtype == torch.float64
+    dev = x.device
+    g = grad.to(acc_dtype).contiguous()
+    k = g.shape[1]
+    const = -0.5 * d * LOG_2PI
+    gx = gmu = gsig = None
+
+    write_mu = per_image and need_mu
+    write_sig = per_image and need_sig
+    if need_x or write_mu or write_sig:
+        g_rows = g
+        idx = x2  # dummy pointer when there is no class_index
+        if class_index is not None:
+            idx = class_index.contiguous()
+            if per_image and (write_mu or write_sig):
+                g_rows = _fold_duplicate_candidates(g, class_index)
+        groups = max(1, min(k, ROWS_MAX_GROUPS, triton.cdiv(ROWS_TARGET_PROGRAMS, b)))
+        per_group = triton.cdiv(k, groups)
+        groups = triton.cdiv(k, per_group)
+        part = torch.zeros(b, groups, d, dtype=acc_dtype, device=dev) if need_x else x2
+        dummy = torch.empty(1, dtype=acc_dtype, device=dev)
+        gmu_buf = torch.zeros(b, c, t, d, dtype=acc_dtype, device=dev) if write_mu else dummy
+        sig_shape = (b, c, t, d) if diagonal else (b, c, t)
+        gsig_buf = torch.zeros(sig_shape, dtype=acc_dtype, device=dev) if write_sig else dummy
+        gms = gmu_buf.stride() if write_mu else (0, 0, 0, 0)
+        gss = gsig_buf.stride() if write_sig else (0, 0, 0)
+        _mixture_bwd_rows_kernel[(b, groups)](
+            x2,
+            mu_l,
+            sig_l,
+            idx,
+            g_rows,
+            part,
+            gmu_buf,
+            gsig_buf,
+            k,
+            t,
+            d,
+            groups,
+            per_group,
+            x2.stride(0),
+            ms[0],
+            ms[1],
+            ms[2],
+            ss[0],
+            ss[1],
+            ss[2],
+            ss[3],
+            idx.stride(0),
+            gms[0],
+            gms[1],
+            gss[0],
+            gss[1],
+            const,
+            HAS_INDEX=class_index is not None,
+            DIAG=diagonal,
+            ACC_F64=acc_f64,
+            NEED_X=need_x,
+            WRITE_MU=write_mu,
+            WRITE_SIG=write_sig,
+            BLOCK_T=min(ROWS_MAX_BLOCK_T, triton.next_power_of_2(t)),
+            BLOCK_D=min(ROWS_MAX_BLOCK_D, triton.next_power_of_2(d)),
+        )
+        if need_x:
+            gx = part.sum(1)
+        if write_mu:
+            gmu = gmu_buf
+        if write_sig:
+            gsig = gsig_buf
+
+    if not per_image and (need_mu or need_sig):
+        ent_ptr, ent_b, ent_g = _bank_entries(g, class_index, c)
+        es = torch.finfo(acc_dtype).bits // 8
+        # Splits of each class's images: enough programs to fill a GPU when C is small, each with
+        # its own slice of the partial buffer [S, C, T, D], capped at BANK_PARTIAL_BYTES.
+        splits = max(
+            1,
+            min(
+                triton.cdiv(b, BANK_BLOCK_B),
+                triton.cdiv(BANK_TARGET_PROGRAMS, c),
+                BANK_PARTIAL_BYTES // max(1, c * t * d * es * (int(need_mu) + int(need_sig))),
+            ),
+        )
+        gmu_buf = torch.zeros(splits, c, t, d, dtype=acc_dtype, device=dev) if need_mu else g
+        sig_shape = (splits, c, t, d) if diagonal else (splits, c, t)
+        gsig_buf = torch.zeros(sig_shape, dtype=acc_dtype, device=dev) if need_sig else g
+        _mixture_bwd_bank_kernel[(c, splits)](
+            x2,
+            mu_l,
+            sig_l,
+            ent_ptr,
+            ent_b,
+            ent_g,
+            gmu_buf,
+            gsig_buf,
+            c,
+            t,
+            d,
+            x2.stride(0),
+            ms[1],
+            ms[2],
+            ss[1],
+            ss[2],
+            ss[3],
+            const,
+            DIAG=diagonal,
+            ACC_F64=acc_f64,
+            NEED_MU=need_mu,
+            NEED_SIG=need_sig,
+            BLOCK_B=BANK_BLOCK_B,
+            BLOCK_T=min(BANK_MAX_BLOCK_T, triton.next_power_of_2(t)),
+            BLOCK_D=min(BANK_MAX_BLOCK_D, triton.next_power_of_2(d)),
+        )
+        # Fixed-order sum of the per-split partials: deterministic.
+        gmu = gmu_buf.sum(0) if need_mu else None
+        gsig = gsig_buf.sum(0) if need_sig else None
+
+    gx = None if gx is None else gx.reshape(x.shape).to(x.dtype)
+    gmu = None if gmu is None else gmu.reshape(mu.shape).to(mu.dtype)
+    if gsig is not None:
+        gsig = (gsig.reshape(sigma.shape) if diagonal else _reduce_to(gsig, sigma)).to(sigma.dtype)
+    return gx, gmu, gsig
