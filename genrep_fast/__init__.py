@@ -4,14 +4,17 @@ Public API (METHOD.md is the contract for the math):
 
 * ``thinned_steps`` - the reverse-chain positions kept as Monte Carlo samples;
 * ``mixture_log_likelihood``, ``class_posterior``, ``posterior_kl_loss`` - generative perception;
-* ``align_gradients`` - gradient alignment.
+* ``align_gradients``, ``GradientAligner`` - gradient alignment.
+
+Backbones, heads, modulation and the chain bank live in ``genrep_fast.models`` (imports diffusers);
+the trainer in ``genrep_fast.train``.
 """
 
 from __future__ import annotations
 
 from genrep_fast import _ops  # noqa: F401  (loads the compiled extension, registers fakes)
 from genrep_fast._validation import check_int
-from genrep_fast.alignment import align_gradients
+from genrep_fast.alignment import GradientAligner, align_gradients
 from genrep_fast.posterior import class_posterior, mixture_log_likelihood, posterior_kl_loss
 from genrep_fast.reference import thinned_steps as _thinned_steps_ref
 
@@ -41,5 +44,6 @@ __all__ = [
     "class_posterior",
     "posterior_kl_loss",
     "align_gradients",
+    "GradientAligner",
     "__version__",
 ]
