@@ -278,15 +278,35 @@ def _check_log_prior(log_prior: torch.Tensor | None, scores: torch.Tensor) -> No
 
 
 def class_posterior(
-    log_likelihood: torch.Tensor, log_prior: torch.Tensor | None = None
+    log_likelihood: torch.Tensor,
+    log_prior: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """p(y|x) = softmax_y(log p(x|y) + log p(y)) for ``log_likelihood: [B, C]``; uniform prior by
-    default. Returns ``[B, C]`` probabilities (float32, or float64 for float64 input)."""
+    default. Returns ``[B, C]`` probabilities (float32, or float64 for float64 input).
+
+    ``backend``: ``"auto"`` (the fused Triton kernel on CUDA, torch elsewhere), ``"triton"``,
+    ``"torch"`` or ``"reference"``.
+    """
+    check_choice("backend", backend, BACKENDS)
     check_float_tensor("log_likelihood", log_likelihood)
     if log_likelihood.dim() != 2:
         raise ValueError(f"log_likelihood must be [B, C], got shape {tuple(log_likelihood.shape)}")
     _check_log_prior(log_prior, log_likelihood)
+    if _posterior_impl(backend, log_likelihood.device) == "triton":
+        return _class_posterior_op(log_likelihood, log_prior)
     return reference.class_posterior(log_likelihood, log_prior)
+
+
+def _posterior_impl(backend: str, device: torch.device) -> str:
+    impl = _resolve_backend(backend, device)
+    if impl == "triton" and not _triton_available(device) and not _triton_interpreted():
+        raise ValueError(
+            f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests); the "
+            f"tensors are on {device}"
+        )
+    return impl
 
 
 def posterior_kl_loss(
@@ -297,6 +317,7 @@ def posterior_kl_loss(
     *,
     class_index: torch.Tensor | None = None,
     detach_teacher: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """L_gen_distil = KL(p(y|x) || softmax(logits)), the teacher p from the mixture likelihood.
 
@@ -310,8 +331,11 @@ def posterior_kl_loss(
         class_index: ``[B, K]`` candidates: logits are gathered to them and both distributions
             are renormalised over the K classes.
         detach_teacher: no gradient into the teacher (default, METHOD.md).
+        backend: ``"auto"`` (the fused Triton kernels on CUDA, torch elsewhere), ``"triton"``,
+            ``"torch"`` or ``"reference"``. ``detach_teacher=False`` always runs the reference.
     """
     check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
     check_float_tensor("logits", logits)
     check_float_tensor("log_likelihood", log_likelihood)
     check_same_device(logits=logits, log_likelihood=log_likelihood, class_index=class_index)
@@ -342,7 +366,8 @@ def posterior_kl_loss(
             "have the same shape (pass class_index for candidate classes)"
         )
     _check_log_prior(log_prior, log_likelihood)
-    if not detach_teacher:
+    impl = _posterior_impl(backend, logits.device)
+    if not detach_teacher or impl == "reference":
         # Gradient into the teacher as well: plain autograd through the reference math.
         return reference.posterior_kl_loss(
             logits,
@@ -350,11 +375,14 @@ def posterior_kl_loss(
             log_prior,
             reduction,
             class_index=class_index,
-            detach_teacher=False,
+            detach_teacher=detach_teacher,
         )
     if class_index is not None:
         logits = torch.gather(logits, 1, class_index)
-    per_image = _PosteriorKL.apply(logits, log_likelihood, log_prior)
+    if impl == "triton":
+        per_image = _posterior_kl_op(logits, log_likelihood, log_prior)[0]
+    else:
+        per_image = _PosteriorKL.apply(logits, log_likelihood, log_prior)
     if reduction == "none":
         return per_image
     if reduction == "sum":
@@ -386,3 +414,105 @@ class _PosteriorKL(torch.autograd.Function):
         p, log_q = ctx.saved_tensors
         grad_logits = (log_q.exp() - p) * grad.to(p.dtype)[:, None]
         return grad_logits.to(ctx.logits_dtype), None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops of the fused posterior / KL kernels (the Triton path): opaque to torch.compile.
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("genrep_fast::class_posterior", mutates_args=())
+def _class_posterior_op(
+    log_likelihood: torch.Tensor, log_prior: torch.Tensor | None
+) -> torch.Tensor:
+    from genrep_fast.kernels import posterior_loss
+
+    p, _, _ = posterior_loss.posterior_forward(
+        log_likelihood, log_prior, None, store_posterior=True
+    )
+    return p
+
+
+@_class_posterior_op.register_fake
+def _(log_likelihood, log_prior):
+    return log_likelihood.new_empty(
+        log_likelihood.shape, dtype=reference.compute_dtype(log_likelihood.dtype)
+    )
+
+
+def _class_posterior_setup(ctx, inputs, output):
+    log_likelihood, log_prior = inputs
+    ctx.save_for_backward(output)
+    ctx.ll_dtype = log_likelihood.dtype
+    ctx.prior_shape = None if log_prior is None else tuple(log_prior.shape)
+    ctx.prior_dtype = None if log_prior is None else log_prior.dtype
+
+
+def _class_posterior_backward(ctx, grad):
+    # Softmax backward: ds = p * (g - sum_y p g); the prior gets the same, summed over a
+    # broadcast batch dim.
+    (p,) = ctx.saved_tensors
+    ds = p * (grad - (p * grad).sum(-1, keepdim=True))
+    d_prior = None
+    if ctx.prior_shape is not None:
+        d_prior = (ds.sum(0) if len(ctx.prior_shape) == 1 else ds).to(ctx.prior_dtype)
+    return ds.to(ctx.ll_dtype), d_prior
+
+
+_class_posterior_op.register_autograd(
+    _class_posterior_backward, setup_context=_class_posterior_setup
+)
+
+
+@torch.library.custom_op("genrep_fast::posterior_kl", mutates_args=())
+def _posterior_kl_op(
+    logits: torch.Tensor, log_likelihood: torch.Tensor, log_prior: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ``KL(p || softmax(logits))`` ``[B]`` and the row statistics ``[B, 4]`` that the
+    backward recomputes p and q from (see ``genrep_fast.kernels.posterior_loss``)."""
+    from genrep_fast.kernels import posterior_loss
+
+    _, kl, stats = posterior_loss.posterior_forward(
+        log_likelihood, log_prior, logits, store_posterior=False
+    )
+    return kl, stats
+
+
+@_posterior_kl_op.register_fake
+def _(logits, log_likelihood, log_prior):
+    dt = reference.compute_dtype(log_likelihood.dtype)
+    b = log_likelihood.shape[0]
+    return log_likelihood.new_empty((b,), dtype=dt), log_likelihood.new_empty((b, 4), dtype=dt)
+
+
+@torch.library.custom_op("genrep_fast::posterior_kl_backward", mutates_args=())
+def _posterior_kl_backward_op(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    log_likelihood: torch.Tensor,
+    log_prior: torch.Tensor | None,
+    stats: torch.Tensor,
+) -> torch.Tensor:
+    from genrep_fast.kernels import posterior_loss
+
+    return posterior_loss.posterior_kl_backward(grad, log_likelihood, log_prior, logits, stats)
+
+
+@_posterior_kl_backward_op.register_fake
+def _(grad, logits, log_likelihood, log_prior, stats):
+    return torch.empty_like(logits)
+
+
+def _posterior_kl_setup(ctx, inputs, output):
+    logits, log_likelihood, log_prior = inputs
+    ctx.save_for_backward(logits, log_likelihood, log_prior, output[1])
+
+
+def _posterior_kl_backward(ctx, grad_kl, _grad_stats):
+    logits, log_likelihood, log_prior, stats = ctx.saved_tensors
+    # The teacher is detached: only the logits get a gradient.
+    gz = _posterior_kl_backward_op(grad_kl, logits, log_likelihood, log_prior, stats)
+    return gz, None, None
+
+
+_posterior_kl_op.register_autograd(_posterior_kl_backward, setup_context=_posterior_kl_setup)
