@@ -92,9 +92,11 @@ ext_modules = _extensions()
 setup(
     # `kernels/` sits at the top level of the repository but installs as genrep_fast.kernels,
     # so no top-level `kernels` module lands in site-packages.
-    packages=find_packages(include=["genrep_fast", "genrep_fast.*"]) + ["genrep_fast.kernels"],
-    package_dir={"genrep_fast.kernels": "kernels"},
-    package_data={"genrep_fast": ["configs/*.yaml"]},
+    # The YAML configs likewise install as genrep_fast/configs/*.yaml (package data).
+    packages=find_packages(include=["genrep_fast", "genrep_fast.*"])
+    + ["genrep_fast.kernels", "genrep_fast.configs"],
+    package_dir={"genrep_fast.kernels": "kernels", "genrep_fast.configs": "configs"},
+    package_data={"genrep_fast.configs": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if ext_modules else {},
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},

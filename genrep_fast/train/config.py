@@ -15,7 +15,14 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# A wheel install ships the configs as genrep_fast/configs/ (package data); an editable install
+# reads them from the repository's configs/.
+_PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = (
+    _PACKAGED_CONFIGS
+    if _PACKAGED_CONFIGS.is_dir()
+    else Path(__file__).resolve().parents[2] / "configs"
+)
 DEFAULT_CONFIG = "tiny_digits"
 
 
