@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,6 +147,7 @@ def environment(device: str = "cpu") -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "commit": _git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -241,6 +243,7 @@ def markdown_table(data: dict) -> str:
         f"Device: {env['device_name']} ({env['device']}), torch {env['torch']}, "
         f"triton {env['triton']}, commit {env['commit']}, {env['date']}, mode {data['mode']}; "
         f"measured copy bandwidth {_fmt(env.get('copy_bandwidth_GBps'), '.1f')} GB/s.",
+        f"Command: `{env.get('command', '')}`.",
         "",
         "| suite | case | impl | time (ms) | speedup vs baseline | GB/s | of copy BW | of GEMM |"
         " peak mem (MiB) |",

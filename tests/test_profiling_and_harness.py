@@ -61,7 +61,7 @@ def test_results_json_table_and_plot(tmp_path):
     path = res.write(tmp_path / "r.json")
     data = json.loads(path.read_text())
     assert data["environment"]["torch"] == torch.__version__
-    assert "device_name" in data["environment"] and "commit" in data["environment"]
+    assert {"device_name", "commit", "command"} <= set(data["environment"])
     md, png = benchmarking.write_report(path)
     table = md.read_text()
     assert "| suite | case | fast |" in table and "4.00x vs reference" in table
