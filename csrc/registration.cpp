@@ -34,4 +34,19 @@ TORCH_LIBRARY(genrep_fast, m) {
   m.def(
       "align_combine(Tensor?[] p, Tensor?[] g, Tensor sums, int[] group_ids, float k, float w_p, "
       "float w_g, str align_mode, Tensor(a!)[] out) -> ()");
+
+  // Mixture log-likelihood (METHOD.md section 1), exact difference form, for the memory-bound
+  // layouts: x [B, D]; mu a per-image bank [B, C, T, D] or a shared bank [C, T, D]; sigma
+  // isotropic as [Bs, Cs, T] (Bs in {1, B}, Cs in {1, C}) in the accumulation dtype (float32, or
+  // float64 for float64 inputs), or diagonal (mu's shape, mu's dtype or the accumulation dtype);
+  // class_index [B, K] int64 candidate classes (None: all C). Returns log p(x|y) [B, K] in the
+  // accumulation dtype. CPU only (csrc/mixture_cpu.cpp).
+  m.def("mixture_ll_diff(Tensor x, Tensor mu, Tensor sigma, Tensor? class_index) -> Tensor");
+  // Its backward for grad = dL/dll [B, K]: (grad_x like x, grad_mu like mu, grad_sigma like
+  // sigma); the weights are recomputed (nothing of size [B, K, T] is saved). A gradient not asked
+  // for comes back empty.
+  m.def(
+      "mixture_ll_diff_backward(Tensor grad, Tensor x, Tensor mu, Tensor sigma, "
+      "Tensor? class_index, bool need_x, bool need_mu, bool need_sigma) -> (Tensor, Tensor, "
+      "Tensor)");
 }

@@ -43,3 +43,35 @@ if HAS_EXTENSION:
     def _align_combine_fake(p, g, sums, group_ids, k, w_p, w_g, align_mode, out):
         # Writes into `out` only: nothing to allocate, nothing to return.
         return None
+
+
+# The CPU kernels of the mixture likelihood's difference form (csrc/mixture_cpu.cpp). False with an
+# extension built before they existed: posterior_torch then keeps its torch code.
+def _has_cpu_kernels(*op_names: str) -> bool:
+    try:
+        return all(_has_kernel(name, "CPU") for name in op_names)
+    except RuntimeError:  # "operator ... does not exist": an older build of the extension
+        return False
+
+
+HAS_MIXTURE_CPU_OPS = _has_cpu_kernels("mixture_ll_diff", "mixture_ll_diff_backward")
+
+if HAS_MIXTURE_CPU_OPS:
+
+    def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("genrep_fast::mixture_ll_diff")
+    def _mixture_ll_diff_fake(x, mu, sigma, class_index):
+        k = class_index.shape[1] if class_index is not None else mu.shape[-3]
+        return x.new_empty((x.shape[0], k), dtype=_accumulation_dtype(x.dtype))
+
+    @torch.library.register_fake("genrep_fast::mixture_ll_diff_backward")
+    def _mixture_ll_diff_backward_fake(
+        grad, x, mu, sigma, class_index, need_x, need_mu, need_sigma
+    ):
+        return (
+            torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(mu) if need_mu else x.new_empty(0),
+            torch.empty_like(sigma) if need_sigma else x.new_empty(0),
+        )

@@ -1,0 +1,516 @@
+// CPU kernels of the mixture log-likelihood in the exact difference form (METHOD.md section 1) for
+// the memory-bound layouts: the per-image bank mu [B, C, T, D] and candidate classes
+// (class_index [B, K] into a shared bank [C, T, D] or into a per-image bank).
+//
+//   s_bkt = -0.5 * sum_d (x_bd - mu_d)^2 / sigma^2 + log-normaliser       (one bank row per t)
+//   ll_bk = logsumexp_t s_bkt - log T
+//
+// Layout: one output row (b, k) per task of at::parallel_for; the row reads its T bank rows of D
+// values once, keeps its T scores in a small buffer and reduces them with a max-shifted sum.
+// Accumulation is float for bf16/fp16/fp32 inputs and double for double inputs. Every reduction
+// has a fixed order (kLanes partial sums, then a fixed tree) that does not depend on the thread
+// count, so the results are bitwise reproducible.
+//
+// Backward: the row recomputes its T scores with the very same function as the forward (so the
+// max m and the normaliser l = sum_t exp(s_t - m) use the arithmetic of the weights
+// w_t = exp(s_t - m) / l), then a second pass over the row's T x D block (from L2: 300 KB at
+// T=75, D=1024 fp32) writes the gradients. Nothing of size [B, K, T] is stored.
+// Rows that write the same bank block (candidate classes repeated across images or within a row)
+// are grouped by block and one thread owns each block, adding its rows in ascending (b, k)
+// order: no atomics, deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace genrep_fast {
+namespace {
+
+// Independent partial sums in the inner D loop: enough to hide the add latency (4 cycles) with
+// 4-wide SSE or 8-wide AVX vectors, so the loop runs at memory speed. The compiler vectorises the
+// fixed-size j loop (-O3) without reassociating anything, so the order is fixed.
+constexpr int kLanes = 16;
+// Below about this many bank values per task, rows are grouped so that a task is worth a thread.
+constexpr int64_t kGrainElems = 1 << 15;
+constexpr double kLog2Pi = 1.8378770664093453;
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+template <typename acc_t>
+inline acc_t sum_lanes(acc_t* part) {
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) part[j] += part[j + w];
+  return part[0];
+}
+
+// sum_d (x_d - mu_d)^2 with x already in the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline acc_t squared_distance(const acc_t* __restrict__ x, const scalar_t* __restrict__ mu,
+                              int64_t n) {
+  acc_t part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t diff = x[d + j] - static_cast<acc_t>(mu[d + j]);
+      part[j] += diff * diff;
+    }
+  }
+  for (int j = 0; d < n; ++d, ++j) {
+    const acc_t diff = x[d] - static_cast<acc_t>(mu[d]);
+    part[j] += diff * diff;
+  }
+  return sum_lanes(part);
+}
+
+// sum_d ((x_d - mu_d) / sigma_d)^2 (diagonal sigma).
+template <typename scalar_t, typename sigma_t, typename acc_t>
+inline acc_t scaled_squared_distance(const acc_t* __restrict__ x, const scalar_t* __restrict__ mu,
+                                     const sigma_t* __restrict__ sig, int64_t n) {
+  acc_t part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t z = (x[d + j] - static_cast<acc_t>(mu[d + j])) / static_cast<acc_t>(sig[d + j]);
+      part[j] += z * z;
+    }
+  }
+  for (int j = 0; d < n; ++d, ++j) {
+    const acc_t z = (x[d] - static_cast<acc_t>(mu[d])) / static_cast<acc_t>(sig[d]);
+    part[j] += z * z;
+  }
+  return sum_lanes(part);
+}
+
+// sum_d log sigma_d. Float sigma: the logarithm of products of 8 values taken in double (exact
+// to ~1e-15 relative; 8 floats cannot overflow a double, and only subnormal sigmas, whose 1/sigma^2
+// is inf anyway, could underflow it), so one log per 8 values instead of one per value. Double
+// sigma: one log per value (no such headroom).
+template <typename sigma_t>
+double sum_log(const sigma_t* __restrict__ sig, int64_t n) {
+  double total = 0.0;
+  int64_t d = 0;
+  if constexpr (!std::is_same_v<sigma_t, double>) {
+    constexpr int kGroup = 8;
+    for (; d + kGroup <= n; d += kGroup) {
+      double prod = 1.0;
+      for (int j = 0; j < kGroup; ++j) prod *= static_cast<double>(sig[d + j]);
+      total += std::log(prod);
+    }
+  }
+  for (; d < n; ++d) total += std::log(static_cast<double>(sig[d]));
+  return total;
+}
+
+// Where a row's sigma lives. Isotropic: per-entry tables inv_var = 1/sigma^2 and
+// log_norm = -D log sigma - D/2 log 2pi over the canonical [Bs, Cs, T] sigma (Bs in {1, B},
+// Cs in {1, C}). Diagonal: sigma has the bank's shape; log_norm = -sum_d log sigma - D/2 log 2pi
+// per bank row, precomputed once (a shared bank row is used by many (b, k)).
+template <typename acc_t>
+struct SigmaTables {
+  std::vector<acc_t> inv_var, log_norm, sig;  // isotropic: [Bs*Cs*T]; diagonal: log_norm only
+  int64_t bs = 1, cs = 1;
+};
+
+struct Geometry {
+  int64_t B, C, T, D, K;
+  bool per_image, diagonal, has_index;
+  const int64_t* cls;  // [B, K] or null
+
+  int64_t class_of(int64_t b, int64_t k) const { return has_index ? cls[b * K + k] : k; }
+  // Bank block (C, T) or (B, C, T) of row (b, k): the first bank row of its T rows.
+  int64_t block_of(int64_t b, int64_t c) const { return per_image ? b * C + c : c; }
+  int64_t num_blocks() const { return per_image ? B * C : C; }
+};
+
+template <typename acc_t>
+int64_t iso_entry(const SigmaTables<acc_t>& st, const Geometry& g, int64_t b, int64_t c) {
+  return ((st.bs > 1 ? b : 0) * st.cs + (st.cs > 1 ? c : 0)) * g.T;
+}
+
+// The T scores of row (b, k) into s (and the quadratic terms into q if non-null). The forward
+// and the backward both call this, so their scores are bitwise identical.
+template <typename scalar_t, typename sigma_t, typename acc_t>
+void row_scores(const Geometry& g, const SigmaTables<acc_t>& st, const acc_t* xa,
+                const scalar_t* mu, const sigma_t* sig_diag, int64_t b, int64_t c, acc_t* s,
+                acc_t* q) {
+  const int64_t blk = g.block_of(b, c);
+  const scalar_t* mu_blk = mu + blk * g.T * g.D;
+  if (g.diagonal) {
+    const sigma_t* sig_blk = sig_diag + blk * g.T * g.D;
+    for (int64_t t = 0; t < g.T; ++t) {
+      const acc_t qt = scaled_squared_distance(xa, mu_blk + t * g.D, sig_blk + t * g.D, g.D);
+      if (q) q[t] = qt;
+      s[t] = acc_t(-0.5) * qt + st.log_norm[blk * g.T + t];
+    }
+  } else {
+    const int64_t e = iso_entry(st, g, b, c);
+    for (int64_t t = 0; t < g.T; ++t) {
+      const acc_t qt = squared_distance(xa, mu_blk + t * g.D, g.D);
+      if (q) q[t] = qt;
+      s[t] = acc_t(-0.5) * qt * st.inv_var[e + t] + st.log_norm[e + t];
+    }
+  }
+}
+
+// Max and normaliser l = sum_t exp(s_t - m) of T scores. m = -inf (every density underflowed)
+// or NaN is returned as is; the caller handles it.
+template <typename acc_t>
+void max_and_normaliser(const acc_t* s, int64_t T, acc_t& m, acc_t& l) {
+  m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t t = 0; t < T; ++t) {
+    if (std::isnan(s[t])) {
+      m = s[t];
+      l = s[t];
+      return;
+    }
+    m = std::max(m, s[t]);
+  }
+  l = 0;
+  if (m == -std::numeric_limits<acc_t>::infinity()) return;
+  for (int64_t t = 0; t < T; ++t) l += std::exp(s[t] - m);
+}
+
+template <typename scalar_t, typename acc_t>
+void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+}
+
+template <typename sigma_t, typename acc_t>
+SigmaTables<acc_t> make_tables(const Geometry& g, const at::Tensor& sigma) {
+  SigmaTables<acc_t> st;
+  const double half_d_log2pi = 0.5 * static_cast<double>(g.D) * kLog2Pi;
+  if (g.diagonal) {
+    const sigma_t* sig = sigma.data_ptr<sigma_t>();
+    const int64_t rows = g.num_blocks() * g.T;
+    st.log_norm.resize(rows);
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(g.D, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        st.log_norm[r] = static_cast<acc_t>(-sum_log(sig + r * g.D, g.D) - half_d_log2pi);
+    });
+    return st;
+  }
+  // Isotropic sigma arrives as [Bs, Cs, T] in the accumulation type (posterior_torch converts it).
+  st.bs = sigma.size(0);
+  st.cs = sigma.size(1);
+  const int64_t n = sigma.numel();
+  const acc_t* sig = sigma.data_ptr<acc_t>();
+  st.inv_var.resize(n);
+  st.log_norm.resize(n);
+  st.sig.assign(sig, sig + n);
+  for (int64_t i = 0; i < n; ++i) {
+    st.inv_var[i] = acc_t(1) / (sig[i] * sig[i]);
+    st.log_norm[i] = static_cast<acc_t>(-static_cast<double>(g.D) * std::log(double(sig[i])) -
+                                        half_d_log2pi);
+  }
+  return st;
+}
+
+Geometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor& mu,
+                      const at::Tensor& sigma, const std::optional<at::Tensor>& class_index) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [B, D], got ", x.sizes());
+  TORCH_CHECK(mu.dim() == 3 || mu.dim() == 4, op, ": mu must be [C, T, D] or [B, C, T, D], got ",
+              mu.sizes());
+  TORCH_CHECK(mu.scalar_type() == x.scalar_type(), op, ": mu dtype ", mu.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  Geometry g{};
+  g.per_image = mu.dim() == 4;
+  g.B = x.size(0);
+  g.D = x.size(1);
+  g.C = mu.size(g.per_image ? 1 : 0);
+  g.T = mu.size(g.per_image ? 2 : 1);
+  TORCH_CHECK(mu.size(-1) == g.D && (!g.per_image || mu.size(0) == g.B), op,
+              ": mu ", mu.sizes(), " does not match x ", x.sizes());
+  TORCH_CHECK(g.T >= 1 && g.C >= 1, op, ": need C >= 1 and T >= 1, got mu ", mu.sizes());
+  g.diagonal = sigma.dim() == mu.dim() && sigma.sizes() == mu.sizes();
+  if (!g.diagonal) {
+    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(sigma.dim() == 3 && sigma.size(2) == g.T &&
+                    (sigma.size(0) == 1 || (g.per_image && sigma.size(0) == g.B)) &&
+                    (sigma.size(1) == 1 || sigma.size(1) == g.C),
+                op, ": isotropic sigma must be [Bs, Cs, T] with Bs in {1, B (per-image bank)}, "
+                "Cs in {1, C}; got ", sigma.sizes());
+    TORCH_CHECK(sigma.scalar_type() == acc, op, ": isotropic sigma must be ", acc, ", got ",
+                sigma.scalar_type());
+  } else {
+    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(sigma.scalar_type() == x.scalar_type() || sigma.scalar_type() == acc, op,
+                ": diagonal sigma must have the dtype of mu or ", acc, ", got ",
+                sigma.scalar_type());
+  }
+  g.has_index = class_index.has_value() && class_index->defined();
+  g.K = g.C;
+  g.cls = nullptr;
+  if (g.has_index) {
+    const at::Tensor& ci = *class_index;
+    TORCH_CHECK(ci.scalar_type() == at::kLong && ci.dim() == 2 && ci.size(0) == g.B, op,
+                ": class_index must be int64 [B, K], got ", ci.scalar_type(), " ", ci.sizes());
+    g.K = ci.size(1);
+  }
+  for (const at::Tensor* t : {&x, &mu, &sigma})
+    TORCH_CHECK(t->device().is_cpu(), op, ": expects CPU tensors");
+  return g;
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<scalar_t>, Tag<sigma_t>) for the dtype of mu and of (diagonal) sigma (a generic
+// lambda: C++17, no template lambdas).
+template <typename F>
+void dispatch_types(const at::Tensor& mu, const at::Tensor& sigma, bool diagonal, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "mixture_ll_diff",
+                                  [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    if (!diagonal || sigma.scalar_type() == mu.scalar_type()) {
+      f(Tag<scalar_t>{}, Tag<scalar_t>{});
+    } else {
+      f(Tag<scalar_t>{}, Tag<acc_t>{});
+    }
+  });
+}
+
+// Copies of the inputs as contiguous tensors (no copy when already contiguous) and the indices.
+struct Inputs {
+  at::Tensor x, mu, sigma, cls;
+};
+
+Inputs contiguous_inputs(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& sigma,
+                         const std::optional<at::Tensor>& class_index, const Geometry& g) {
+  Inputs in{x.contiguous(), mu.contiguous(), sigma.contiguous(), at::Tensor()};
+  if (g.has_index) {
+    in.cls = class_index->contiguous();
+    const int64_t* p = in.cls.data_ptr<int64_t>();
+    for (int64_t i = 0; i < in.cls.numel(); ++i)
+      TORCH_CHECK(p[i] >= 0 && p[i] < g.C, "mixture_ll_diff: class_index value ", p[i],
+                  " outside [0, ", g.C, ")");
+  }
+  return in;
+}
+
+at::Tensor mixture_ll_diff_cpu(const at::Tensor& x_in, const at::Tensor& mu_in,
+                               const at::Tensor& sigma_in,
+                               const std::optional<at::Tensor>& class_index) {
+  Geometry g = check_inputs("mixture_ll_diff", x_in, mu_in, sigma_in, class_index);
+  Inputs in = contiguous_inputs(x_in, mu_in, sigma_in, class_index, g);
+  if (g.has_index) g.cls = in.cls.data_ptr<int64_t>();
+  const at::ScalarType acc_type = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({g.B, g.K}, x_in.options().dtype(acc_type));
+  if (out.numel() == 0) return out;
+  dispatch_types(in.mu, in.sigma, g.diagonal, [&](auto scalar_tag, auto sigma_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    using sigma_t = typename decltype(sigma_tag)::type;
+    using acc_t = typename AccType<scalar_t>::type;
+    const SigmaTables<acc_t> st = make_tables<sigma_t, acc_t>(g, in.sigma);
+    const scalar_t* x = in.x.data_ptr<scalar_t>();
+    const scalar_t* mu = in.mu.data_ptr<scalar_t>();
+    const sigma_t* sig = g.diagonal ? in.sigma.data_ptr<sigma_t>() : nullptr;
+    acc_t* o = out.data_ptr<acc_t>();
+    const acc_t log_t = static_cast<acc_t>(std::log(static_cast<double>(g.T)));
+    const int64_t rows = g.B * g.K;
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(g.T * g.D, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> xa(g.D), s(g.T);
+      int64_t x_row = -1;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / g.K, k = r % g.K;
+        if (b != x_row) {  // consecutive rows of one image share x
+          to_acc(x + b * g.D, xa.data(), g.D);
+          x_row = b;
+        }
+        row_scores<scalar_t, sigma_t, acc_t>(g, st, xa.data(), mu, sig, b, g.class_of(b, k),
+                                             s.data(), nullptr);
+        acc_t m, l;
+        max_and_normaliser(s.data(), g.T, m, l);
+        o[r] = (std::isnan(m) || std::isinf(m)) ? m : m + std::log(l) - log_t;
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_ll_diff_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& mu_in,
+    const at::Tensor& sigma_in, const std::optional<at::Tensor>& class_index, bool need_x,
+    bool need_mu, bool need_sigma) {
+  Geometry g = check_inputs("mixture_ll_diff_backward", x_in, mu_in, sigma_in, class_index);
+  Inputs in = contiguous_inputs(x_in, mu_in, sigma_in, class_index, g);
+  if (g.has_index) g.cls = in.cls.data_ptr<int64_t>();
+  const at::ScalarType acc_type = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == g.B && grad_in.size(1) == g.K,
+              "mixture_ll_diff_backward: grad must be [B, K] = [", g.B, ", ", g.K, "], got ",
+              grad_in.sizes());
+  const at::Tensor grad = grad_in.to(acc_type).contiguous();
+  at::Tensor gx = need_x ? at::empty_like(in.x) : at::empty({0}, x_in.options());
+  at::Tensor gmu = need_mu ? at::empty_like(in.mu) : at::empty({0}, x_in.options());
+  // Isotropic sigma: [Bs, Cs, T] in the accumulation type (as it came in); diagonal: its shape
+  // and dtype.
+  at::Tensor gsig = need_sigma ? at::zeros_like(in.sigma) : at::empty({0}, x_in.options());
+  const bool diag_sigma_grad = need_sigma && g.diagonal;
+  const bool pass2 = need_x || need_mu || diag_sigma_grad;
+
+  dispatch_types(in.mu, in.sigma, g.diagonal, [&](auto scalar_tag, auto sigma_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    using sigma_t = typename decltype(sigma_tag)::type;
+    using acc_t = typename AccType<scalar_t>::type;
+    const SigmaTables<acc_t> st = make_tables<sigma_t, acc_t>(g, in.sigma);
+    const scalar_t* x = in.x.data_ptr<scalar_t>();
+    const scalar_t* mu = in.mu.data_ptr<scalar_t>();
+    const sigma_t* sig = g.diagonal ? in.sigma.data_ptr<sigma_t>() : nullptr;
+    const acc_t* gr = grad.data_ptr<acc_t>();
+    const int64_t rows = g.B * g.K, TD = g.T * g.D;
+
+    // Rows grouped by the bank block they read (and whose gradient they write), each group in
+    // ascending row order (counting sort): one thread owns a block.
+    const int64_t nblk = g.num_blocks();
+    std::vector<int64_t> start(nblk + 1, 0), order(rows);
+    for (int64_t r = 0; r < rows; ++r)
+      ++start[g.block_of(r / g.K, g.class_of(r / g.K, r % g.K)) + 1];
+    for (int64_t i = 0; i < nblk; ++i) start[i + 1] += start[i];
+    {
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t r = 0; r < rows; ++r)
+        order[fill[g.block_of(r / g.K, g.class_of(r / g.K, r % g.K))]++] = r;
+    }
+    // Per-row partials: the x gradient [rows, D] and the isotropic sigma gradient [rows, T],
+    // reduced in row order below (B*K*D values: 1/T of what a gathered bank would take).
+    std::vector<acc_t> gx_part(need_x ? rows * g.D : 0);
+    std::vector<acc_t> gsig_part(need_sigma && !g.diagonal ? rows * g.T : 0);
+    scalar_t* gmu_p = need_mu ? gmu.data_ptr<scalar_t>() : nullptr;
+    sigma_t* gsd_p = diag_sigma_grad ? gsig.data_ptr<sigma_t>() : nullptr;
+    constexpr bool mu_in_place = std::is_same_v<scalar_t, acc_t>;
+    constexpr bool sig_in_place = std::is_same_v<sigma_t, acc_t>;
+
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(TD, 1));
+    at::parallel_for(0, nblk, grain, [&](int64_t k0, int64_t k1) {
+      std::vector<acc_t> xa(g.D), s(g.T), q(g.T);
+      // Accumulators of a block's gradients when the output type is narrower than acc_t.
+      std::vector<acc_t> mu_buf(need_mu && !mu_in_place ? TD : 0);
+      std::vector<acc_t> sig_buf(diag_sigma_grad && !sig_in_place ? TD : 0);
+      for (int64_t blk = k0; blk < k1; ++blk) {
+        acc_t* gm_acc = nullptr;
+        acc_t* gs_acc = nullptr;
+        if (need_mu) {
+          if constexpr (mu_in_place) gm_acc = gmu_p + blk * TD;
+          else gm_acc = mu_buf.data();
+        }
+        if (diag_sigma_grad) {
+          if constexpr (sig_in_place) gs_acc = gsd_p + blk * TD;
+          else gs_acc = sig_buf.data();
+        }
+        const int64_t n_rows = start[blk + 1] - start[blk];
+        if (n_rows == 0) {  // a class no row selected: zero gradient
+          if (gm_acc) std::fill(gm_acc, gm_acc + TD, acc_t(0));
+          if (gs_acc) std::fill(gs_acc, gs_acc + TD, acc_t(0));
+        }
+        const scalar_t* mu_blk = mu + blk * TD;
+        const sigma_t* sig_blk = g.diagonal ? sig + blk * TD : nullptr;
+        for (int64_t i = start[blk]; i < start[blk + 1]; ++i) {
+          const int64_t r = order[i], b = r / g.K, k = r % g.K, c = g.class_of(b, k);
+          const bool first = i == start[blk];
+          to_acc(x + b * g.D, xa.data(), g.D);
+          row_scores<scalar_t, sigma_t, acc_t>(g, st, xa.data(), mu, sig, b, c, s.data(),
+                                               q.data());
+          acc_t m, l;
+          max_and_normaliser(s.data(), g.T, m, l);
+          const bool finite = std::isfinite(m);
+          acc_t* gxr = need_x ? gx_part.data() + r * g.D : nullptr;
+          if (gxr) std::fill(gxr, gxr + g.D, acc_t(0));
+          const int64_t e = g.diagonal ? 0 : iso_entry(st, g, b, c);
+          for (int64_t t = 0; t < g.T; ++t) {
+            // w_t * dL/dll: the mixture weight of step t times the incoming gradient.
+            const acc_t w = finite ? std::exp(s[t] - m) / l * gr[r] : acc_t(0);
+            if (!g.diagonal && need_sigma) {
+              // ds/dsigma = |x - mu|^2 / sigma^3 - D / sigma
+              const acc_t iv = st.inv_var[e + t];
+              gsig_part[r * g.T + t] =
+                  w * (q[t] * iv - static_cast<acc_t>(g.D)) / st.sig[e + t];
+            }
+            if (!pass2) continue;
+            const scalar_t* mt = mu_blk + t * g.D;
+            acc_t* gmt = gm_acc ? gm_acc + t * g.D : nullptr;
+            if (!g.diagonal) {
+              const acc_t coef = w * st.inv_var[e + t];  // ds/dmu = (x - mu) / sigma^2
+              for (int64_t d = 0; d < g.D; ++d) {
+                const acc_t v = coef * (xa[d] - static_cast<acc_t>(mt[d]));
+                if (gxr) gxr[d] -= v;
+                if (gmt) gmt[d] = first ? v : gmt[d] + v;
+              }
+            } else {
+              const sigma_t* st_row = sig_blk + t * g.D;
+              acc_t* gst = gs_acc ? gs_acc + t * g.D : nullptr;
+              for (int64_t d = 0; d < g.D; ++d) {
+                const acc_t sd = static_cast<acc_t>(st_row[d]);
+                const acc_t z = (xa[d] - static_cast<acc_t>(mt[d])) / sd;
+                const acc_t v = w * z / sd;  // ds/dmu_d = (x_d - mu_d) / sigma_d^2
+                if (gxr) gxr[d] -= v;
+                if (gmt) gmt[d] = first ? v : gmt[d] + v;
+                // ds/dsigma_d = (x_d - mu_d)^2 / sigma_d^3 - 1 / sigma_d
+                if (gst) {
+                  const acc_t u = w * (z * z - acc_t(1)) / sd;
+                  gst[d] = first ? u : gst[d] + u;
+                }
+              }
+            }
+          }
+        }
+        if constexpr (!mu_in_place) {
+          if (need_mu)
+            for (int64_t j = 0; j < TD; ++j) gmu_p[blk * TD + j] = static_cast<scalar_t>(mu_buf[j]);
+        }
+        if constexpr (!sig_in_place) {
+          if (diag_sigma_grad)
+            for (int64_t j = 0; j < TD; ++j) gsd_p[blk * TD + j] = static_cast<sigma_t>(sig_buf[j]);
+        }
+      }
+    });
+
+    if (need_x) {  // sum over k in order
+      scalar_t* gxo = gx.data_ptr<scalar_t>();
+      at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> acc(g.D);
+        for (int64_t b = b0; b < b1; ++b) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t k = 0; k < g.K; ++k) {
+            const acc_t* p = gx_part.data() + (b * g.K + k) * g.D;
+            for (int64_t d = 0; d < g.D; ++d) acc[d] += p[d];
+          }
+          for (int64_t d = 0; d < g.D; ++d) gxo[b * g.D + d] = static_cast<scalar_t>(acc[d]);
+        }
+      });
+    }
+    if (need_sigma && !g.diagonal) {  // rows into [Bs, Cs, T], in row order
+      acc_t* gso = gsig.data_ptr<acc_t>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = r / g.K, c = g.class_of(b, r % g.K);
+        acc_t* dst = gso + iso_entry(st, g, b, c);
+        for (int64_t t = 0; t < g.T; ++t) dst[t] += gsig_part[r * g.T + t];
+      }
+    }
+  });
+  return {gx, gmu, gsig};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genrep_fast, CPU, m) {
+  m.impl("mixture_ll_diff", &mixture_ll_diff_cpu);
+  m.impl("mixture_ll_diff_backward", &mixture_ll_diff_backward_cpu);
+}
+
+}  // namespace genrep_fast
