@@ -46,6 +46,8 @@ def test_overrides_are_parsed_as_yaml():
         ("stage1.betas=[0.9]", "stage1.betas"),
         ("stage0.lr=0", "stage0.lr"),
         ("loss.label_dropout=1", "loss.label_dropout"),
+        ("diffusion.sigma_min=0", "diffusion.sigma_min"),
+        ("diffusion.sigma_min=abc", "diffusion.sigma_min"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -63,6 +63,9 @@ class DiffusionConfig:
     bank_refresh_every: int = 500  # R, training steps between bank refreshes (0: never)
     precision: str = "ieee"  # mixture-likelihood arithmetic (see posterior.PRECISIONS)
     candidate_classes: int = 0  # K > 0: posterior over the head's top-K plus the label
+    # Lower clamp of the bank's sigma (METHOD.md section 1); null: the scheduler's smallest
+    # non-zero std of the N-step chain (METHOD.md's default).
+    sigma_min: float | None = None
 
 
 @dataclasses.dataclass
@@ -297,6 +300,8 @@ def _validate(cfg: TrainConfig) -> None:
         _fail("diffusion.num_steps", f"must be <= num_train_timesteps={d.num_train_timesteps}")
     if d.burn_in >= d.num_steps:
         _fail("diffusion.burn_in", f"must be < diffusion.num_steps={d.num_steps}, got {d.burn_in}")
+    if d.sigma_min is not None and not d.sigma_min > 0:
+        _fail("diffusion.sigma_min", f"must be > 0 (or null), got {d.sigma_min}")
     if d.candidate_classes > cfg.model.num_classes:
         _fail(
             "diffusion.candidate_classes", f"must be <= model.num_classes={cfg.model.num_classes}"

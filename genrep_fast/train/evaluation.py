@@ -127,7 +127,7 @@ def evaluate(
             d.chains_per_class,
             d.bank_batch_size,
             dtype,
-            None,
+            d.sigma_min,
             net.modulation if cfg.loss.semantic else None,
             g,
             progress=progress,

@@ -271,7 +271,7 @@ class Trainer:
                 d.chains_per_class,
                 d.bank_batch_size,
                 dtype,
-                None,
+                d.sigma_min,
                 modulation,
                 g,
                 progress=False,
