@@ -25,9 +25,30 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+// The hot loops are compiled twice on x86-64 with GCC: for AVX2+FMA (x86-64-v3) and for the
+// baseline (SSE2), picked once at load time (ifunc). The baseline alone reaches the copy bandwidth
+// in the isotropic forward at fp32; the divisions of diagonal sigma, the bf16 conversions and the
+// backward need the wider vectors. Results are identical run to run on one machine (one clone);
+// across machines they may differ in the last bits (FMA contraction).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define GENREP_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GENREP_HOT
+#endif
+// No a*b+c -> fma contraction: the clones and the specialisations of one loop (gradients of x
+// only, or of x and mu) then round identically, so results do not depend on which gradients were
+// asked for nor on the machine's vector width. The loops are memory-bound: fma buys nothing.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
 
 namespace genrep_fast {
 namespace {
@@ -94,20 +115,45 @@ inline acc_t scaled_squared_distance(const acc_t* __restrict__ x, const scalar_t
   return sum_lanes(part);
 }
 
-// sum_d log sigma_d. Float sigma: the logarithm of products of 8 values taken in double (exact
-// to ~1e-15 relative; 8 floats cannot overflow a double, and only subnormal sigmas, whose 1/sigma^2
-// is inf anyway, could underflow it), so one log per 8 values instead of one per value. Double
-// sigma: one log per value (no such headroom).
+// sum_d log sigma_d. Non-double sigma: sigma = m * 2^e with m in [1, 2) split by bit
+// manipulation; the exponents are summed as integers and the mantissas multiplied in double, 32 per
+// lane and 8 lanes (a product of 256 mantissas is < 2^256, far inside double; its rounding is
+// ~1e-14 relative), so there is one log per 256 values instead of one per value (measured: the
+// per-value log took most of the diagonal forward's time). Valid for positive, normal, finite sigma
+// (validated by the public API; a subnormal sigma has 1/sigma^2 = inf anyway). Double sigma: one
+// log per value.
 template <typename sigma_t>
-double sum_log(const sigma_t* __restrict__ sig, int64_t n) {
+GENREP_HOT double sum_log(const sigma_t* __restrict__ sig, int64_t n) {
   double total = 0.0;
   int64_t d = 0;
   if constexpr (!std::is_same_v<sigma_t, double>) {
-    constexpr int kGroup = 8;
-    for (; d + kGroup <= n; d += kGroup) {
-      double prod = 1.0;
-      for (int j = 0; j < kGroup; ++j) prod *= static_cast<double>(sig[d + j]);
-      total += std::log(prod);
+    constexpr int kLog = 8, kBlock = 256;
+    for (; d + kBlock <= n; d += kBlock) {
+      double prod[kLog];
+      int32_t exps[kLog];
+      for (int j = 0; j < kLog; ++j) {
+        prod[j] = 1.0;
+        exps[j] = 0;
+      }
+      for (int i = 0; i < kBlock; i += kLog) {
+        for (int j = 0; j < kLog; ++j) {
+          const float v = static_cast<float>(sig[d + i + j]);
+          uint32_t bits;
+          std::memcpy(&bits, &v, sizeof(bits));
+          exps[j] += static_cast<int32_t>((bits >> 23) & 0xffu) - 127;
+          bits = (bits & 0x007fffffu) | 0x3f800000u;
+          float m;
+          std::memcpy(&m, &bits, sizeof(m));
+          prod[j] *= static_cast<double>(m);
+        }
+      }
+      double p = 1.0;
+      int32_t e = 0;
+      for (int j = 0; j < kLog; ++j) {
+        p *= prod[j];
+        e += exps[j];
+      }
+      total += std::log(p) + static_cast<double>(e) * 0.6931471805599453;
     }
   }
   for (; d < n; ++d) total += std::log(static_cast<double>(sig[d]));
@@ -120,8 +166,11 @@ double sum_log(const sigma_t* __restrict__ sig, int64_t n) {
 // per bank row, precomputed once (a shared bank row is used by many (b, k)).
 template <typename acc_t>
 struct SigmaTables {
-  std::vector<acc_t> inv_var, log_norm, sig;  // isotropic: [Bs*Cs*T]; diagonal: log_norm only
+  // Isotropic: [Bs*Cs*T] each. Diagonal: log_norm [C*T] for a shared bank (its rows serve many
+  // (b, k)), empty for a per-image bank (computed in the row pass).
+  std::vector<acc_t> inv_var, log_norm, sig;
   int64_t bs = 1, cs = 1;
+  double half_d_log2pi = 0.0;
 };
 
 struct Geometry {
@@ -143,7 +192,7 @@ int64_t iso_entry(const SigmaTables<acc_t>& st, const Geometry& g, int64_t b, in
 // The T scores of row (b, k) into s (and the quadratic terms into q if non-null). The forward
 // and the backward both call this, so their scores are bitwise identical.
 template <typename scalar_t, typename sigma_t, typename acc_t>
-void row_scores(const Geometry& g, const SigmaTables<acc_t>& st, const acc_t* xa,
+GENREP_HOT void row_scores(const Geometry& g, const SigmaTables<acc_t>& st, const acc_t* xa,
                 const scalar_t* mu, const sigma_t* sig_diag, int64_t b, int64_t c, acc_t* s,
                 acc_t* q) {
   const int64_t blk = g.block_of(b, c);
@@ -153,7 +202,13 @@ void row_scores(const Geometry& g, const SigmaTables<acc_t>& st, const acc_t* xa
     for (int64_t t = 0; t < g.T; ++t) {
       const acc_t qt = scaled_squared_distance(xa, mu_blk + t * g.D, sig_blk + t * g.D, g.D);
       if (q) q[t] = qt;
-      s[t] = acc_t(-0.5) * qt + st.log_norm[blk * g.T + t];
+      // Per-image bank: the log-determinant here, while the sigma row is in L1 (a separate pass
+      // would read diagonal sigma from memory twice); shared bank: from the table.
+      const acc_t log_norm =
+          st.log_norm.empty()
+              ? static_cast<acc_t>(-sum_log(sig_blk + t * g.D, g.D) - st.half_d_log2pi)
+              : st.log_norm[blk * g.T + t];
+      s[t] = acc_t(-0.5) * qt + log_norm;
     }
   } else {
     const int64_t e = iso_entry(st, g, b, c);
@@ -183,6 +238,71 @@ void max_and_normaliser(const acc_t* s, int64_t T, acc_t& m, acc_t& l) {
   for (int64_t t = 0; t < T; ++t) l += std::exp(s[t] - m);
 }
 
+// Gradient contributions of one bank row (step t), isotropic sigma: v_d = coef * (x_d - mu_d)
+// with coef = w / sigma^2 (ds/dmu = (x - mu) / sigma^2 = -ds/dx); gx -= v, gm = v or gm += v.
+template <bool kX, bool kMu, bool kAdd, typename scalar_t, typename acc_t>
+GENREP_HOT void iso_step_grad(const acc_t* __restrict__ xa, const scalar_t* __restrict__ mt,
+                              acc_t coef, int64_t n, acc_t* __restrict__ gx,
+                              acc_t* __restrict__ gm) {
+  for (int64_t d = 0; d < n; ++d) {
+    const acc_t v = coef * (xa[d] - static_cast<acc_t>(mt[d]));
+    if constexpr (kX) gx[d] -= v;
+    if constexpr (kMu) gm[d] = kAdd ? gm[d] + v : v;
+  }
+}
+
+// Diagonal sigma: z = (x - mu) / sigma, v = w z / sigma (ds/dmu), u = w (z^2 - 1) / sigma
+// (ds/dsigma = (x - mu)^2 / sigma^3 - 1 / sigma).
+template <bool kX, bool kMu, bool kSig, bool kAdd, typename scalar_t, typename sigma_t,
+          typename acc_t>
+GENREP_HOT void diag_step_grad(const acc_t* __restrict__ xa, const scalar_t* __restrict__ mt,
+                               const sigma_t* __restrict__ sg, acc_t w, int64_t n,
+                               acc_t* __restrict__ gx, acc_t* __restrict__ gm,
+                               acc_t* __restrict__ gs) {
+  for (int64_t d = 0; d < n; ++d) {
+    const acc_t sd = static_cast<acc_t>(sg[d]);
+    const acc_t z = (xa[d] - static_cast<acc_t>(mt[d])) / sd;
+    const acc_t v = w * z / sd;
+    if constexpr (kX) gx[d] -= v;
+    if constexpr (kMu) gm[d] = kAdd ? gm[d] + v : v;
+    if constexpr (kSig) {
+      const acc_t u = w * (z * z - acc_t(1)) / sd;
+      gs[d] = kAdd ? gs[d] + u : u;
+    }
+  }
+}
+
+// Runtime flags -> the template above (its loops then have no branches).
+template <typename scalar_t, typename sigma_t, typename acc_t>
+void step_grad(bool diagonal, const acc_t* xa, const scalar_t* mt, const sigma_t* sg, acc_t w,
+               acc_t coef, int64_t n, acc_t* gx, acc_t* gm, acc_t* gs, bool add) {
+  const int key = (gx ? 1 : 0) | (gm ? 2 : 0) | (gs ? 4 : 0) | (add ? 8 : 0);
+  if (!diagonal) {
+    switch (key & 11) {
+      case 1: case 9: return iso_step_grad<true, false, false>(xa, mt, coef, n, gx, gm);
+      case 2: return iso_step_grad<false, true, false>(xa, mt, coef, n, gx, gm);
+      case 10: return iso_step_grad<false, true, true>(xa, mt, coef, n, gx, gm);
+      case 3: return iso_step_grad<true, true, false>(xa, mt, coef, n, gx, gm);
+      case 11: return iso_step_grad<true, true, true>(xa, mt, coef, n, gx, gm);
+      default: return;
+    }
+  }
+#define GENREP_DIAG(X, M, S)                                                              \
+  return add ? diag_step_grad<X, M, S, true>(xa, mt, sg, w, n, gx, gm, gs)                \
+             : diag_step_grad<X, M, S, false>(xa, mt, sg, w, n, gx, gm, gs)
+  switch (key & 7) {
+    case 1: GENREP_DIAG(true, false, false);
+    case 2: GENREP_DIAG(false, true, false);
+    case 3: GENREP_DIAG(true, true, false);
+    case 4: GENREP_DIAG(false, false, true);
+    case 5: GENREP_DIAG(true, false, true);
+    case 6: GENREP_DIAG(false, true, true);
+    case 7: GENREP_DIAG(true, true, true);
+    default: return;
+  }
+#undef GENREP_DIAG
+}
+
 template <typename scalar_t, typename acc_t>
 void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
@@ -192,6 +312,8 @@ template <typename sigma_t, typename acc_t>
 SigmaTables<acc_t> make_tables(const Geometry& g, const at::Tensor& sigma) {
   SigmaTables<acc_t> st;
   const double half_d_log2pi = 0.5 * static_cast<double>(g.D) * kLog2Pi;
+  st.half_d_log2pi = half_d_log2pi;
+  if (g.diagonal && g.per_image) return st;
   if (g.diagonal) {
     const sigma_t* sig = sigma.data_ptr<sigma_t>();
     const int64_t rows = g.num_blocks() * g.T;
@@ -442,31 +564,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_ll_diff_backward_cpu(
                   w * (q[t] * iv - static_cast<acc_t>(g.D)) / st.sig[e + t];
             }
             if (!pass2) continue;
-            const scalar_t* mt = mu_blk + t * g.D;
-            acc_t* gmt = gm_acc ? gm_acc + t * g.D : nullptr;
-            if (!g.diagonal) {
-              const acc_t coef = w * st.inv_var[e + t];  // ds/dmu = (x - mu) / sigma^2
-              for (int64_t d = 0; d < g.D; ++d) {
-                const acc_t v = coef * (xa[d] - static_cast<acc_t>(mt[d]));
-                if (gxr) gxr[d] -= v;
-                if (gmt) gmt[d] = first ? v : gmt[d] + v;
-              }
-            } else {
-              const sigma_t* st_row = sig_blk + t * g.D;
-              acc_t* gst = gs_acc ? gs_acc + t * g.D : nullptr;
-              for (int64_t d = 0; d < g.D; ++d) {
-                const acc_t sd = static_cast<acc_t>(st_row[d]);
-                const acc_t z = (xa[d] - static_cast<acc_t>(mt[d])) / sd;
-                const acc_t v = w * z / sd;  // ds/dmu_d = (x_d - mu_d) / sigma_d^2
-                if (gxr) gxr[d] -= v;
-                if (gmt) gmt[d] = first ? v : gmt[d] + v;
-                // ds/dsigma_d = (x_d - mu_d)^2 / sigma_d^3 - 1 / sigma_d
-                if (gst) {
-                  const acc_t u = w * (z * z - acc_t(1)) / sd;
-                  gst[d] = first ? u : gst[d] + u;
-                }
-              }
-            }
+            const acc_t coef = g.diagonal ? acc_t(0) : w * st.inv_var[e + t];
+            step_grad<scalar_t, sigma_t, acc_t>(
+                g.diagonal, xa.data(), mu_blk + t * g.D, g.diagonal ? sig_blk + t * g.D : nullptr,
+                w, coef, g.D, gxr, gm_acc ? gm_acc + t * g.D : nullptr,
+                gs_acc ? gs_acc + t * g.D : nullptr, !first);
           }
         }
         if constexpr (!mu_in_place) {
