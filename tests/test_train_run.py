@@ -163,3 +163,19 @@ def test_dit_backbone_runs_all_stages(tmp_path):
     tr.run()
     assert tr.net.adapter.learned_variance and tr.bank.diagonal
     assert all(torch.isfinite(torch.tensor(v)) for v in tr.history[-1].values())
+
+
+@pytest.mark.parametrize("sigma_min", [0.3, None])
+def test_bank_sigma_min_from_config(tmp_path, sigma_min):
+    from genrep_fast.models.chain_bank import min_nonzero_std
+
+    value = "null" if sigma_min is None else str(sigma_min)
+    cfg = tiny_config(tmp_path, "stage0.steps=0", "stage2.steps=0", f"diffusion.sigma_min={value}")
+    tr = Trainer(cfg)
+    tr.run()
+    d = cfg.diffusion
+    want = sigma_min if sigma_min is not None else min_nonzero_std(tr.net.scheduler, d.num_steps)
+    assert tr.bank.sigma_min == pytest.approx(want, rel=1e-6)
+    assert float(tr.bank.sigma.min()) >= tr.bank.sigma_min
+    # the clamp binds at the chain's last (noise-free) steps: some sigma sits exactly on it
+    assert float(tr.bank.sigma.min()) == pytest.approx(tr.bank.sigma_min, rel=1e-6)
