@@ -480,9 +480,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_ll_diff_backward_cpu(
   const at::Tensor grad = grad_in.to(acc_type).contiguous();
   at::Tensor gx = need_x ? at::empty_like(in.x) : at::empty({0}, x_in.options());
   at::Tensor gmu = need_mu ? at::empty_like(in.mu) : at::empty({0}, x_in.options());
-  // Isotropic sigma: [Bs, Cs, T] in the accumulation type (as it came in); diagonal: its shape
-  // and dtype.
-  at::Tensor gsig = need_sigma ? at::zeros_like(in.sigma) : at::empty({0}, x_in.options());
+  // Isotropic sigma: [Bs, Cs, T] in the accumulation type (as it came in), summed into; diagonal:
+  // its shape and dtype, every block written once by its owner.
+  at::Tensor gsig = !need_sigma ? at::empty({0}, x_in.options())
+                    : g.diagonal ? at::empty_like(in.sigma)
+                                 : at::zeros_like(in.sigma);
   const bool diag_sigma_grad = need_sigma && g.diagonal;
   const bool pass2 = need_x || need_mu || diag_sigma_grad;
 
