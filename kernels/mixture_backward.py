@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from genrep_fast.kernels.mixture import row_scores
 from genrep_fast.reference import compute_dtype, is_diagonal, is_per_image
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -51,58 +52,6 @@ BANK_MAX_BLOCK_D = 32
 # Programs of the bank kernel to aim for (C x splits), and the cap on its partial buffer.
 BANK_TARGET_PROGRAMS = 512
 BANK_PARTIAL_BYTES = 512 * 2**20
-
-
-@triton.jit
-def _row_scores(
-    x_row,
-    mu_row,
-    sig_row,
-    offs_t,
-    t_mask,
-    D,
-    stride_mt,
-    stride_st,
-    stride_sd,
-    log_norm_const,
-    DIAG: tl.constexpr,
-    ACC_F64: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Scores ``s [BLOCK_T]`` of one image against one tile of steps, the quadratic term and the
-    isotropic sigma of the tile. Both passes of the row kernel call this one function so that
-    their scores agree bitwise (the weights exp(s - lse) then sum to exactly 1)."""
-    acc_t = tl.float64 if ACC_F64 else tl.float32
-    quad = tl.zeros([BLOCK_T], acc_t)
-    log_det = tl.zeros([BLOCK_T], acc_t)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        d_mask = offs_d < D
-        tile_mask = t_mask[:, None] & d_mask[None, :]
-        xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(acc_t)
-        mv = tl.load(
-            mu_row + offs_t[:, None] * stride_mt + offs_d[None, :], mask=tile_mask, other=0.0
-        ).to(acc_t)
-        diff = xv[None, :] - mv
-        if DIAG:
-            sv = tl.load(
-                sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
-                mask=tile_mask,
-                other=1.0,
-            ).to(acc_t)
-            z = diff / sv
-            quad += tl.sum(z * z, 1)
-            log_det += tl.sum(tl.log(sv), 1)
-        else:
-            quad += tl.sum(diff * diff, 1)
-    if DIAG:
-        siso = tl.full([BLOCK_T], 1.0, acc_t)  # unused
-        s = -0.5 * quad - log_det + log_norm_const
-    else:
-        siso = tl.load(sig_row + offs_t * stride_st, mask=t_mask, other=1.0).to(acc_t)
-        s = -0.5 * quad / (siso * siso) - D * tl.log(siso) + log_norm_const
-    return tl.where(t_mask, s, float("-inf")), quad, siso
 
 
 @triton.jit
@@ -227,7 +176,7 @@ def _mixture_bwd_rows_kernel(
             for t0 in range(0, T, BLOCK_T):
                 offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
                 t_mask = offs_t < T
-                s, quad, siso = _row_scores(
+                s, quad, siso = row_scores(
                     x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
                     log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
                 )  # fmt: skip
@@ -239,7 +188,7 @@ def _mixture_bwd_rows_kernel(
                 offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
                 t_mask = offs_t < T
                 # Pass 1: the scores of this tile again, then the weights.
-                s, quad, siso = _row_scores(
+                s, quad, siso = row_scores(
                     x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
                     log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
                 )  # fmt: skip

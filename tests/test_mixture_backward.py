@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from genrep_fast.kernels import mixture_backward as MB
 
 import genrep_fast as G
 from genrep_fast import reference as R
+from genrep_fast.kernels import mixture_backward as MB
 from genrep_fast.posterior import _mixture_ll_op
 
 F64 = torch.float64

@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
-from genrep_fast.kernels import mixture as M
 
 import genrep_fast as G
 from genrep_fast import reference as R
+from genrep_fast.kernels import mixture as M
 
 F64 = torch.float64
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from genrep_fast.kernels import posterior_loss as PL
 
 import genrep_fast as G
 from genrep_fast import reference as R
+from genrep_fast.kernels import posterior_loss as PL
 from genrep_fast.posterior import _class_posterior_op, _posterior_kl_op
 
 F64 = torch.float64
