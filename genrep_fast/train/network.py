@@ -189,12 +189,14 @@ def generation_loss(
     t, prev, noise, x_t = sample_noising(net, x0, cfg.diffusion.num_steps, generator)
     y_in = drop_labels(net, y, cfg.loss.label_dropout, generator)
     c = net.latent_channels
-    parts: dict[str, float] = {}
+    # Detached tensors, not floats: converting here would sync the host every step; the trainer
+    # converts only when it logs.
+    parts: dict[str, torch.Tensor] = {}
     if x_sem is None:
         out = net.adapter.predict(x_t, t, y_in)
         eps_hat = out[:, :c].float()
         loss = F.mse_loss(eps_hat, noise)
-        parts["ldm"] = float(loss.detach())
+        parts["ldm"] = loss.detach()
         if net.adapter.learned_variance:
             mu, sigma = ddpm_transition(
                 net.scheduler,
@@ -206,7 +208,7 @@ def generation_loss(
             )
             vlb = _posterior_vlb(net, x0, x_t, t, prev, mu, sigma)
             loss = loss + cfg.loss.vlb_weight * vlb
-            parts["vlb"] = float(vlb.detach())
+            parts["vlb"] = vlb.detach()
         return loss, parts
 
     feats, out = net.adapter.features(x_t, y_in, t=t, return_output=True)
@@ -223,7 +225,7 @@ def generation_loss(
     _, h = net.head(feats)
     rep = rep_align_loss(h.float(), x_sem.detach().float())
     loss = ldm + cfg.loss.vlb_weight * vlb + cfg.loss.rep_align_weight * rep
-    parts.update(ldm=float(ldm.detach()), vlb=float(vlb.detach()), rep_align=float(rep.detach()))
+    parts.update(ldm=ldm.detach(), vlb=vlb.detach(), rep_align=rep.detach())
     return loss, parts
 
 
@@ -250,7 +252,7 @@ def perception_loss(
     """
     logits, _ = net.perceive(x0)
     ce = F.cross_entropy(logits, y)
-    parts = {"ce": float(ce.detach())}
+    parts = {"ce": ce.detach()}
     loss = ce
     if cfg.loss.gen_distil and bank is not None:
         ctx = timer("posterior") if timer is not None else _null()
@@ -268,7 +270,7 @@ def perception_loss(
             )
             kl = posterior_kl_loss(logits, ll, class_index=idx)
         loss = loss + cfg.loss.gen_distil_weight * kl
-        parts["kl"] = float(kl.detach())
+        parts["kl"] = kl.detach()
     return loss, logits, parts
 
 

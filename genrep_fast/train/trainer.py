@@ -358,6 +358,7 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if self.step % cfg.runtime.log_every == 0 or self.step == st.steps:
+                parts = {k: float(v) for k, v in parts.items()}  # the only host sync of a step
                 rec = {"stage": stage, "step": self.step, "lr": lr, **parts}
                 bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()})
                 self.log(rec)
@@ -388,13 +389,14 @@ class Trainer:
     def _autocast(self):
         return self.autocast if self.autocast is not None else nullcontext()
 
-    def train_step(self, stage: int, batches: Batches, accum: int) -> dict[str, float]:
-        """One optimiser step of ``stage`` over ``accum`` micro-batches; returns loss parts."""
+    def train_step(self, stage: int, batches: Batches, accum: int) -> dict[str, torch.Tensor]:
+        """One optimiser step of ``stage`` over ``accum`` micro-batches; returns the loss parts as
+        detached 0-d tensors (no host sync)."""
         cfg, timer = self.cfg, self.timer
         n = len(self.params)
         acc_p: list[torch.Tensor | None] = [None] * n
         acc_g: list[torch.Tensor | None] = [None] * n
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
 
         def add(acc, grads):
             for i, gr in enumerate(grads):
