@@ -15,6 +15,7 @@ Exit codes: 0 done, 2 bad arguments or config, 3 bad checkpoint, 128+signal afte
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -104,6 +105,20 @@ def _dispatch(args) -> int:
     cmd = args.command
     if cmd == "bench":
         root = Path(__file__).resolve().parents[1]
+        if not (root / "bench").is_dir():
+            print(
+                f"genrep-fast bench: no bench/ folder beside the package ({root}); the suites ship "
+                "with the source tree: clone it and `pip install -e .[test] --no-build-isolation`",
+                file=sys.stderr,
+            )
+            return 2
+        if importlib.util.find_spec("pytest") is None:
+            print(
+                "genrep-fast bench: pytest is not installed; `pip install -e .[test] "
+                "--no-build-isolation` installs it with pytest-benchmark",
+                file=sys.stderr,
+            )
+            return 2
         extra = [a for a in args.pytest_args if a != "--"]
         cmd_line = (
             [
