@@ -18,7 +18,7 @@ import torch
 from genrep_fast import class_posterior, mixture_log_likelihood
 from genrep_fast.train import metrics
 from genrep_fast.train.config import TrainConfig
-from genrep_fast.train.network import GenRepNet
+from genrep_fast.train.network import GenRepNet, build_chain_bank
 
 
 @torch.no_grad()
@@ -93,7 +93,6 @@ def evaluate(
     progress: bool = False,
 ) -> dict:
     """All metrics of the module docstring; writes reliability.png and samples.png to out_dir."""
-    from genrep_fast.models import ChainBank
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,21 +116,7 @@ def evaluate(
     t0 = time.perf_counter()
     if bank is None:
         g = torch.Generator(device).manual_seed(cfg.seed + 99)
-        dtype = torch.bfloat16 if d.bank_dtype == "bfloat16" else torch.float32
-        bank = ChainBank.build(
-            net.adapter,
-            net.num_classes,
-            d.num_steps,
-            d.burn_in,
-            d.thin,
-            d.chains_per_class,
-            d.bank_batch_size,
-            dtype,
-            d.sigma_min,
-            net.modulation if cfg.loss.semantic else None,
-            g,
-            progress=progress,
-        )
+        bank = build_chain_bank(net, cfg, g, modulated=cfg.loss.semantic, progress=progress)
     timing["eval_bank"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     p_post = posterior_probabilities(bank, x, d.precision, backend)

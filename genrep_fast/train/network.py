@@ -229,6 +229,36 @@ def generation_loss(
     return loss, parts
 
 
+def build_chain_bank(
+    net: GenRepNet,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    *,
+    modulated: bool,
+    progress: bool = False,
+):
+    """The chain bank of ``net`` for every class with ``cfg.diffusion``'s settings (training's
+    refresh and evaluation share this one recipe). ``modulated``: sample with the semantic
+    modulation (x_sem := x_t)."""
+    from genrep_fast.models import ChainBank
+
+    d = cfg.diffusion
+    return ChainBank.build(
+        net.adapter,
+        net.num_classes,
+        d.num_steps,
+        d.burn_in,
+        d.thin,
+        d.chains_per_class,
+        d.bank_batch_size,
+        torch.bfloat16 if d.bank_dtype == "bfloat16" else torch.float32,
+        d.sigma_min,
+        net.modulation if modulated else None,
+        generator,
+        progress=progress,
+    )
+
+
 def candidate_classes(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     """``[B, k]``: the head's top-k classes with the label in place of the last when missing."""
     top = logits.detach().topk(k, dim=1).indices

@@ -37,7 +37,13 @@ from genrep_fast import align_gradients
 from genrep_fast.train import checkpoint as ckpt
 from genrep_fast.train.config import TrainConfig
 from genrep_fast.train.data import Batches, build_datasets
-from genrep_fast.train.network import GenRepNet, build_network, generation_loss, perception_loss
+from genrep_fast.train.network import (
+    GenRepNet,
+    build_chain_bank,
+    build_network,
+    generation_loss,
+    perception_loss,
+)
 
 STAGES = (0, 1, 2)
 TIMING_SECTIONS = (
@@ -254,27 +260,11 @@ class Trainer:
     # ------------------------------------------------------------------ bank
 
     def refresh_bank(self) -> None:
-        from genrep_fast.models import ChainBank
-
-        d = self.cfg.diffusion
         g = torch.Generator(self.device)
         g.manual_seed(self.cfg.seed * 31 + self.stage * 1_000_003 + self.step)
-        modulation = self.net.modulation if (self.stage == 2 and self.cfg.loss.semantic) else None
-        dtype = torch.bfloat16 if d.bank_dtype == "bfloat16" else torch.float32
         with self.timer("bank_refresh"):
-            self.bank = ChainBank.build(
-                self.net.adapter,
-                self.net.num_classes,
-                d.num_steps,
-                d.burn_in,
-                d.thin,
-                d.chains_per_class,
-                d.bank_batch_size,
-                dtype,
-                d.sigma_min,
-                modulation,
-                g,
-                progress=False,
+            self.bank = build_chain_bank(
+                self.net, self.cfg, g, modulated=self.stage == 2 and self.cfg.loss.semantic
             )
             if self.world > 1:  # every replica distils from rank 0's bank
                 dist.broadcast(self.bank.mu, 0)
