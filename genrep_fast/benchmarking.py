@@ -128,6 +128,15 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _command_line() -> str:
+    """The command that is running, as a person would type it (``python -m pytest ...``)."""
+    if not sys.argv:
+        return ""
+    prog = Path(sys.argv[0])
+    head = f"python -m {prog.parent.name}" if prog.name == "__main__.py" else prog.name
+    return " ".join([head, *sys.argv[1:]])
+
+
 def environment(device: str = "cpu") -> dict:
     """Device name, versions and commit: what every results file records."""
     dev = torch.device(device)
@@ -147,7 +156,7 @@ def environment(device: str = "cpu") -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "commit": _git_commit(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "command": _command_line(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
