@@ -21,14 +21,14 @@ a bf16 dot), so the launcher sets ``EMULATE`` and the kernel rounds the operands
 from __future__ import annotations
 
 import functools
-import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-LOG_2PI = math.log(2.0 * math.pi)
+from genrep_fast.reference import LOG_2PI, compute_dtype, is_diagonal
 
 PRECISION_CODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 
@@ -105,6 +105,67 @@ def row_scores(
 
 
 @triton.jit
+def class_rows(
+    mu_ptr,
+    sig_ptr,
+    idx_ptr,
+    b,
+    k,
+    stride_mb,
+    stride_mc,
+    stride_sb,
+    stride_sc,
+    stride_ib,
+    HAS_INDEX: tl.constexpr,
+):
+    """``(cls, mu_row, sig_row)`` of (image b, column k): the class (``idx[b, k]`` with
+    ``HAS_INDEX``, else k) and the pointers to its ``[T, D]`` bank block and its sigma block.
+    ``b`` and ``k`` must be int64: b * stride_mb overflows int32 once a per-image bank passes 2^31
+    values."""
+    if HAS_INDEX:
+        cls = tl.load(idx_ptr + b * stride_ib + k).to(tl.int64)
+    else:
+        cls = k
+    return cls, mu_ptr + b * stride_mb + cls * stride_mc, sig_ptr + b * stride_sb + cls * stride_sc
+
+
+@triton.jit
+def row_lse(
+    x_row,
+    mu_row,
+    sig_row,
+    T,
+    D,
+    stride_mt,
+    stride_st,
+    stride_sd,
+    log_norm_const,
+    DIAG: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``(m [1], l [1])`` with ``logsumexp_t s = m + log(l)`` over all T steps of one row: the
+    online log-sum-exp of ``row_scores`` tile by tile. The forward kernel and the backward row
+    kernel both call this, so the backward's weights use the forward's very arithmetic."""
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    m = tl.full([1], float("-inf"), acc_t)
+    l = tl.zeros([1], acc_t)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        t_mask = offs_t < T
+        s, _, _ = row_scores(
+            x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
+            log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+        )  # fmt: skip
+        # Online log-sum-exp over T (every tile has >= 1 unmasked step, so m_new is finite).
+        m_new = tl.maximum(m, tl.max(s, 0))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
+        m = m_new
+    return m, l
+
+
+@triton.jit
 def _mixture_diff_kernel(
     x_ptr,
     mu_ptr,
@@ -130,37 +191,88 @@ def _mixture_diff_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    acc_t = tl.float64 if ACC_F64 else tl.float32
-    pid = tl.program_id(0).to(tl.int64)
-    # int64 from here on: b * stride_mb overflows int32 once a per-image bank passes 2^31 values.
+    pid = tl.program_id(0).to(tl.int64)  # int64 from here on (see class_rows)
     b = pid // K
     k = pid % K
-    if HAS_INDEX:
-        cls = tl.load(idx_ptr + b * stride_ib + k).to(tl.int64)
-    else:
-        cls = k
-    mu_row = mu_ptr + b * stride_mb + cls * stride_mc
-    sig_row = sig_ptr + b * stride_sb + cls * stride_sc
-    x_row = x_ptr + b * stride_xb
-    m = tl.full([1], float("-inf"), acc_t)
-    l = tl.zeros([1], acc_t)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        t_mask = offs_t < T
-        s, _, _ = row_scores(
-            x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
-            log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
-        )  # fmt: skip
-        # Online log-sum-exp over T (every tile has >= 1 unmasked step, so m_new is finite).
-        m_new = tl.maximum(m, tl.max(s, 0))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
-        m = m_new
+    _, mu_row, sig_row = class_rows(
+        mu_ptr, sig_ptr, idx_ptr, b, k, stride_mb, stride_mc, stride_sb, stride_sc, stride_ib,
+        HAS_INDEX,
+    )  # fmt: skip
+    m, l = row_lse(
+        x_ptr + b * stride_xb, mu_row, sig_row, T, D, stride_mt, stride_st, stride_sd,
+        log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+    )  # fmt: skip
     tl.store(out_ptr + pid + tl.arange(0, 1), m + tl.log(l))
 
 
 def _expand_strides(t: torch.Tensor, ndim: int) -> list[int]:
     """Strides of ``t`` left-padded with zeros to ``ndim`` dims (a missing leading dim broadcasts)."""
     return [0] * (ndim - t.dim()) + list(t.stride())
+
+
+class DiffLayout(NamedTuple):
+    """The operands of the difference-form kernels (forward and backward), flattened to
+    ``D = prod(latent)`` and made contiguous once.
+
+    ``x: [B, D]``; ``mu: [C, T, D]`` or ``[B, C, T, D]``; ``sigma``: diagonal ``mu``'s shape,
+    isotropic as given (``[T]``, ``[C, T]`` or ``[B, C, T]``); ``index``: ``class_index [B, K]``
+    or ``x`` as a dummy pointer. ``mu_strides`` / ``sigma_strides``: 4 strides (image, class,
+    step, latent), 0 where the tensor broadcasts.
+    """
+
+    x: torch.Tensor
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    index: torch.Tensor
+    num_classes: int
+    num_steps: int
+    dim: int
+    num_candidates: int
+    diagonal: bool
+    acc_dtype: torch.dtype
+    mu_strides: list[int]
+    sigma_strides: list[int]
+
+    @property
+    def row_strides(self) -> tuple[int, ...]:
+        """``stride_xb, stride_mb, stride_mc, stride_mt, stride_sb, stride_sc, stride_st,
+        stride_sd, stride_ib``: the stride arguments of the row kernels, in their order."""
+        return (self.x.stride(0), *self.mu_strides[:3], *self.sigma_strides, self.index.stride(0))
+
+    @property
+    def log_norm_const(self) -> float:
+        """``-D/2 log(2 pi)``."""
+        return -0.5 * self.dim * LOG_2PI
+
+
+def diff_layout(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    class_index: torch.Tensor | None,
+    *,
+    per_image: bool,
+) -> DiffLayout:
+    """``DiffLayout`` of validated arguments (shapes as ``mixture_lse_diff``)."""
+    b = x.shape[0]
+    x2 = x.reshape(b, -1).contiguous()
+    d = x2.shape[1]
+    lead = 3 if per_image else 2
+    mu_l = mu.reshape(*mu.shape[:lead], d).contiguous()
+    c, t = mu_l.shape[lead - 2], mu_l.shape[lead - 1]
+    diagonal = is_diagonal(mu, sigma)
+    if diagonal:
+        sig_l = sigma.reshape(mu_l.shape).contiguous()
+        ss = _expand_strides(sig_l, 4)
+    else:
+        sig_l = sigma.contiguous()
+        ss = _expand_strides(sig_l, 3) + [0]
+    k = c if class_index is None else class_index.shape[1]
+    idx = class_index.contiguous() if class_index is not None else x2  # dummy pointer
+    return DiffLayout(
+        x2, mu_l, sig_l, idx, c, t, d, k, diagonal, compute_dtype(x.dtype),
+        _expand_strides(mu_l, 4), ss,
+    )  # fmt: skip
 
 
 def mixture_lse_diff(
@@ -176,50 +288,25 @@ def mixture_lse_diff(
     ``x: [B, *latent]``; ``mu: [C, T, *latent]`` (shared) or ``[B, C, T, *latent]``; ``sigma``
     isotropic (any of ``[T]``, ``[C, T]``, ``[B, C, T]``) or diagonal (the shape of mu).
     """
-    b = x.shape[0]
-    x2 = x.reshape(b, -1).contiguous()
-    d = x2.shape[1]
-    lead = 3 if per_image else 2
-    mu_l = mu.reshape(*mu.shape[:lead], d).contiguous()
-    c, t = mu_l.shape[lead - 2], mu_l.shape[lead - 1]
-    diagonal = tuple(sigma.shape) == tuple(mu.shape)
-    if diagonal:
-        sig_l = sigma.reshape(mu_l.shape).contiguous()
-        ss = _expand_strides(sig_l, 4)
-    else:
-        sig_l = sigma.contiguous()
-        ss = _expand_strides(sig_l, 3) + [0]
-    ms = _expand_strides(mu_l, 4)
-    k = c if class_index is None else class_index.shape[1]
-    idx = class_index.contiguous() if class_index is not None else x2  # dummy pointer
-    acc_f64 = x.dtype == torch.float64
-    out = torch.empty(b, k, dtype=torch.float64 if acc_f64 else torch.float32, device=x.device)
-    block_t = min(DIFF_MAX_BLOCK_T, triton.next_power_of_2(t))
-    block_d = min(DIFF_MAX_BLOCK_D, triton.next_power_of_2(d))
+    lay = diff_layout(x, mu, sigma, class_index, per_image=per_image)
+    b, k = x.shape[0], lay.num_candidates
+    out = torch.empty(b, k, dtype=lay.acc_dtype, device=x.device)
     _mixture_diff_kernel[(b * k,)](
-        x2,
-        mu_l,
-        sig_l,
-        idx,
+        lay.x,
+        lay.mu,
+        lay.sigma,
+        lay.index,
         out,
         k,
-        t,
-        d,
-        x2.stride(0),
-        ms[0],
-        ms[1],
-        ms[2],
-        ss[0],
-        ss[1],
-        ss[2],
-        ss[3],
-        idx.stride(0),
-        -0.5 * d * LOG_2PI,
+        lay.num_steps,
+        lay.dim,
+        *lay.row_strides,
+        lay.log_norm_const,
         HAS_INDEX=class_index is not None,
-        DIAG=diagonal,
-        ACC_F64=acc_f64,
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
+        DIAG=lay.diagonal,
+        ACC_F64=lay.acc_dtype == torch.float64,
+        BLOCK_T=min(DIFF_MAX_BLOCK_T, triton.next_power_of_2(lay.num_steps)),
+        BLOCK_D=min(DIFF_MAX_BLOCK_D, triton.next_power_of_2(lay.dim)),
     )
     return out
 

@@ -26,16 +26,12 @@ Accumulation is fp32 (fp64 for fp64 inputs); gradients come back in the input dt
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from genrep_fast.kernels.mixture import row_scores
-from genrep_fast.reference import compute_dtype, is_diagonal, is_per_image
-
-LOG_2PI = math.log(2.0 * math.pi)
+from genrep_fast.kernels.mixture import class_rows, diff_layout, row_lse, row_scores
+from genrep_fast.reference import is_per_image
 
 # Row kernel tile: as the forward difference kernel (32 x 128 fp32 = 16 KiB of mu per tile).
 ROWS_MAX_BLOCK_T = 32
@@ -62,8 +58,6 @@ def _bank_scores(
     sig_row,
     offs_t,
     t_mask,
-    log_det,
-    siso,
     D,
     stride_mt,
     stride_st,
@@ -76,8 +70,12 @@ def _bank_scores(
     BLOCK_D: tl.constexpr,
 ):
     """Scores ``[BLOCK_B, BLOCK_T]`` of a block of images against one tile of steps (3-D
-    difference tile) and the quadratic term; both passes of the bank kernel call this."""
+    difference tile), the quadratic term and the isotropic sigma of the tile; both passes of the
+    bank kernel call this, so their scores agree bitwise."""
     acc_t = tl.float64 if ACC_F64 else tl.float32
+    log_det, siso = _bank_sigma_terms(
+        sig_row, offs_t, t_mask, D, stride_st, stride_sd, DIAG, ACC_F64, BLOCK_T, BLOCK_D
+    )
     quad = tl.zeros([BLOCK_B, BLOCK_T], acc_t)
     for d0 in range(0, D, BLOCK_D):
         offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
@@ -104,7 +102,7 @@ def _bank_scores(
         s = -0.5 * quad - log_det[None, :] + log_norm_const
     else:
         s = -0.5 * quad / (siso * siso)[None, :] - log_det[None, :] + log_norm_const
-    return tl.where(e_mask[:, None] & t_mask[None, :], s, float("-inf")), quad
+    return tl.where(e_mask[:, None] & t_mask[None, :], s, float("-inf")), quad, siso
 
 
 @triton.jit
@@ -160,29 +158,19 @@ def _mixture_bwd_rows_kernel(
         # A zero gradient (or a duplicate candidate folded into its first occurrence) adds
         # nothing: skip the whole class. Its gmu rows stay at the buffer's zeros.
         if g != 0:
-            if HAS_INDEX:
-                cls = tl.load(idx_ptr + b * stride_ib + k).to(tl.int64)
-            else:
-                cls = k
-            mu_row = mu_ptr + b * stride_mb + cls * stride_mc
-            sig_row = sig_ptr + b * stride_sb + cls * stride_sc
+            cls, mu_row, sig_row = class_rows(
+                mu_ptr, sig_ptr, idx_ptr, b, k, stride_mb, stride_mc, stride_sb, stride_sc,
+                stride_ib, HAS_INDEX,
+            )  # fmt: skip
             gmu_row = gmu_ptr + b * stride_gmb + cls * stride_gmc
             gsig_row = gsig_ptr + b * stride_gsb + cls * stride_gsc
             # Pass A: the LSE over T, recomputed with the very arithmetic of pass 1 below and
             # kept as (max, log sum): the fp32 LSE saved by the forward rounds to ulp(|lse|)
             # (0.06 nats at -6e5), which would scale every weight by up to e^0.03.
-            m = tl.full([1], float("-inf"), acc_t)
-            l = tl.zeros([1], acc_t)
-            for t0 in range(0, T, BLOCK_T):
-                offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-                t_mask = offs_t < T
-                s, quad, siso = row_scores(
-                    x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
-                    log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
-                )  # fmt: skip
-                m_new = tl.maximum(m, tl.max(s, 0))
-                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
-                m = m_new
+            m, l = row_lse(
+                x_row, mu_row, sig_row, T, D, stride_mt, stride_st, stride_sd, log_norm_const,
+                DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+            )  # fmt: skip
             log_l = tl.log(l)
             for t0 in range(0, T, BLOCK_T):
                 offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -294,12 +282,9 @@ def _mixture_bwd_bank_kernel(
         for t0 in range(0, T, BLOCK_T):
             offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
             t_mask = offs_t < T
-            log_det, siso = _bank_sigma_terms(
-                sig_row, offs_t, t_mask, D, stride_st, stride_sd, DIAG, ACC_F64, BLOCK_T, BLOCK_D
-            )
-            s, quad = _bank_scores(
-                x_rows, e_mask, mu_row, sig_row, offs_t, t_mask, log_det, siso, D, stride_mt,
-                stride_st, stride_sd, log_norm_const, DIAG, ACC_F64, BLOCK_B, BLOCK_T, BLOCK_D,
+            s, quad, siso = _bank_scores(
+                x_rows, e_mask, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st,
+                stride_sd, log_norm_const, DIAG, ACC_F64, BLOCK_B, BLOCK_T, BLOCK_D,
             )  # fmt: skip
             m_new = tl.maximum(m, tl.max(s, 1))
             # Masked images have m = -inf throughout: keep them at 0 instead of NaN.
@@ -311,12 +296,9 @@ def _mixture_bwd_bank_kernel(
         for t0 in range(0, T, BLOCK_T):
             offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
             t_mask = offs_t < T
-            log_det, siso = _bank_sigma_terms(
-                sig_row, offs_t, t_mask, D, stride_st, stride_sd, DIAG, ACC_F64, BLOCK_T, BLOCK_D
-            )
-            s, quad = _bank_scores(
-                x_rows, e_mask, mu_row, sig_row, offs_t, t_mask, log_det, siso, D, stride_mt,
-                stride_st, stride_sd, log_norm_const, DIAG, ACC_F64, BLOCK_B, BLOCK_T, BLOCK_D,
+            s, quad, siso = _bank_scores(
+                x_rows, e_mask, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st,
+                stride_sd, log_norm_const, DIAG, ACC_F64, BLOCK_B, BLOCK_T, BLOCK_D,
             )  # fmt: skip
             valid = e_mask[:, None] & t_mask[None, :]
             w = tl.where(valid, tl.exp((s - m[:, None]) - log_l[:, None]) * g[:, None], 0.0)
@@ -402,11 +384,6 @@ def _bank_sigma_terms(
     return log_det, siso
 
 
-def _expand_strides(t: torch.Tensor, ndim: int) -> list[int]:
-    """Strides of ``t`` left-padded with zeros to ``ndim`` dims (a missing leading dim broadcasts)."""
-    return [0] * (ndim - t.dim()) + list(t.stride())
-
-
 def _fold_duplicate_candidates(grad: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
     """``[B, K]`` gradient with repeated classes of a row summed into their first occurrence and
     the repeats set to 0 (they share the same scores and LSE, so one program does their work)."""
@@ -461,37 +438,22 @@ def mixture_lse_backward(
     """
     need_x, need_mu, need_sig = needs
     b = x.shape[0]
-    x2 = x.reshape(b, -1).contiguous()
-    d = x2.shape[1]
     per_image = is_per_image(x, mu)
-    diagonal = is_diagonal(mu, sigma)
-    lead = 3 if per_image else 2
-    mu_l = mu.reshape(*mu.shape[:lead], d).contiguous()
-    c, t = mu_l.shape[lead - 2], mu_l.shape[lead - 1]
-    if diagonal:
-        sig_l = sigma.reshape(mu_l.shape).contiguous()
-        ss = _expand_strides(sig_l, 4)
-    else:
-        sig_l = sigma.contiguous()
-        ss = _expand_strides(sig_l, 3) + [0]
-    ms = _expand_strides(mu_l, 4)
-    acc_dtype = compute_dtype(x.dtype)
+    lay = diff_layout(x, mu, sigma, class_index, per_image=per_image)
+    x2, mu_l, sig_l = lay.x, lay.mu, lay.sigma
+    c, t, d, k = lay.num_classes, lay.num_steps, lay.dim, lay.num_candidates
+    diagonal, acc_dtype = lay.diagonal, lay.acc_dtype
     acc_f64 = acc_dtype == torch.float64
     dev = x.device
     g = grad.to(acc_dtype).contiguous()
-    k = g.shape[1]
-    const = -0.5 * d * LOG_2PI
     gx = gmu = gsig = None
 
     write_mu = per_image and need_mu
     write_sig = per_image and need_sig
     if need_x or write_mu or write_sig:
         g_rows = g
-        idx = x2  # dummy pointer when there is no class_index
-        if class_index is not None:
-            idx = class_index.contiguous()
-            if per_image and (write_mu or write_sig):
-                g_rows = _fold_duplicate_candidates(g, class_index)
+        if class_index is not None and per_image and (write_mu or write_sig):
+            g_rows = _fold_duplicate_candidates(g, class_index)
         groups = max(1, min(k, ROWS_MAX_GROUPS, triton.cdiv(ROWS_TARGET_PROGRAMS, b)))
         per_group = triton.cdiv(k, groups)
         groups = triton.cdiv(k, per_group)
@@ -506,7 +468,7 @@ def mixture_lse_backward(
             x2,
             mu_l,
             sig_l,
-            idx,
+            lay.index,
             g_rows,
             part,
             gmu_buf,
@@ -516,20 +478,12 @@ def mixture_lse_backward(
             d,
             groups,
             per_group,
-            x2.stride(0),
-            ms[0],
-            ms[1],
-            ms[2],
-            ss[0],
-            ss[1],
-            ss[2],
-            ss[3],
-            idx.stride(0),
+            *lay.row_strides,
             gms[0],
             gms[1],
             gss[0],
             gss[1],
-            const,
+            lay.log_norm_const,
             HAS_INDEX=class_index is not None,
             DIAG=diagonal,
             ACC_F64=acc_f64,
@@ -575,12 +529,9 @@ def mixture_lse_backward(
             t,
             d,
             x2.stride(0),
-            ms[1],
-            ms[2],
-            ss[1],
-            ss[2],
-            ss[3],
-            const,
+            *lay.mu_strides[1:3],
+            *lay.sigma_strides[1:],
+            lay.log_norm_const,
             DIAG=diagonal,
             ACC_F64=acc_f64,
             NEED_MU=need_mu,

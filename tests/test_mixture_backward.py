@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _mixture_cases import make_bank
 
 import genrep_fast as G
 from genrep_fast import reference as R
@@ -23,16 +24,6 @@ from genrep_fast.posterior import _mixture_ll_op
 
 F64 = torch.float64
 NAMES = ("x", "mu", "sigma")
-
-
-def make_bank(b, c, t, latent, *, per_image=False, sigma_kind="c_t", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, *latent, generator=g)
-    lead = (b, c, t) if per_image else (c, t)
-    mu = torch.randn(*lead, *latent, generator=g)
-    shapes = {"t": (t,), "c_t": (c, t), "b_c_t": (b, c, t), "diag": tuple(mu.shape)}
-    sigma = 0.5 + torch.rand(shapes[sigma_kind], generator=g)
-    return x, mu, sigma
 
 
 def reference_grads(x, mu, sigma, ci, grad):

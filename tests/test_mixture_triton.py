@@ -10,22 +10,13 @@ import math
 
 import pytest
 import torch
+from _mixture_cases import make_bank
 
 import genrep_fast as G
 from genrep_fast import reference as R
 from genrep_fast.kernels import mixture as M
 
 F64 = torch.float64
-
-
-def make_bank(b, c, t, latent, *, per_image=False, sigma_kind="c_t", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, *latent, generator=g)
-    lead = (b, c, t) if per_image else (c, t)
-    mu = torch.randn(*lead, *latent, generator=g)
-    shapes = {"t": (t,), "c_t": (c, t), "b_c_t": (b, c, t), "diag": tuple(mu.shape)}
-    sigma = 0.5 + torch.rand(shapes[sigma_kind], generator=g)
-    return x, mu, sigma
 
 
 def lse_f64(x, mu, sigma, ci=None):
