@@ -70,6 +70,10 @@ struct AccType<double> {
   using type = double;
 };
 
+// (An alias of a member type: a non-deduced context, so nullptr passes for an acc_t* argument.)
+template <typename T>
+using AccOf = typename AccType<T>::type;
+
 template <typename acc_t>
 inline acc_t sum_lanes(acc_t* part) {
   for (int w = kLanes / 2; w >= 1; w /= 2)
@@ -173,6 +177,23 @@ struct SigmaTables {
   double half_d_log2pi = 0.0;
 };
 
+// The inputs as typed pointers and the sigma tables, for one (mu dtype, sigma dtype) pair.
+template <typename scalar_type, typename sigma_type>
+struct TypedInputs {
+  using scalar_t = scalar_type;
+  using sigma_t = sigma_type;
+  using acc_t = AccOf<scalar_t>;
+  SigmaTables<acc_t> st;
+  const scalar_t* x;
+  const scalar_t* mu;
+  const sigma_t* sig;  // diagonal sigma; null when isotropic (its values live in st)
+};
+
+// Accumulation (and output) dtype of the mixture: double for double x, float otherwise.
+at::ScalarType acc_scalar_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 struct Geometry {
   int64_t B, C, T, D, K;
   bool per_image, diagonal, has_index;
@@ -191,14 +212,16 @@ int64_t iso_entry(const SigmaTables<acc_t>& st, const Geometry& g, int64_t b, in
 
 // The T scores of row (b, k) into s (and the quadratic terms into q if non-null). The forward
 // and the backward both call this, so their scores are bitwise identical.
-template <typename scalar_t, typename sigma_t, typename acc_t>
-GENREP_HOT void row_scores(const Geometry& g, const SigmaTables<acc_t>& st, const acc_t* xa,
-                const scalar_t* mu, const sigma_t* sig_diag, int64_t b, int64_t c, acc_t* s,
-                acc_t* q) {
+template <typename scalar_t, typename sigma_t>
+GENREP_HOT void row_scores(const Geometry& g, const TypedInputs<scalar_t, sigma_t>& in,
+                           const AccOf<scalar_t>* xa, int64_t b, int64_t c, AccOf<scalar_t>* s,
+                           AccOf<scalar_t>* q) {
+  using acc_t = AccOf<scalar_t>;
+  const SigmaTables<acc_t>& st = in.st;
   const int64_t blk = g.block_of(b, c);
-  const scalar_t* mu_blk = mu + blk * g.T * g.D;
+  const scalar_t* mu_blk = in.mu + blk * g.T * g.D;
   if (g.diagonal) {
-    const sigma_t* sig_blk = sig_diag + blk * g.T * g.D;
+    const sigma_t* sig_blk = in.sig + blk * g.T * g.D;
     for (int64_t t = 0; t < g.T; ++t) {
       const acc_t qt = scaled_squared_distance(xa, mu_blk + t * g.D, sig_blk + t * g.D, g.D);
       if (q) q[t] = qt;
@@ -359,7 +382,7 @@ Geometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor& mu,
   TORCH_CHECK(g.T >= 1 && g.C >= 1, op, ": need C >= 1 and T >= 1, got mu ", mu.sizes());
   g.diagonal = sigma.dim() == mu.dim() && sigma.sizes() == mu.sizes();
   if (!g.diagonal) {
-    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::ScalarType acc = acc_scalar_type(x);
     TORCH_CHECK(sigma.dim() == 3 && sigma.size(2) == g.T &&
                     (sigma.size(0) == 1 || (g.per_image && sigma.size(0) == g.B)) &&
                     (sigma.size(1) == 1 || sigma.size(1) == g.C),
@@ -368,7 +391,7 @@ Geometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor& mu,
     TORCH_CHECK(sigma.scalar_type() == acc, op, ": isotropic sigma must be ", acc, ", got ",
                 sigma.scalar_type());
   } else {
-    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::ScalarType acc = acc_scalar_type(x);
     TORCH_CHECK(sigma.scalar_type() == x.scalar_type() || sigma.scalar_type() == acc, op,
                 ": diagonal sigma must have the dtype of mu or ", acc, ", got ",
                 sigma.scalar_type());
@@ -387,33 +410,14 @@ Geometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor& mu,
   return g;
 }
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// Calls f(Tag<scalar_t>, Tag<sigma_t>) for the dtype of mu and of (diagonal) sigma (a generic
-// lambda: C++17, no template lambdas).
-template <typename F>
-void dispatch_types(const at::Tensor& mu, const at::Tensor& sigma, bool diagonal, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "mixture_ll_diff",
-                                  [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    if (!diagonal || sigma.scalar_type() == mu.scalar_type()) {
-      f(Tag<scalar_t>{}, Tag<scalar_t>{});
-    } else {
-      f(Tag<scalar_t>{}, Tag<acc_t>{});
-    }
-  });
-}
-
 // Copies of the inputs as contiguous tensors (no copy when already contiguous) and the indices.
 struct Inputs {
   at::Tensor x, mu, sigma, cls;
 };
 
+// Also points g.cls at the validated indices.
 Inputs contiguous_inputs(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& sigma,
-                         const std::optional<at::Tensor>& class_index, const Geometry& g) {
+                         const std::optional<at::Tensor>& class_index, Geometry& g) {
   Inputs in{x.contiguous(), mu.contiguous(), sigma.contiguous(), at::Tensor()};
   if (g.has_index) {
     in.cls = class_index->contiguous();
@@ -421,8 +425,31 @@ Inputs contiguous_inputs(const at::Tensor& x, const at::Tensor& mu, const at::Te
     for (int64_t i = 0; i < in.cls.numel(); ++i)
       TORCH_CHECK(p[i] >= 0 && p[i] < g.C, "mixture_ll_diff: class_index value ", p[i],
                   " outside [0, ", g.C, ")");
+    g.cls = p;
   }
   return in;
+}
+
+template <typename scalar_t, typename sigma_t>
+TypedInputs<scalar_t, sigma_t> typed_inputs(const Geometry& g, const Inputs& in) {
+  using acc_t = typename AccType<scalar_t>::type;
+  return {make_tables<sigma_t, acc_t>(g, in.sigma), in.x.data_ptr<scalar_t>(),
+          in.mu.data_ptr<scalar_t>(), g.diagonal ? in.sigma.data_ptr<sigma_t>() : nullptr};
+}
+
+// Calls f(TypedInputs<scalar_t, sigma_t>) for the dtype of mu and of (diagonal) sigma (a generic
+// lambda: C++17, no template lambdas).
+template <typename F>
+void dispatch_types(const Geometry& g, const Inputs& in, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.mu.scalar_type(),
+                                  "mixture_ll_diff", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    if (!g.diagonal || in.sigma.scalar_type() == in.mu.scalar_type()) {
+      f(typed_inputs<scalar_t, scalar_t>(g, in));
+    } else {
+      f(typed_inputs<scalar_t, acc_t>(g, in));
+    }
+  });
 }
 
 at::Tensor mixture_ll_diff_cpu(const at::Tensor& x_in, const at::Tensor& mu_in,
@@ -430,18 +457,11 @@ at::Tensor mixture_ll_diff_cpu(const at::Tensor& x_in, const at::Tensor& mu_in,
                                const std::optional<at::Tensor>& class_index) {
   Geometry g = check_inputs("mixture_ll_diff", x_in, mu_in, sigma_in, class_index);
   Inputs in = contiguous_inputs(x_in, mu_in, sigma_in, class_index, g);
-  if (g.has_index) g.cls = in.cls.data_ptr<int64_t>();
-  const at::ScalarType acc_type = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc_type = acc_scalar_type(x_in);
   at::Tensor out = at::empty({g.B, g.K}, x_in.options().dtype(acc_type));
   if (out.numel() == 0) return out;
-  dispatch_types(in.mu, in.sigma, g.diagonal, [&](auto scalar_tag, auto sigma_tag) {
-    using scalar_t = typename decltype(scalar_tag)::type;
-    using sigma_t = typename decltype(sigma_tag)::type;
-    using acc_t = typename AccType<scalar_t>::type;
-    const SigmaTables<acc_t> st = make_tables<sigma_t, acc_t>(g, in.sigma);
-    const scalar_t* x = in.x.data_ptr<scalar_t>();
-    const scalar_t* mu = in.mu.data_ptr<scalar_t>();
-    const sigma_t* sig = g.diagonal ? in.sigma.data_ptr<sigma_t>() : nullptr;
+  dispatch_types(g, in, [&](const auto& typed) {
+    using acc_t = typename std::decay_t<decltype(typed)>::acc_t;
     acc_t* o = out.data_ptr<acc_t>();
     const acc_t log_t = static_cast<acc_t>(std::log(static_cast<double>(g.T)));
     const int64_t rows = g.B * g.K;
@@ -452,11 +472,10 @@ at::Tensor mixture_ll_diff_cpu(const at::Tensor& x_in, const at::Tensor& mu_in,
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / g.K, k = r % g.K;
         if (b != x_row) {  // consecutive rows of one image share x
-          to_acc(x + b * g.D, xa.data(), g.D);
+          to_acc(typed.x + b * g.D, xa.data(), g.D);
           x_row = b;
         }
-        row_scores<scalar_t, sigma_t, acc_t>(g, st, xa.data(), mu, sig, b, g.class_of(b, k),
-                                             s.data(), nullptr);
+        row_scores(g, typed, xa.data(), b, g.class_of(b, k), s.data(), nullptr);
         acc_t m, l;
         max_and_normaliser(s.data(), g.T, m, l);
         o[r] = (std::isnan(m) || std::isinf(m)) ? m : m + std::log(l) - log_t;
@@ -472,8 +491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_ll_diff_backward_cpu(
     bool need_mu, bool need_sigma) {
   Geometry g = check_inputs("mixture_ll_diff_backward", x_in, mu_in, sigma_in, class_index);
   Inputs in = contiguous_inputs(x_in, mu_in, sigma_in, class_index, g);
-  if (g.has_index) g.cls = in.cls.data_ptr<int64_t>();
-  const at::ScalarType acc_type = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc_type = acc_scalar_type(x_in);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == g.B && grad_in.size(1) == g.K,
               "mixture_ll_diff_backward: grad must be [B, K] = [", g.B, ", ", g.K, "], got ",
               grad_in.sizes());
@@ -488,14 +506,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_ll_diff_backward_cpu(
   const bool diag_sigma_grad = need_sigma && g.diagonal;
   const bool pass2 = need_x || need_mu || diag_sigma_grad;
 
-  dispatch_types(in.mu, in.sigma, g.diagonal, [&](auto scalar_tag, auto sigma_tag) {
-    using scalar_t = typename decltype(scalar_tag)::type;
-    using sigma_t = typename decltype(sigma_tag)::type;
-    using acc_t = typename AccType<scalar_t>::type;
-    const SigmaTables<acc_t> st = make_tables<sigma_t, acc_t>(g, in.sigma);
-    const scalar_t* x = in.x.data_ptr<scalar_t>();
-    const scalar_t* mu = in.mu.data_ptr<scalar_t>();
-    const sigma_t* sig = g.diagonal ? in.sigma.data_ptr<sigma_t>() : nullptr;
+  dispatch_types(g, in, [&](const auto& typed) {
+    using Typed = std::decay_t<decltype(typed)>;
+    using scalar_t = typename Typed::scalar_t;
+    using sigma_t = typename Typed::sigma_t;
+    using acc_t = typename Typed::acc_t;
+    const SigmaTables<acc_t>& st = typed.st;
     const acc_t* gr = grad.data_ptr<acc_t>();
     const int64_t rows = g.B * g.K, TD = g.T * g.D;
 
@@ -542,14 +558,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_ll_diff_backward_cpu(
           if (gm_acc) std::fill(gm_acc, gm_acc + TD, acc_t(0));
           if (gs_acc) std::fill(gs_acc, gs_acc + TD, acc_t(0));
         }
-        const scalar_t* mu_blk = mu + blk * TD;
-        const sigma_t* sig_blk = g.diagonal ? sig + blk * TD : nullptr;
+        const scalar_t* mu_blk = typed.mu + blk * TD;
+        const sigma_t* sig_blk = g.diagonal ? typed.sig + blk * TD : nullptr;
         for (int64_t i = start[blk]; i < start[blk + 1]; ++i) {
           const int64_t r = order[i], b = r / g.K, k = r % g.K, c = g.class_of(b, k);
           const bool first = i == start[blk];
-          to_acc(x + b * g.D, xa.data(), g.D);
-          row_scores<scalar_t, sigma_t, acc_t>(g, st, xa.data(), mu, sig, b, c, s.data(),
-                                               q.data());
+          to_acc(typed.x + b * g.D, xa.data(), g.D);
+          row_scores(g, typed, xa.data(), b, c, s.data(), q.data());
           acc_t m, l;
           max_and_normaliser(s.data(), g.T, m, l);
           const bool finite = std::isfinite(m);

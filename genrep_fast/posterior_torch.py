@@ -214,6 +214,23 @@ def _gather_classes(t4: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor | No
     return t4[rows, cls[:, c0:c1]]
 
 
+def _per_image_chunks(x2, mu4, sig4, cls, dt, chunk_bytes, temps):
+    """The classes (or candidate columns of ``cls: [B, K]``) of a per-image bank in chunks: yields
+    ``(c0, c1, mu_c [B, n, T, D], sig_c [B, n, T(, D)])`` in ``dt``. ``temps`` is the number of
+    ``[B, n, T, D]`` temporaries in ``dt`` the caller holds per chunk (it sizes the chunk)."""
+    b, d = x2.shape
+    t = mu4.shape[2]
+    k = mu4.shape[1] if cls is None else cls.shape[1]
+    rows = torch.arange(b, device=x2.device)[:, None]
+    es = torch.finfo(dt).bits // 8
+    cc = _classes_per_chunk(es * b * t * d * temps, k, chunk_bytes)
+    for c0 in range(0, k, cc):
+        c1 = min(k, c0 + cc)
+        mu_c = _gather_classes(mu4, rows, cls, c0, c1).to(dt)
+        sig_c = _gather_classes(sig4, rows, cls, c0, c1).to(dt)
+        yield c0, c1, mu_c, sig_c
+
+
 def _per_image_chunk_scores(xc, mu_c, sig_c, diagonal):
     """``xc: [B, D]``, ``mu_c: [B, n, T, D]``, ``sig_c: [B, n, T(, D)]`` -> scores, diff, quad."""
     d = xc.shape[-1]
@@ -230,18 +247,13 @@ def _per_image_chunk_scores(xc, mu_c, sig_c, diagonal):
 
 def _per_image_forward(x2, mu4, sig4, cls, dt, chunk_bytes):
     b, d = x2.shape
-    c, t = mu4.shape[1], mu4.shape[2]
+    t = mu4.shape[2]
     diagonal = sig4.dim() == 4
-    k = c if cls is None else cls.shape[1]
-    rows = torch.arange(b, device=x2.device)[:, None]
-    es = torch.finfo(dt).bits // 8
-    cc = _classes_per_chunk(es * b * t * d * (4 if diagonal else 2), k, chunk_bytes)
+    k = mu4.shape[1] if cls is None else cls.shape[1]
     xc = x2.to(dt)
     out = torch.empty(b, k, dtype=dt, device=x2.device)
-    for c0 in range(0, k, cc):
-        c1 = min(k, c0 + cc)
-        mu_c = _gather_classes(mu4, rows, cls, c0, c1).to(dt)
-        sig_c = _gather_classes(sig4, rows, cls, c0, c1).to(dt)
+    temps = 4 if diagonal else 2
+    for c0, c1, mu_c, sig_c in _per_image_chunks(x2, mu4, sig4, cls, dt, chunk_bytes, temps):
         if diagonal:
             s, _, _ = _per_image_chunk_scores(xc, mu_c, sig_c, diagonal)
         else:
@@ -262,21 +274,15 @@ def _per_image_forward(x2, mu4, sig4, cls, dt, chunk_bytes):
 
 def _per_image_backward(grad, x2, mu4, sig4, cls, dt, chunk_bytes, needs):
     b, d = x2.shape
-    c, t = mu4.shape[1], mu4.shape[2]
     diagonal = sig4.dim() == 4
-    k = c if cls is None else cls.shape[1]
     rows = torch.arange(b, device=x2.device)[:, None]
-    es = torch.finfo(dt).bits // 8
-    cc = _classes_per_chunk(es * b * t * d * (6 if diagonal else 4), k, chunk_bytes)
     xc = x2.to(dt)
     g = grad.to(dt)
     gx = torch.zeros_like(xc) if needs[0] else None
     gmu = torch.zeros(mu4.shape, dtype=dt, device=x2.device) if needs[1] else None
     gsig = torch.zeros(sig4.shape, dtype=dt, device=x2.device) if needs[2] else None
-    for c0 in range(0, k, cc):
-        c1 = min(k, c0 + cc)
-        mu_c = _gather_classes(mu4, rows, cls, c0, c1).to(dt)
-        sig_c = _gather_classes(sig4, rows, cls, c0, c1).to(dt)
+    temps = 6 if diagonal else 4
+    for c0, c1, mu_c, sig_c in _per_image_chunks(x2, mu4, sig4, cls, dt, chunk_bytes, temps):
         s, diff, quad = _per_image_chunk_scores(xc, mu_c, sig_c, diagonal)
         w = torch.exp(s - torch.logsumexp(s, -1, keepdim=True)) * g[:, c0:c1, None]  # [B, n, T]
         if diagonal:
