@@ -6,6 +6,7 @@ the expanded a/b form the kernels use).
 from __future__ import annotations
 
 import random
+import zlib
 
 import numpy as np
 import pytest
@@ -133,7 +134,8 @@ def assert_close_update(got, want, dtype, label="", scale=0.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference_and_numpy(dtype, mode):
-    rng = random.Random(hash((str(dtype), mode)) % 1000)
+    # crc32, not hash(): str hashes change with PYTHONHASHSEED, and the cases must not.
+    rng = random.Random(zlib.crc32(f"{dtype}-{mode}".encode()))
     torch.manual_seed(rng.randint(0, 10**6))
     for k in KS:
         ps, gs = random_case(rng, dtype, none_at=rng.choice([None, 3]))
