@@ -33,7 +33,13 @@ import weakref
 import torch
 
 from genrep_fast import _ops
-from genrep_fast.reference import LOG_2PI, compute_dtype, is_diagonal, is_per_image
+from genrep_fast.reference import (
+    LOG_2PI,
+    compute_dtype,
+    is_diagonal,
+    is_per_image,
+    sum_to_sigma_shape,
+)
 
 # Bytes of temporaries per class chunk (scores, weights, converted bank rows). At 16 MiB the
 # realistic CPU case (B=64, C=10, T=75, D=1024; 1.4 MB per class) runs in one chunk and its
@@ -387,13 +393,6 @@ def _canonical(x, mu, sigma):
     return x2, mu_c, sig_c, diagonal
 
 
-def _reduce_sigma_grad(gsig: torch.Tensor, sigma: torch.Tensor, diagonal: bool) -> torch.Tensor:
-    """Sum a gradient of the broadcast isotropic sigma view back to ``sigma``'s own shape."""
-    if not diagonal and gsig.dim() > sigma.dim():
-        gsig = gsig.sum(tuple(range(gsig.dim() - sigma.dim())))
-    return gsig.reshape(sigma.shape)
-
-
 def forward(
     x: torch.Tensor,
     mu: torch.Tensor,
@@ -474,5 +473,11 @@ def backward(
                 gsig.index_add_(0, uniq, gsig_u)
         gx = None if gx is None else gx.reshape(x.shape).to(x.dtype)
         gmu = None if gmu is None else gmu.reshape(mu.shape).to(mu.dtype)
-        gsig = None if gsig is None else _reduce_sigma_grad(gsig, sigma, diagonal).to(sigma.dtype)
+        gsig = (
+            None
+            if gsig is None
+            else (gsig.reshape(sigma.shape) if diagonal else sum_to_sigma_shape(gsig, sigma)).to(
+                sigma.dtype
+            )
+        )
     return gx, gmu, gsig

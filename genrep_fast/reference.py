@@ -64,6 +64,14 @@ def gaussian_log_density(
     return -0.5 * quad - log_det - 0.5 * d * LOG_2PI
 
 
+def sum_to_sigma_shape(grad: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Sum the gradient of a broadcast (leading-dims-expanded) isotropic ``sigma`` back to
+    ``sigma``'s own shape; a diagonal sigma's gradient already has it."""
+    if grad.dim() > sigma.dim():
+        grad = grad.sum(tuple(range(grad.dim() - sigma.dim())))
+    return grad.reshape(sigma.shape)
+
+
 def _bank_as_bctd(
     x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, class_index: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from genrep_fast.kernels.mixture import class_rows, diff_layout, row_lse, row_scores
-from genrep_fast.reference import is_per_image
+from genrep_fast.reference import is_per_image, sum_to_sigma_shape
 
 # Row kernel tile: as the forward difference kernel (32 x 128 fp32 = 16 KiB of mu per tile).
 ROWS_MAX_BLOCK_T = 32
@@ -413,13 +413,6 @@ def _bank_entries(grad, class_index, num_classes):
     return ent_ptr, ent_b, grad.reshape(-1)[order].contiguous()
 
 
-def _reduce_to(gsig: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Sum a gradient of the broadcast isotropic sigma back to ``sigma``'s own shape."""
-    if gsig.dim() > sigma.dim():
-        gsig = gsig.sum(tuple(range(gsig.dim() - sigma.dim())))
-    return gsig.reshape(sigma.shape)
-
-
 def mixture_lse_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -547,5 +540,7 @@ def mixture_lse_backward(
     gx = None if gx is None else gx.reshape(x.shape).to(x.dtype)
     gmu = None if gmu is None else gmu.reshape(mu.shape).to(mu.dtype)
     if gsig is not None:
-        gsig = (gsig.reshape(sigma.shape) if diagonal else _reduce_to(gsig, sigma)).to(sigma.dtype)
+        gsig = (gsig.reshape(sigma.shape) if diagonal else sum_to_sigma_shape(gsig, sigma)).to(
+            sigma.dtype
+        )
     return gx, gmu, gsig
