@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _alignment_nets import Block
 from torch import nn
 
 from genrep_fast import reference
 from genrep_fast.alignment import GradientAligner
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.attn = nn.Linear(d, d)
-        self.mlp = nn.Linear(d, d)
-
-    def forward(self, x):
-        return x + self.mlp(torch.tanh(self.attn(x)))
 
 
 class Net(nn.Module):

@@ -15,22 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _alignment_nets import Block
 from torch import nn
 
 from genrep_fast import distributed as gdist
 from genrep_fast.alignment import GradientAligner, align_gradients
 
 WORLD = 2
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.attn = nn.Linear(d, d)
-        self.mlp = nn.Linear(d, d)
-
-    def forward(self, x):
-        return x + self.mlp(torch.tanh(self.attn(x)))
 
 
 class Net(nn.Module):
