@@ -123,16 +123,22 @@ inline void check_align_lists(const char* op, const OptionalTensorList& p,
   }
 }
 
-// Extra checks of align_combine: the sums table and the output list.
-inline void check_combine_args(const OptionalTensorList& p, const OptionalTensorList& g,
-                               const at::Tensor& sums, at::TensorList out,
-                               c10::DeviceType device_type) {
+// The sums table of align_combine, checked before the lists: the number of groups (hence the range
+// of group_ids) is read from it.
+inline void check_sums(const at::Tensor& sums, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(sums.dim() == 2 && sums.size(1) == 3, "align_combine: sums must be [G, 3], got ",
                     sums.sizes());
   TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble, "align_combine: sums must be float64, got ",
                    sums.scalar_type());
   TORCH_CHECK_VALUE(sums.device().type() == device_type, "align_combine: sums is on ",
                     sums.device(), ", expected a ", c10::DeviceTypeName(device_type), " tensor");
+}
+
+// Extra checks of align_combine: the output list (after check_sums).
+inline void check_combine_args(const OptionalTensorList& p, const OptionalTensorList& g,
+                               const at::Tensor& sums, at::TensorList out,
+                               c10::DeviceType device_type) {
+  check_sums(sums, device_type);
   TORCH_CHECK_VALUE(out.size() == p.size(), "align_combine: out must have one tensor per pair (",
                     p.size(), "), got ", out.size());
   for (size_t i = 0; i < out.size(); ++i) {

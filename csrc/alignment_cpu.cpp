@@ -149,6 +149,7 @@ void align_combine_cpu(const OptionalTensorList& p_list, const OptionalTensorLis
                        const at::Tensor& sums, at::IntArrayRef group_ids, double k, double w_p,
                        double w_g, c10::string_view mode, at::TensorList out) {
   const int64_t num_groups = sums.dim() == 2 ? sums.size(0) : 0;
+  check_sums(sums, c10::DeviceType::CPU);
   check_align_lists("align_combine", p_list, g_list, group_ids, num_groups, c10::DeviceType::CPU);
   check_combine_args(p_list, g_list, sums, out, c10::DeviceType::CPU);
   TORCH_CHECK_VALUE(k >= 0.0, "align_combine: k must be >= 0, got ", k);

@@ -364,49 +364,56 @@ SigmaTables<acc_t> make_tables(const Geometry& g, const at::Tensor& sigma) {
   return st;
 }
 
+// Bad arguments raise ValueError (TORCH_CHECK_VALUE: shapes, ranges, devices) or TypeError
+// (TORCH_CHECK_TYPE: dtypes), as the Python API does; these guard direct calls through
+// torch.ops.genrep_fast.
 Geometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor& mu,
                       const at::Tensor& sigma, const std::optional<at::Tensor>& class_index) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [B, D], got ", x.sizes());
-  TORCH_CHECK(mu.dim() == 3 || mu.dim() == 4, op, ": mu must be [C, T, D] or [B, C, T, D], got ",
-              mu.sizes());
-  TORCH_CHECK(mu.scalar_type() == x.scalar_type(), op, ": mu dtype ", mu.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [B, D], got ", x.sizes());
+  TORCH_CHECK_VALUE(mu.dim() == 3 || mu.dim() == 4, op,
+                    ": mu must be [C, T, D] or [B, C, T, D], got ", mu.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(mu.scalar_type() == x.scalar_type(), op, ": mu dtype ", mu.scalar_type(),
+                   " differs from x dtype ", x.scalar_type());
   Geometry g{};
   g.per_image = mu.dim() == 4;
   g.B = x.size(0);
   g.D = x.size(1);
   g.C = mu.size(g.per_image ? 1 : 0);
   g.T = mu.size(g.per_image ? 2 : 1);
-  TORCH_CHECK(mu.size(-1) == g.D && (!g.per_image || mu.size(0) == g.B), op,
-              ": mu ", mu.sizes(), " does not match x ", x.sizes());
-  TORCH_CHECK(g.T >= 1 && g.C >= 1, op, ": need C >= 1 and T >= 1, got mu ", mu.sizes());
+  TORCH_CHECK_VALUE(mu.size(-1) == g.D && (!g.per_image || mu.size(0) == g.B), op,
+                    ": mu ", mu.sizes(), " does not match x ", x.sizes());
+  TORCH_CHECK_VALUE(g.T >= 1 && g.C >= 1, op, ": need C >= 1 and T >= 1, got mu ", mu.sizes());
   g.diagonal = sigma.dim() == mu.dim() && sigma.sizes() == mu.sizes();
   if (!g.diagonal) {
     const at::ScalarType acc = acc_scalar_type(x);
-    TORCH_CHECK(sigma.dim() == 3 && sigma.size(2) == g.T &&
-                    (sigma.size(0) == 1 || (g.per_image && sigma.size(0) == g.B)) &&
-                    (sigma.size(1) == 1 || sigma.size(1) == g.C),
-                op, ": isotropic sigma must be [Bs, Cs, T] with Bs in {1, B (per-image bank)}, "
-                "Cs in {1, C}; got ", sigma.sizes());
-    TORCH_CHECK(sigma.scalar_type() == acc, op, ": isotropic sigma must be ", acc, ", got ",
-                sigma.scalar_type());
+    TORCH_CHECK_VALUE(sigma.dim() == 3 && sigma.size(2) == g.T &&
+                          (sigma.size(0) == 1 || (g.per_image && sigma.size(0) == g.B)) &&
+                          (sigma.size(1) == 1 || sigma.size(1) == g.C),
+                      op, ": isotropic sigma must be [Bs, Cs, T] with Bs in {1, B (per-image bank)}, "
+                      "Cs in {1, C}; got ", sigma.sizes());
+    TORCH_CHECK_TYPE(sigma.scalar_type() == acc, op, ": isotropic sigma must be ", acc, ", got ",
+                     sigma.scalar_type());
   } else {
     const at::ScalarType acc = acc_scalar_type(x);
-    TORCH_CHECK(sigma.scalar_type() == x.scalar_type() || sigma.scalar_type() == acc, op,
-                ": diagonal sigma must have the dtype of mu or ", acc, ", got ",
-                sigma.scalar_type());
+    TORCH_CHECK_TYPE(sigma.scalar_type() == x.scalar_type() || sigma.scalar_type() == acc, op,
+                     ": diagonal sigma must have the dtype of mu or ", acc, ", got ",
+                     sigma.scalar_type());
   }
   g.has_index = class_index.has_value() && class_index->defined();
   g.K = g.C;
   g.cls = nullptr;
   if (g.has_index) {
     const at::Tensor& ci = *class_index;
-    TORCH_CHECK(ci.scalar_type() == at::kLong && ci.dim() == 2 && ci.size(0) == g.B, op,
-                ": class_index must be int64 [B, K], got ", ci.scalar_type(), " ", ci.sizes());
+    TORCH_CHECK_TYPE(ci.scalar_type() == at::kLong, op, ": class_index must be int64, got ",
+                     ci.scalar_type());
+    TORCH_CHECK_VALUE(ci.dim() == 2 && ci.size(0) == g.B, op, ": class_index must be [B, K] = [",
+                      g.B, ", K], got ", ci.sizes());
     g.K = ci.size(1);
   }
   for (const at::Tensor* t : {&x, &mu, &sigma})
-    TORCH_CHECK(t->device().is_cpu(), op, ": expects CPU tensors");
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": expects CPU tensors, got one on ", t->device());
   return g;
 }
 
@@ -423,8 +430,8 @@ Inputs contiguous_inputs(const at::Tensor& x, const at::Tensor& mu, const at::Te
     in.cls = class_index->contiguous();
     const int64_t* p = in.cls.data_ptr<int64_t>();
     for (int64_t i = 0; i < in.cls.numel(); ++i)
-      TORCH_CHECK(p[i] >= 0 && p[i] < g.C, "mixture_ll_diff: class_index value ", p[i],
-                  " outside [0, ", g.C, ")");
+      TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < g.C, "mixture_ll_diff: class_index value ", p[i],
+                        " outside [0, ", g.C, ")");
     g.cls = p;
   }
   return in;
@@ -492,9 +499,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_ll_diff_backward_cpu(
   Geometry g = check_inputs("mixture_ll_diff_backward", x_in, mu_in, sigma_in, class_index);
   Inputs in = contiguous_inputs(x_in, mu_in, sigma_in, class_index, g);
   const at::ScalarType acc_type = acc_scalar_type(x_in);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == g.B && grad_in.size(1) == g.K,
-              "mixture_ll_diff_backward: grad must be [B, K] = [", g.B, ", ", g.K, "], got ",
-              grad_in.sizes());
+  TORCH_CHECK_VALUE(grad_in.dim() == 2 && grad_in.size(0) == g.B && grad_in.size(1) == g.K,
+                    "mixture_ll_diff_backward: grad must be [B, K] = [", g.B, ", ", g.K, "], got ",
+                    grad_in.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(grad_in.scalar_type()),
+                   "mixture_ll_diff_backward: grad must be floating point, got ",
+                   grad_in.scalar_type());
+  TORCH_CHECK_VALUE(grad_in.device().is_cpu(),
+                    "mixture_ll_diff_backward: expects CPU tensors, grad is on ", grad_in.device());
   const at::Tensor grad = grad_in.to(acc_type).contiguous();
   at::Tensor gx = need_x ? at::empty_like(in.x) : at::empty({0}, x_in.options());
   at::Tensor gmu = need_mu ? at::empty_like(in.mu) : at::empty({0}, x_in.options());

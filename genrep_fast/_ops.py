@@ -75,3 +75,59 @@ if HAS_MIXTURE_CPU_OPS:
             torch.empty_like(mu) if need_mu else x.new_empty(0),
             torch.empty_like(sigma) if need_sigma else x.new_empty(0),
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments no kernel takes. Without a kernel for their dispatch key, the dispatcher answers a
+# sparse tensor (or a tensor on a device this build has no kernel for) with NotImplementedError
+# ("Could not run ... with arguments from the 'SparseCPU' backend"); these kernels raise TypeError
+# (layout) or ValueError (device) naming the argument instead, as the Python API does.
+# ------------------------------------------------------------------------------------------------
+
+_SPARSE_KEYS = ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA")
+
+
+def _tensor_arguments(op_name: str, args: tuple):
+    """``(name, tensor)`` for every tensor argument of a call, list entries as ``name[i]``."""
+    schema = getattr(torch.ops.genrep_fast, op_name).default._schema
+    for arg, value in zip(schema.arguments, args):
+        if isinstance(value, torch.Tensor):
+            yield arg.name, value
+        elif isinstance(value, (list, tuple)):
+            for j, t in enumerate(value):
+                if isinstance(t, torch.Tensor):
+                    yield f"{arg.name}[{j}]", t
+
+
+def _rejecting_kernel(op_name: str, kernel_devices: tuple[str, ...]):
+    def reject(*args):
+        for name, t in _tensor_arguments(op_name, args):
+            if t.layout != torch.strided:
+                raise TypeError(
+                    f"{op_name}: {name} must be a dense (strided) tensor, got layout {t.layout}"
+                )
+        for name, t in _tensor_arguments(op_name, args):
+            if t.device.type not in kernel_devices:
+                raise ValueError(
+                    f"{op_name}: {name} is on {t.device}; this build of genrep_fast._C runs it on "
+                    f"{' or '.join(kernel_devices)} tensors only"
+                )
+        raise ValueError(f"{op_name}: no kernel for these arguments' devices")
+
+    return reject
+
+
+if HAS_EXTENSION:
+    _REJECT_LIB = torch.library.Library("genrep_fast", "IMPL")
+    _KERNEL_DEVICES = {
+        "group_sums": ("cpu", "cuda") if HAS_CUDA_OPS else ("cpu",),
+        "align_combine": ("cpu", "cuda") if HAS_CUDA_OPS else ("cpu",),
+        "mixture_ll_diff": ("cpu",),
+        "mixture_ll_diff_backward": ("cpu",),
+    }
+    for _name, _devices in _KERNEL_DEVICES.items():
+        if not _has_cpu_kernels(_name):
+            continue  # an older build without this op
+        _keys = _SPARSE_KEYS + (() if "cuda" in _devices else ("CUDA",))
+        for _key in _keys:
+            _REJECT_LIB.impl(_name, _rejecting_kernel(_name, _devices), _key)

@@ -1,7 +1,8 @@
 """Argument checks shared by the public API.
 
-Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, range or
-device) with a message that names the argument, what it got and what was expected. Checks never
+Every check raises ``TypeError`` (wrong kind, layout or dtype: a list for a tensor, a sparse
+tensor) or ``ValueError`` (wrong shape, range or device, a meta tensor) with a message that names
+the argument, what it got and what was expected. Checks never
 modify their inputs, so bad input changes nothing.
 """
 
@@ -41,9 +42,23 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     return value
 
 
-def check_float_tensor(name: str, t: object, *, min_ndim: int = 0) -> torch.Tensor:
+def check_tensor(name: str, t: object) -> torch.Tensor:
+    """A dense tensor that holds data: not a list, not sparse, not on the meta device."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    # device.type, not is_meta: under torch.compile the tensors are fake ones on a real device.
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device (a shape without data); the ops compute values, pass "
+            f"a cpu or cuda tensor"
+        )
+    return t
+
+
+def check_float_tensor(name: str, t: object, *, min_ndim: int = 0) -> torch.Tensor:
+    check_tensor(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}"

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from genrep_fast import _ops, reference
-from genrep_fast._validation import check_choice, check_real
+from genrep_fast._validation import check_choice, check_real, check_tensor
 
 MODES = reference.ALIGN_MODES
 BACKENDS = ("auto", "ops", "reference")
@@ -66,6 +66,8 @@ def validate_gradients(
         for name, t in (("grads_p", p), ("grads_g", g)):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}[{i}] must be a tensor or None, got {type(t).__name__}")
+            if t is not None:
+                check_tensor(f"{name}[{i}]", t)
             if t is not None and not t.is_floating_point():
                 raise TypeError(f"{name}[{i}] must be floating point, got {t.dtype}")
         if p is not None and g is not None:
@@ -100,8 +102,7 @@ def validate_out(
             if src is not None:
                 raise TypeError(f"out[{i}] is None but gradient {i} is given")
             continue
-        if not isinstance(o, torch.Tensor):
-            raise TypeError(f"out[{i}] must be a tensor, got {type(o).__name__}")
+        check_tensor(f"out[{i}]", o)
         if src is None:
             continue
         if o.shape != src.shape:
@@ -446,6 +447,11 @@ class GradientAligner:
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"model_or_params[{i}] must be a tensor, got {type(p).__name__}")
+            if p.layout != torch.strided:
+                raise TypeError(
+                    f"model_or_params[{i}] must be a dense (strided) parameter, got layout "
+                    f"{p.layout}"
+                )
             if not p.requires_grad:
                 raise ValueError(f"model_or_params[{i}] does not require grad")
         if len({id(p) for p in params}) != len(params):
@@ -555,6 +561,7 @@ class GradientAligner:
             else:
                 distributed.all_reduce_gradients(grads_p, group)
                 distributed.all_reduce_gradients(grads_g, group)
+        validate_gradients(grads_p, grads_g)  # before _writable_outputs reads their storage
         out = _writable_outputs(grads_p, grads_g)
         update = align_gradients(
             grads_p,

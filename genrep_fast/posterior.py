@@ -24,6 +24,7 @@ from genrep_fast._validation import (
     check_positive_finite,
     check_same_device,
     check_same_dtype,
+    check_tensor,
 )
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
@@ -43,6 +44,8 @@ def validate_bank(
     check_float_tensor("x", x, min_ndim=2)
     check_float_tensor("mu", mu)
     check_float_tensor("sigma", sigma, min_ndim=1)
+    if class_index is not None:
+        check_tensor("class_index", class_index)
     check_same_device(x=x, mu=mu, sigma=sigma, class_index=class_index)
     check_same_dtype(x=x, mu=mu)
     latent = tuple(x.shape[1:])
@@ -77,8 +80,6 @@ def validate_bank(
             f"(the shape of mu, {list(mu.shape)}); got sigma of shape {list(sigma.shape)}"
         )
     if class_index is not None:
-        if not isinstance(class_index, torch.Tensor):
-            raise TypeError(f"class_index must be a torch.Tensor, got {type(class_index).__name__}")
         if class_index.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"class_index must be int64 or int32, got {class_index.dtype}")
         if class_index.dim() != 2 or class_index.shape[0] != b or class_index.shape[1] < 1:
@@ -145,6 +146,7 @@ def _mixture_ll_op(
     precision: str,
     impl: str,
 ) -> torch.Tensor:
+    _check_ll_op_args(x, mu, sigma, class_index, precision, impl)
     if impl == "triton":
         from genrep_fast.kernels import mixture as mixture_kernels
 
@@ -152,6 +154,16 @@ def _mixture_ll_op(
         t = mu.shape[2] if reference.is_per_image(x, mu) else mu.shape[1]
         return (lse - math.log(t)).to(reference.compute_dtype(x.dtype))
     return posterior_torch.forward(x, mu, sigma, class_index)
+
+
+def _check_ll_op_args(x, mu, sigma, class_index, precision, impl) -> None:
+    """The public function's checks less the value checks (no host sync): the op is also
+    reachable directly, as ``torch.ops.genrep_fast.mixture_log_likelihood``."""
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("impl", impl, ("torch", "triton"))
+    validate_bank(x, mu, sigma, class_index, check_values=False)
+    if impl == "triton":
+        _check_triton_usable(x.device)
 
 
 @_mixture_ll_op.register_fake
@@ -177,6 +189,11 @@ def _mixture_ll_backward_op(
     (torch, float64 GEMM form for a shared bank), so ``[B, C, T]`` is never stored. The LSE is not
     taken from the forward's float32 output: its rounding (ulp(|ll|), 0.06 nats at -6e5) would
     scale the weights. Gradients not asked for come back as empty tensors."""
+    _check_ll_op_args(x, mu, sigma, class_index, "ieee", impl)
+    check_float_tensor("grad", grad)
+    k = _num_classes_out(x, mu, class_index)
+    if tuple(grad.shape) != (x.shape[0], k):
+        raise ValueError(f"grad must be [B, K] = [{x.shape[0]}, {k}], got {tuple(grad.shape)}")
     needs = (need_x, need_mu, need_sigma)
     if impl == "triton":
         gx, gmu, gsig = _triton_backward(grad, x, mu, sigma, class_index, needs)
@@ -352,6 +369,8 @@ def posterior_kl_loss(
     check_choice("backend", backend, BACKENDS)
     check_float_tensor("logits", logits)
     check_float_tensor("log_likelihood", log_likelihood)
+    if class_index is not None:
+        check_tensor("class_index", class_index)
     check_same_device(logits=logits, log_likelihood=log_likelihood, class_index=class_index)
     if logits.dim() != 2 or log_likelihood.dim() != 2:
         raise ValueError(
@@ -443,12 +462,30 @@ class _PosteriorKL(torch.autograd.Function):
 def _class_posterior_op(
     log_likelihood: torch.Tensor, log_prior: torch.Tensor | None
 ) -> torch.Tensor:
+    _check_posterior_op_args(log_likelihood, log_prior)
     from genrep_fast.kernels import posterior_loss
 
     p, _, _ = posterior_loss.posterior_forward(
         log_likelihood, log_prior, None, store_posterior=True
     )
     return p
+
+
+def _check_posterior_op_args(log_likelihood, log_prior, logits=None) -> None:
+    """Checks of the Triton posterior / KL ops, reachable directly through torch.ops.genrep_fast."""
+    check_float_tensor("log_likelihood", log_likelihood)
+    if log_likelihood.dim() != 2:
+        raise ValueError(f"log_likelihood must be [B, C], got shape {tuple(log_likelihood.shape)}")
+    _check_log_prior(log_prior, log_likelihood)
+    if logits is not None:
+        check_float_tensor("logits", logits)
+        check_same_device(logits=logits, log_likelihood=log_likelihood)
+        if logits.shape != log_likelihood.shape:
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and log_likelihood {tuple(log_likelihood.shape)} "
+                f"must have the same shape"
+            )
+    _check_triton_usable(log_likelihood.device)
 
 
 @_class_posterior_op.register_fake
@@ -488,6 +525,7 @@ def _posterior_kl_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image ``KL(p || softmax(logits))`` ``[B]`` and the row statistics ``[B, 4]`` that the
     backward recomputes p and q from (see ``genrep_fast.kernels.posterior_loss``)."""
+    _check_posterior_op_args(log_likelihood, log_prior, logits)
     from genrep_fast.kernels import posterior_loss
 
     _, kl, stats = posterior_loss.posterior_forward(
@@ -511,6 +549,15 @@ def _posterior_kl_backward_op(
     log_prior: torch.Tensor | None,
     stats: torch.Tensor,
 ) -> torch.Tensor:
+    _check_posterior_op_args(log_likelihood, log_prior, logits)
+    b = log_likelihood.shape[0]
+    check_float_tensor("grad", grad)
+    check_float_tensor("stats", stats)
+    if tuple(grad.shape) != (b,) or tuple(stats.shape) != (b, 4):
+        raise ValueError(
+            f"grad must be [B] and stats [B, 4] with B = {b}, got {tuple(grad.shape)} and "
+            f"{tuple(stats.shape)}"
+        )
     from genrep_fast.kernels import posterior_loss
 
     return posterior_loss.posterior_kl_backward(grad, log_likelihood, log_prior, logits, stats)

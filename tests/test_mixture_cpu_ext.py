@@ -263,9 +263,9 @@ def test_bad_class_index_raises():
     x, mu, sigma, cls = make_bank(2, 3, 4, 5, per_image=True, sigma_kind="t", k=2)
     args = list(posterior_torch._extension_args(x, mu, sigma, cls))
     args[3] = torch.tensor([[0, 3], [1, 2]])
-    with pytest.raises(RuntimeError, match="class_index value 3"):
+    with pytest.raises(ValueError, match="class_index value 3"):
         OP(*args)
-    with pytest.raises(RuntimeError, match="isotropic sigma"):
+    with pytest.raises(ValueError, match="isotropic sigma"):
         OP(args[0], args[1], torch.ones(5, dtype=F64), None)
 
 
