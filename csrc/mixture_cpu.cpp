@@ -579,13 +579,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_ll_diff_backward_cpu(
           row_scores(g, typed, xa.data(), b, c, s.data(), q.data());
           acc_t m, l;
           max_and_normaliser(s.data(), g.T, m, l);
-          const bool finite = std::isfinite(m);
+          // An entry of -inf (every step of zero density) passes no gradient; a NaN entry passes
+          // NaN (docs/METHOD.md, "Non-finite values").
+          const bool flat = m == -std::numeric_limits<acc_t>::infinity();
           acc_t* gxr = need_x ? gx_part.data() + r * g.D : nullptr;
           if (gxr) std::fill(gxr, gxr + g.D, acc_t(0));
           const int64_t e = g.diagonal ? 0 : iso_entry(st, g, b, c);
           for (int64_t t = 0; t < g.T; ++t) {
             // w_t * dL/dll: the mixture weight of step t times the incoming gradient.
-            const acc_t w = finite ? std::exp(s[t] - m) / l * gr[r] : acc_t(0);
+            const acc_t w = flat ? acc_t(0) : std::exp(s[t] - m) / l * gr[r];
+            if (w == acc_t(0)) {
+              // The step adds nothing, even where its terms are infinite (0 * inf is NaN); the
+              // first row of a block still writes its zeros.
+              if (!g.diagonal && need_sigma) gsig_part[r * g.T + t] = acc_t(0);
+              if (!first) continue;
+              if (gm_acc) std::fill(gm_acc + t * g.D, gm_acc + (t + 1) * g.D, acc_t(0));
+              if (gs_acc) std::fill(gs_acc + t * g.D, gs_acc + (t + 1) * g.D, acc_t(0));
+              continue;
+            }
             if (!g.diagonal && need_sigma) {
               // ds/dsigma = |x - mu|^2 / sigma^3 - D / sigma
               const acc_t iv = st.inv_var[e + t];

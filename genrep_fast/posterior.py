@@ -270,6 +270,14 @@ def mixture_log_likelihood(
 
     Returns:
         ``[B, C]`` (or ``[B, K]``) in float32 (float64 for float64 inputs).
+
+    Non-finite values (docs/METHOD.md), the same on every backend: a NaN in x or mu makes the
+    entries it takes part in NaN (with NaN gradients). Infinities follow the difference form: a
+    step with an infinite ``x_d - mu_d`` has zero density and drops out (``x[b] = inf`` gives -inf
+    for every class; ``mu[c, t] = inf`` removes step t of class c), the same infinity in x and mu
+    at one position is NaN. An entry whose every step has zero density, or whose value is below
+    the float range, is -inf (never NaN) and passes no gradient; zero-density steps add nothing to
+    the gradients.
     """
     check_choice("precision", precision, PRECISIONS)
     check_choice("backend", backend, BACKENDS)
@@ -322,6 +330,9 @@ def class_posterior(
 
     ``backend``: ``"auto"`` (the fused Triton kernel on CUDA, torch elsewhere), ``"triton"``,
     ``"torch"`` or ``"reference"``.
+
+    Non-finite values (docs/METHOD.md): a class at -inf (log-likelihood or log-prior) gets
+    probability 0; a row with a NaN or +inf, or with every class at -inf, is NaN throughout.
     """
     check_choice("backend", backend, BACKENDS)
     check_float_tensor("log_likelihood", log_likelihood)
@@ -364,6 +375,11 @@ def posterior_kl_loss(
         detach_teacher: no gradient into the teacher (default, METHOD.md).
         backend: ``"auto"`` (the fused Triton kernels on CUDA, torch elsewhere), ``"triton"``,
             ``"torch"`` or ``"reference"``. ``detach_teacher=False`` always runs the reference.
+
+    Non-finite values (docs/METHOD.md): classes at -inf are valid (p = 0, no contribution). An
+    image whose teacher row holds a NaN or +inf, or has every class at -inf, or whose logits hold
+    a NaN or +inf, gets a NaN loss and NaN logit gradients, so a reduced loss is NaN: never a
+    finite loss over NaN gradients. A logit of -inf where p > 0 gives a loss of +inf.
     """
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
@@ -440,8 +456,9 @@ class _PosteriorKL(torch.autograd.Function):
         log_p = log_p.detach()
         log_q = torch.log_softmax(logits.detach().to(log_p.dtype), dim=-1)
         p = log_p.exp()
-        # 0 * log 0 = 0: classes the teacher rules out contribute nothing (not NaN).
-        per_image = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+        # 0 * log 0 = 0: classes the teacher rules out contribute nothing; a NaN teacher row
+        # (p == 0 is False for NaN) gives a NaN loss, never 0 over NaN gradients.
+        per_image = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)
         ctx.save_for_backward(p, log_q)
         ctx.logits_dtype = logits.dtype
         return per_image

@@ -79,18 +79,42 @@ def _shared_chunk_scores(x2, xx, x_sq, mu_c, sig_c, diagonal, mm_c=None):
     if diagonal:
         ivar = sig_c.reshape(cc * t, d).square().reciprocal()
         quad = x_sq @ ivar.T - 2.0 * (x2 @ (mu_flat * ivar).T)
-        quad += (mu_flat.square() * ivar).sum(-1)
+        mm = (mu_flat.square() * ivar).sum(-1)
+        quad += mm
         log_norm = -torch.log(sig_c).sum(-1).reshape(1, cc * t) - 0.5 * d * LOG_2PI
         # Rounding can push |x - mu|^2 slightly below 0 when x is on a mean.
         s = -0.5 * quad.clamp_min_(0.0) + log_norm
     else:
+        mm = mu_flat.square().sum(-1) if mm_c is None else mm_c
         quad = (x2 @ mu_flat.T).mul_(-2.0)
         quad += xx[:, None]
-        quad += mu_flat.square().sum(-1) if mm_c is None else mm_c
+        quad += mm
         quad.clamp_min_(0.0)
         sig_flat = sig_c.reshape(1, cc * t)
         s = -0.5 * quad / sig_flat.square() + _log_norm_iso(sig_flat, d)
+    s, quad = _difference_form_where_not_finite(s, quad, x2, xx, mu_flat, mm)
     return s.reshape(b, cc, t), quad.reshape(b, cc, t)
+
+
+def _difference_form_where_not_finite(s, quad, x2, xx, mu_flat, mm):
+    """Non-finite policy (docs/METHOD.md) for the GEMM form, whose ``|x|^2 - 2 x.mu + |mu|^2``
+    means nothing once an image or a bank row holds inf or NaN (inf - inf). Those pairs get the
+    difference form's value: NaN where a NaN takes part or where x and mu hold the same infinity
+    at one position (x_d - mu_d = inf - inf), else zero density (score -inf, quadratic term inf).
+    ``s, quad: [B, R]`` over bank rows ``mu_flat: [R, D]``; ``xx``, ``mm``: the squared norms,
+    non-finite exactly where a row is. One host sync; a second pass only with such rows."""
+    bad_x, bad_mu = ~torch.isfinite(xx), ~torch.isfinite(mm)
+    if not bool(bad_x.any() | bad_mu.any()):
+        return s, quad
+    # A NaN in a row makes its squared norm NaN (a NaN diagonal sigma too: mm sums mu^2 / sigma^2).
+    nan = torch.isnan(xx)[:, None] | torch.isnan(mm)[None, :]
+    for same_infinity in (torch.isposinf, torch.isneginf):
+        # Count, per pair, the positions where both hold this infinity: one small GEMM.
+        hits = same_infinity(x2).to(x2.dtype) @ same_infinity(mu_flat).to(x2.dtype).T
+        nan |= hits > 0
+    bad = bad_x[:, None] | bad_mu[None, :]
+    nan_or = torch.where(nan, float("nan"), float("inf"))
+    return torch.where(bad, -nan_or, s), torch.where(bad, nan_or, quad)
 
 
 def _shared_forward(x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, cache_source=None):
@@ -159,6 +183,12 @@ def _shared_backward(grad, x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, need
     xg = x2.to(gemm_dtype)
     xx = xg.square().sum(-1)
     x_sq = xg.square() if diagonal else None
+    out_dtype = compute_dtype(x2.dtype)
+    # The gradient products see infinite inputs as 0: their pairs have weight 0 (zero density) or
+    # NaN (which the weights carry), and 0 * inf would be NaN (docs/METHOD.md).
+    xg_grad, x_sq_grad = xg, x_sq
+    if not bool(torch.isfinite(xx).all()):
+        xg_grad, x_sq_grad = _finite_or_zero(xg), None if x_sq is None else _finite_or_zero(x_sq)
     g = grad.to(gemm_dtype)
     gx = torch.zeros_like(xg) if needs[0] else None
     gmu = torch.empty(mu3.shape, dtype=gemm_dtype, device=x2.device) if needs[1] else None
@@ -175,8 +205,11 @@ def _shared_backward(grad, x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, need
         # Mixture weights times the incoming gradient: dL/ds_bct. The LSE comes from these very
         # scores (all T of a class are in the chunk), not from the saved float32 ll, whose
         # rounding (ulp(|ll|): 0.06 nats at -6e5) would scale every weight.
-        w = torch.exp(s - torch.logsumexp(s, -1, keepdim=True)) * g[:, c0:c1, None]
+        w = _mixture_weights(s, t, out_dtype) * g[:, c0:c1, None]
         w_flat = w.reshape(b, n * t)
+        if bool(torch.isinf(quad).any()):  # a zero-density pair: weight 0, no contribution
+            mu_c = _finite_or_zero(mu_c)
+            quad = torch.where(w == 0, 0.0, quad)
         mu_flat = mu_c.reshape(n * t, d)
         w_sum = w_flat.sum(0)  # [n*T]
         if diagonal:
@@ -184,13 +217,13 @@ def _shared_backward(grad, x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, need
             ivar = sig_flat.square().reciprocal()
             if gx is not None:
                 # ds/dx = (mu - x) / sigma^2
-                gx += w_flat @ (mu_flat * ivar) - xg * (w_flat @ ivar)
-            wx = w_flat.T @ xg  # [n*T, D]
+                gx += w_flat @ (mu_flat * ivar) - xg_grad * (w_flat @ ivar)
+            wx = w_flat.T @ xg_grad  # [n*T, D]
             if gmu is not None:
                 gmu[c0:c1] = (ivar * (wx - mu_flat * w_sum[:, None])).reshape(n, t, d)
             if gsig is not None:
                 # sum_b w (x - mu)^2 = W^T x^2 - 2 mu W^T x + mu^2 sum_b w
-                wq = w_flat.T @ x_sq - 2.0 * mu_flat * wx + mu_flat.square() * w_sum[:, None]
+                wq = w_flat.T @ x_sq_grad - 2.0 * mu_flat * wx + mu_flat.square() * w_sum[:, None]
                 gs = wq * ivar / sig_flat - w_sum[:, None] / sig_flat
                 gsig[c0:c1] = gs.reshape(n, t, d)
         else:
@@ -198,14 +231,31 @@ def _shared_backward(grad, x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, need
             ivar = sig_flat.square().reciprocal()
             a = w_flat * ivar  # [B, n*T]
             if gx is not None:
-                gx += a @ mu_flat - xg * a.sum(1, keepdim=True)
+                gx += a @ mu_flat - xg_grad * a.sum(1, keepdim=True)
             if gmu is not None:
-                gmu[c0:c1] = (a.T @ xg - mu_flat * a.sum(0)[:, None]).reshape(n, t, d)
+                gmu[c0:c1] = (a.T @ xg_grad - mu_flat * a.sum(0)[:, None]).reshape(n, t, d)
             if gsig is not None:
                 # ds/dsigma = |x - mu|^2 / sigma^3 - D / sigma
                 wq = (w * quad).sum(0).reshape(n * t)
                 gsig[c0:c1] = (wq * ivar / sig_flat - d * w_sum / sig_flat).reshape(n, t)
     return gx, gmu, gsig
+
+
+def _mixture_weights(s: torch.Tensor, t: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """``exp(s - logsumexp_t s)`` of scores ``[..., T]``, with weight 0 throughout for an entry
+    whose result is -inf in ``out_dtype`` (every step of zero density, or past the float range):
+    such an entry passes no gradient (docs/METHOD.md). A NaN entry keeps NaN weights."""
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    flat = torch.isneginf((lse - math.log(t)).to(out_dtype))
+    return torch.where(flat, 0.0, torch.exp(s - lse))
+
+
+def _finite_or_zero(v: torch.Tensor) -> torch.Tensor:
+    """``v`` with its infinities set to 0 (for the gradient products, where the weight is 0), or
+    ``v`` itself when it has none. NaN stays NaN."""
+    if not bool(torch.isinf(v).any()):
+        return v
+    return torch.where(torch.isinf(v), 0.0, v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,7 +340,7 @@ def _per_image_backward(grad, x2, mu4, sig4, cls, dt, chunk_bytes, needs):
     temps = 6 if diagonal else 4
     for c0, c1, mu_c, sig_c in _per_image_chunks(x2, mu4, sig4, cls, dt, chunk_bytes, temps):
         s, diff, quad = _per_image_chunk_scores(xc, mu_c, sig_c, diagonal)
-        w = torch.exp(s - torch.logsumexp(s, -1, keepdim=True)) * g[:, c0:c1, None]  # [B, n, T]
+        w = _mixture_weights(s, mu_c.shape[2], dt) * g[:, c0:c1, None]  # [B, n, T]
         if diagonal:
             ivar = sig_c.square().reciprocal()
             gm = w[..., None] * diff * ivar  # ds/dmu = (x - mu) / sigma^2
@@ -299,6 +349,13 @@ def _per_image_backward(grad, x2, mu4, sig4, cls, dt, chunk_bytes, needs):
             ivar = sig_c.square().reciprocal()
             gm = (w * ivar)[..., None] * diff
             gs = w * (quad * ivar - d) / sig_c
+        # Steps of weight 0 contribute 0, even where their terms are infinite (0 * inf is NaN;
+        # docs/METHOD.md). An infinite term makes its step's quadratic term infinite: only then
+        # (one host sync) is the extra pass needed.
+        if bool(torch.isinf(quad).any()):
+            live = w != 0
+            gm = torch.where(live[..., None], gm, 0.0)
+            gs = torch.where(live[..., None] if diagonal else live, gs, 0.0)
         if gx is not None:
             gx -= gm.sum((1, 2))
         for acc, val in ((gmu, gm), (gsig, gs)):

@@ -121,7 +121,27 @@ def mixture_log_likelihood(
     mu4, s4, diagonal = _bank_as_bctd(x, mu.to(dt), sigma.to(dt), class_index)
     t = mu4.shape[2]
     log_n = gaussian_log_density(xf, mu4, s4, diagonal)  # [B, C', T]
+    if log_n.requires_grad:
+        log_n = _no_gradient_at_zero_density(xf, mu4, s4, diagonal, log_n)
     return torch.logsumexp(log_n, dim=-1) - math.log(t)
+
+
+def _no_gradient_at_zero_density(xf, mu4, s4, diagonal, log_n):
+    """Non-finite policy (docs/METHOD.md): a step of zero density (score -inf: an infinite
+    difference, or a quadratic term past the float range) has weight 0 and passes no gradient, nor
+    does an entry whose every step has zero density. Plain autograd would multiply that zero by
+    the step's infinite terms (0 * inf = NaN): such steps are recomputed on a zero difference,
+    which carries their (zero) gradient, while their score stays -inf."""
+    dead = torch.isneginf(log_n.detach())
+    # One host sync to skip the second pass when nothing is dead; a compiled graph always runs it.
+    if not torch.compiler.is_compiling() and not bool(dead.any()):
+        return log_n
+    keep = ~dead[..., None]
+    zero = xf.new_zeros(())
+    safe = gaussian_log_density(
+        torch.where(keep, xf, zero), torch.where(keep, mu4, zero), s4, diagonal
+    )
+    return torch.where(dead, float("-inf"), safe)
 
 
 def log_class_posterior(
@@ -164,8 +184,9 @@ def posterior_kl_loss(
         log_p = log_p.detach()
     log_q = torch.log_softmax(logits.to(log_p.dtype), dim=-1)
     p = log_p.exp()
-    # 0 * log 0 = 0: classes the teacher rules out contribute nothing (not NaN).
-    per_class = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    # 0 * log 0 = 0: classes the teacher rules out contribute nothing. `p == 0`, not `p > 0`: a NaN
+    # teacher (a NaN or +inf log-likelihood, a row of -inf) must give a NaN loss, not 0.
+    per_class = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
     per_image = per_class.sum(-1)
     if reduction == "none":
         return per_image

@@ -158,9 +158,12 @@ def row_lse(
             x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
             log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
         )  # fmt: skip
-        # Online log-sum-exp over T (every tile has >= 1 unmasked step, so m_new is finite).
+        # Online log-sum-exp over T. A tile whose steps all have zero density (score -inf: an
+        # infinite input, or a score past the float range) leaves m_new = -inf: shift by 0 then
+        # (exp(-inf - -inf) is NaN), so such a row ends at m = -inf, l = 0, m + log(l) = -inf.
         m_new = tl.maximum(m, tl.max(s, 0))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_shift) + tl.sum(tl.exp(s - m_shift), 0)
         m = m_new
     return m, l
 
@@ -427,7 +430,8 @@ def _mixture_gemm_kernel(
         s = -0.5 * quad * scale[None, :] + log_norm[None, :]
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in row_lse
+        l = l * tl.exp(m - m_shift) + tl.sum(tl.exp(s - m_shift[:, None]), 1)
         m = m_new
     tl.store(out_ptr + offs_b * C + c, m + tl.log(l), mask=b_mask)
 
@@ -533,7 +537,10 @@ def mixture_lse(
     inputs below float64, no ``class_index``); everything else through the difference kernel.
     """
     if uses_gemm_form(x, mu, class_index, precision):
-        return mixture_lse_gemm(x, prepare_bank(mu, sigma), precision)
+        bank = prepare_bank(mu, sigma)
+        out = mixture_lse_gemm(x, bank, precision)
+        redo_nonfinite_pairs(out, x, mu, sigma, bank)
+        return out
     return mixture_lse_diff(x, mu, sigma, class_index, per_image=mu.dim() == x.dim() + 2)
 
 
@@ -545,4 +552,78 @@ def uses_gemm_form(
     per_image = mu.dim() == x.dim() + 2
     return not (
         per_image or class_index is not None or precision == "ieee" or x.dtype == torch.float64
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite inputs of the GEMM form (docs/METHOD.md, "Non-finite values")
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mixture_diff_redo_kernel(
+    x_ptr,
+    mu_ptr,
+    sig_ptr,
+    bad_b_ptr,
+    bad_c_ptr,
+    out_ptr,
+    K,
+    T,
+    D,
+    stride_xb,
+    stride_mc,
+    stride_mt,
+    stride_sc,
+    stride_st,
+    stride_sd,
+    log_norm_const,
+    DIAG: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``out[b, c]`` again in the difference form where image b or class c is flagged; every
+    other program only reads its two flags."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // K
+    c = pid % K
+    if (tl.load(bad_b_ptr + b) != 0) | (tl.load(bad_c_ptr + c) != 0):
+        m, l = row_lse(
+            x_ptr + b * stride_xb, mu_ptr + c * stride_mc, sig_ptr + c * stride_sc, T, D,
+            stride_mt, stride_st, stride_sd, log_norm_const, DIAG, False, BLOCK_T, BLOCK_D,
+        )  # fmt: skip
+        tl.store(out_ptr + pid + tl.arange(0, 1), m + tl.log(l))
+
+
+def redo_nonfinite_pairs(
+    out: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, bank: PreparedBank
+) -> None:
+    """Overwrite, in the GEMM kernel's result ``out [B, C]``, the pairs whose image or bank rows
+    hold inf or NaN (or whose squared norm passes the float range) with the difference form's
+    value: ``|x|^2 - 2 x.mu + |mu|^2`` is NaN there (inf - inf) where the difference form gives -inf
+    (zero density) or NaN. No host sync: the flags stay on the device and one launch of B*C
+    programs redoes the flagged pairs only (shared bank, float32, as ``mixture_lse_gemm``)."""
+    b, c = out.shape
+    x2 = x.reshape(b, -1).float().contiguous()
+    bad_b = (~torch.isfinite(x2.double().square().sum(-1).float())).to(torch.int8)
+    bad_c = (~torch.isfinite(bank.mm.reshape(c, -1)).all(-1)).to(torch.int8)
+    lay = diff_layout(x, mu, sigma, None, per_image=False)
+    _mixture_diff_redo_kernel[(b * c,)](
+        lay.x,
+        lay.mu,
+        lay.sigma,
+        bad_b,
+        bad_c,
+        out,
+        c,
+        lay.num_steps,
+        lay.dim,
+        lay.x.stride(0),
+        lay.mu_strides[1],
+        lay.mu_strides[2],
+        *lay.sigma_strides[1:],
+        lay.log_norm_const,
+        DIAG=lay.diagonal,
+        BLOCK_T=min(DIFF_MAX_BLOCK_T, triton.next_power_of_2(lay.num_steps)),
+        BLOCK_D=min(DIFF_MAX_BLOCK_D, triton.next_power_of_2(lay.dim)),
     )

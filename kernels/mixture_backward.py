@@ -180,12 +180,16 @@ def _mixture_bwd_rows_kernel(
                     x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
                     log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
                 )  # fmt: skip
-                w = tl.where(t_mask, tl.exp((s - m) - log_l) * g, 0.0)
+                # A step of zero density (s = -inf), and so every step of a -inf entry, has
+                # weight 0 and adds nothing below, even where its terms are infinite (0 * inf is
+                # NaN); a NaN step keeps NaN (docs/METHOD.md, "Non-finite values").
+                live = t_mask & (s != float("-inf"))
+                w = tl.where(live, tl.exp((s - m) - log_l) * g, 0.0)
                 if not DIAG:
                     ivar_t = 1.0 / (siso * siso)
                     a = w * ivar_t
                     if WRITE_SIG:
-                        gs = w * (quad * ivar_t - D) / siso
+                        gs = tl.where(live, w * (quad * ivar_t - D) / siso, 0.0)
                         tl.store(gsig_row + offs_t, gs, mask=t_mask)
                 # Pass 2: gradients of this tile, D block by D block.
                 if NEED_X or WRITE_MU or (DIAG and WRITE_SIG):
@@ -211,9 +215,11 @@ def _mixture_bwd_rows_kernel(
                             contrib = w[:, None] * diff * ivar  # dL/dmu = w (x - mu) / sigma^2
                             if WRITE_SIG:
                                 gs = w[:, None] * (diff * diff * ivar - 1.0) / sv
+                                gs = tl.where(live[:, None], gs, 0.0)
                                 tl.store(gsig_row + tile_off, gs, mask=tile_mask)
                         else:
                             contrib = a[:, None] * diff
+                        contrib = tl.where(live[:, None], contrib, 0.0)
                         if WRITE_MU:
                             tl.store(gmu_row + tile_off, contrib, mask=tile_mask)
                         if NEED_X:
@@ -300,14 +306,15 @@ def _mixture_bwd_bank_kernel(
                 x_rows, e_mask, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st,
                 stride_sd, log_norm_const, DIAG, ACC_F64, BLOCK_B, BLOCK_T, BLOCK_D,
             )  # fmt: skip
-            valid = e_mask[:, None] & t_mask[None, :]
+            # As in the row kernel: steps of zero density add nothing (not 0 * inf = NaN).
+            valid = e_mask[:, None] & t_mask[None, :] & (s != float("-inf"))
             w = tl.where(valid, tl.exp((s - m[:, None]) - log_l[:, None]) * g[:, None], 0.0)
             out_rows = (slice_rows + offs_t) * D
             if not DIAG:
                 ivar_t = 1.0 / (siso * siso)
                 a = w * ivar_t[None, :]
                 if NEED_SIG:
-                    upd = tl.sum(w * (quad * ivar_t[None, :] - D), 0) / siso
+                    upd = tl.sum(tl.where(valid, w * (quad * ivar_t[None, :] - D), 0.0), 0) / siso
                     gs_ptr = gsig_ptr + slice_rows + offs_t
                     tl.store(gs_ptr, tl.load(gs_ptr, mask=t_mask, other=0.0) + upd, mask=t_mask)
             # Pass 2: this block's contribution to the program's own gmu (and diagonal gsig).
@@ -328,6 +335,7 @@ def _mixture_bwd_bank_kernel(
                         other=0.0,
                     ).to(acc_t)
                     diff = xv[:, None, :] - mv[None, :, :]
+                    diff = tl.where(valid[:, :, None], diff, 0.0)
                     out_off = out_rows[:, None] + offs_d[None, :]
                     if DIAG:
                         sv = tl.load(

@@ -68,17 +68,22 @@ def _posterior_kl_fwd_kernel(
         offs = c0 + tl.arange(0, BLOCK_C)
         mask = offs < C
         s = _scores(ll_row, prior_row, offs, mask, HAS_PRIOR, ACC_F64)
+        # A tile of -inf scores leaves m_new = -inf: shift by 0 instead (exp(-inf - -inf) is NaN),
+        # so -inf classes in a first tile stay valid; a row all -inf ends with l = 0, NaN below.
         m_new = tl.maximum(m_p, tl.max(s, 0))
-        l_p = l_p * tl.exp(m_p - m_new) + tl.sum(tl.exp(s - m_new), 0)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_p = l_p * tl.exp(m_p - m_shift) + tl.sum(tl.exp(s - m_shift), 0)
         m_p = m_new
         if HAS_LOGITS:
             z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(acc_t)
             m_new = tl.maximum(m_q, tl.max(z, 0))
-            l_q = l_q * tl.exp(m_q - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_q = l_q * tl.exp(m_q - m_shift) + tl.sum(tl.exp(z - m_shift), 0)
             m_q = m_new
     log_lp = tl.log(l_p)
     # Without logits l_q stays 0: log(1) = 0 instead of log(0) (stats[:, 2:] are then unused).
-    log_lq = tl.log(tl.where(l_q > 0, l_q, 1.0))
+    # `== 0`, not `> 0`: NaN logits (or +inf, inf - inf) leave l_q NaN, which must stay NaN.
+    log_lq = tl.log(tl.where(l_q == 0, 1.0, l_q))
     kl = tl.zeros([1], acc_t)
     if STORE_P or HAS_LOGITS:
         for c0 in range(0, C, BLOCK_C):
@@ -91,8 +96,9 @@ def _posterior_kl_fwd_kernel(
             if HAS_LOGITS:
                 z = tl.load(z_row + offs, mask=mask, other=0.0).to(acc_t)
                 log_q = (z - m_q) - log_lq
-                # 0 * log 0 = 0: classes the teacher rules out (and masked lanes) add nothing.
-                kl += tl.sum(tl.where(mask & (p > 0), p * (log_p - log_q), 0.0), 0)
+                # 0 * log 0 = 0: classes the teacher rules out (and masked lanes) add nothing;
+                # p != 0 keeps a NaN teacher NaN.
+                kl += tl.sum(tl.where(mask & (p != 0), p * (log_p - log_q), 0.0), 0)
     one = tl.arange(0, 1)
     if HAS_LOGITS:
         tl.store(loss_ptr + b + one, kl)
