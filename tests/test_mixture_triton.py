@@ -190,29 +190,4 @@ def test_prepared_bank_cache_follows_in_place_refresh():
     torch.testing.assert_close(got.double(), lse_f64(x, mu, sigma), rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32", "bf16"])
-def test_gpu_large_shared_bank_int64_offsets(precision):
-    # C*T*D = 1000*75*4096 = 3.1e8 values; B*C*T*D = 256 * 3.1e8 > 2^31 (int64 index math).
-    dev = "cuda"
-    x = torch.randn(256, 4, 32, 32, device=dev)
-    mu = torch.randn(1000, 75, 4, 32, 32, device=dev)
-    sigma = 0.5 + torch.rand(1000, 75, device=dev)
-    got = G.mixture_log_likelihood(x, mu, sigma, precision=precision, backend="triton")
-    want = G.mixture_log_likelihood(x[:8].cpu(), mu.cpu(), sigma.cpu(), backend="torch")
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(
-        got[:8].cpu(), want, rtol=1e-3, atol=50.0 if precision == "bf16" else 1.0
-    )
-
-
-@pytest.mark.gpu
-def test_gpu_per_image_bank_past_2_31_values():
-    dev = "cuda"
-    b, c, t, d = 8, 100, 75, 4096  # 2.46e9 values in fp16 (4.9 GB)
-    x = torch.randn(b, d, device=dev, dtype=torch.float16)
-    mu = torch.randn(b, c, t, d, device=dev, dtype=torch.float16)
-    sigma = torch.ones(t, device=dev, dtype=torch.float16)
-    got = G.mixture_log_likelihood(x, mu, sigma, backend="triton")
-    last = R.mixture_log_likelihood(x[-1:].float(), mu[-1:].float(), sigma.float())
-    torch.testing.assert_close(got[-1:], last, rtol=1e-5, atol=1e-2)
+# The large-shape GPU checks (past 2^31 values, every row) are in tests/test_gpu_large.py.
