@@ -341,9 +341,16 @@ def _dot(a, b, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
             # bf16 x bf16 products are exact in fp32: rounding the operands is the whole mode.
             return tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    if PRECISION == 1:
+        # Round both operands to nearest tf32 first, on hardware too: the tensor cores read the
+        # top 19 bits of an fp32 operand, i.e. truncate (the PTX of a plain tf32 tl.dot has no
+        # cvt.rna before its mma, on sm_80 and sm_90; tf32x3's has). Rounded operands pass exactly.
+        a_tf32 = _round_tf32(a)
+        b_tf32 = _round_tf32(b)
+        if EMULATE:
+            return tl.dot(a_tf32, b_tf32, input_precision="ieee")
+        return tl.dot(a_tf32, b_tf32, input_precision="tf32")
     if EMULATE:
-        if PRECISION == 1:
-            return tl.dot(_round_tf32(a), _round_tf32(b), input_precision="ieee")
         if PRECISION == 2:
             a_hi = _round_tf32(a)
             b_hi = _round_tf32(b)
@@ -353,8 +360,6 @@ def _dot(a, b, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
             acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
             return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
         return tl.dot(a, b, input_precision="ieee")
-    if PRECISION == 1:
-        return tl.dot(a, b, input_precision="tf32")
     if PRECISION == 2:
         return tl.dot(a, b, input_precision="tf32x3")
     return tl.dot(a, b, input_precision="ieee")
