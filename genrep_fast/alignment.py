@@ -114,6 +114,100 @@ def validate_out(
             raise ValueError(f"out[{i}] is on {o.device}, the gradients on {src.device}")
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, end)`` byte addresses that ``t``'s elements can occupy (its storage offset
+    included). Two tensors on one device share memory only if their spans intersect."""
+    start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.nbytes
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    return start, start + extent * t.element_size()
+
+
+def _same_view(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (
+        a.device == b.device
+        and a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
+
+
+def aliased_outputs(
+    out: Sequence[torch.Tensor | None],
+    grads_p: Sequence[torch.Tensor | None],
+    grads_g: Sequence[torch.Tensor | None],
+    group_ids: Sequence[int],
+    same_sums_if_same_inputs: bool,
+) -> set[int]:
+    """Positions ``i`` whose ``out[i]`` shares memory with a gradient other than its own
+    ``grads_p[i]`` / ``grads_g[i]`` seen through the very same view: writing ``out[i]`` there
+    would change an input that the combine pass has yet to read (autograd hands one tensor to two
+    parameters that are used as ``w + v``; a caller may pass ``out`` swapped or shifted). Those
+    updates are computed into temporaries and copied into ``out`` once every input is read.
+
+    Raises ``ValueError`` naming both positions where two outputs share memory, unless they are the
+    same view of the same update (same inputs, same coefficients): memory cannot hold two results.
+    ``same_sums_if_same_inputs``: groups of equal inputs get equal coefficients (one group per
+    tensor, no ``reduce_sums``).
+    """
+    # (device, start, end, role, index); roles: 0 out, 1 grads_p, 2 grads_g. An input that is
+    # out[i] itself is recorded once, as the output (the in-place update of .grad).
+    entries: list[tuple[int, int, int, int, int]] = []
+    for i, (o, p, g) in enumerate(zip(out, grads_p, grads_g)):
+        if o is None or (p is None and g is None):
+            continue  # nothing is written into out[i]
+        for role, t in ((0, o), (1, p), (2, g)):
+            if t is not None and t.numel() and not (role and t is o):
+                entries.append((t.get_device(), *_span(t), role, i))
+    entries.sort()
+    hazards: set[int] = set()
+    live: list[tuple[int, int, int, int, int]] = []
+    reach = (-2, 0)  # (device, end) furthest reached by a live span
+    for entry in entries:
+        dev, start, end = entry[:3]
+        if (dev, start) >= reach:
+            live.clear()  # the common case: no span is still open
+        else:
+            live = [e for e in live if e[0] == dev and e[2] > start]
+            for other in live:
+                _clash(entry[3:], other[3:], out, grads_p, grads_g, group_ids,
+                       same_sums_if_same_inputs, hazards)  # fmt: skip
+        live.append(entry)
+        reach = max(reach, (dev, end))
+    return hazards
+
+
+def _clash(e1, e2, out, grads_p, grads_g, group_ids, same_sums_if_same_inputs, hazards) -> None:
+    """Two overlapping spans, as ``(role, index)``: record or refuse the overlap."""
+    (r1, i), (r2, j) = e1, e2
+    if r1 == 0 and r2 == 0:
+        same_update = (
+            _same_view(out[i], out[j])
+            and _same_view(grads_p[i], grads_p[j])
+            and _same_view(grads_g[i], grads_g[j])
+            and (group_ids[i] == group_ids[j] or same_sums_if_same_inputs)
+        )
+        if not same_update:
+            a, b = min(i, j), max(i, j)
+            raise ValueError(
+                f"out[{a}] and out[{b}] share memory but receive different updates; pass "
+                f"separate output tensors"
+            )
+        # One update written twice; staged, as out[i] may also be the input of j.
+        hazards.update((i, j))
+        return
+    if r1 and r2:
+        return  # two inputs: both are only read
+    o, t, k, role = (i, j, j, r2) if r1 == 0 else (j, i, i, r1)
+    own = grads_p[o] if role == 1 else grads_g[o]
+    if not (k == o and _same_view(out[o], own)):
+        hazards.add(o)
+
+
 def align_gradients(
     grads_p: Sequence[torch.Tensor | None],
     grads_g: Sequence[torch.Tensor | None],
@@ -141,7 +235,11 @@ def align_gradients(
             ``"perception"`` (only the perception gradient) or ``"none"``.
         out: optional list of output tensors, one per gradient (shape, dtype, device of the
             gradients; None where both gradients are None). ``out[i]`` may be ``grads_p[i]`` or
-            ``grads_g[i]``: the update is then written in place.
+            ``grads_g[i]``: the update is then written in place. ``out`` may share memory with
+            any gradient in any other way (one tensor for two parameters, as autograd returns
+            for ``w + v``; outputs swapped; shifted views): those updates go through a temporary,
+            and the result is the same. Two outputs that share memory must receive the same
+            update (same inputs and group), else ``ValueError`` names both positions.
         reduce_sums: optional ``f(sums) -> sums`` applied to the ``[G, 3]`` float64 sums
             ``(<p,g>, |p|^2, |g|^2)`` before the coefficients are formed, e.g. an all-reduce when
             each rank holds a shard of every parameter (``distributed.all_reduce_sums``).
@@ -163,6 +261,9 @@ def align_gradients(
         validate_out(out, grads_p, grads_g)
     if reduce_sums is not None and not callable(reduce_sums):
         raise TypeError(f"reduce_sums must be callable, got {type(reduce_sums).__name__}")
+    staged: list[tuple[int, torch.Tensor]] = []
+    if out is not None:
+        out, staged = _stage_aliased_outputs(out, grads_p, grads_g, groups, reduce_sums)
     devices = {t.device for t in (*grads_p, *grads_g) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all gradients must be on one device, got {sorted(map(str, devices))}")
@@ -181,8 +282,42 @@ def align_gradients(
         for o, u in zip(out, upd):
             if u is not None:
                 o.copy_(u)
-        return [o if u is not None else None for o, u in zip(out, upd)]
-    return _align_two_pass(grads_p, grads_g, groups, k, w_p, w_g, mode, out, reduce_sums, use_ops)
+        result = [o if u is not None else None for o, u in zip(out, upd)]
+    else:
+        result = _align_two_pass(
+            grads_p, grads_g, groups, k, w_p, w_g, mode, out, reduce_sums, use_ops
+        )
+    return _unstage(result, staged)
+
+
+def _stage_aliased_outputs(out, grads_p, grads_g, groups, reduce_sums):
+    """``(out with temporaries where out[i] aliases an input, [(i, the caller's out[i])])``; see
+    ``aliased_outputs``. Under torch.compile the memory addresses are not known while tracing, so
+    every output is staged (one extra copy each) and outputs are not checked against each other."""
+    n = len(out)
+    if torch.compiler.is_compiling():
+        positions = [
+            i
+            for i in range(n)
+            if out[i] is not None and not (grads_p[i] is None and grads_g[i] is None)
+        ]
+    else:
+        ids = reference.resolve_groups(groups, n)
+        same_sums = groups is None and reduce_sums is None
+        positions = sorted(aliased_outputs(out, grads_p, grads_g, ids, same_sums))
+    if not positions:
+        return out, []
+    work = list(out)
+    for i in positions:
+        work[i] = torch.empty_like(out[i])
+    return work, [(i, out[i]) for i in positions]
+
+
+def _unstage(result, staged):
+    for i, target in staged:
+        target.copy_(result[i])
+        result[i] = target
+    return result
 
 
 def _ops_available(device: torch.device) -> bool:

@@ -11,7 +11,9 @@ Public functions validate their arguments, then dispatch to a backend:
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 
@@ -96,12 +98,22 @@ def validate_bank(
         check_positive_finite("sigma", sigma)
 
 
-def _triton_available(device: torch.device) -> bool:
+def _find_triton() -> bool:
+    # find_spec, not import: importing triton costs ~1 s and is only needed once a kernel runs.
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a blocked or broken installation
         return False
-    return device.type == "cuda"
+
+
+# Decided once, here: the dispatch below runs inside code that torch.compile traces, where an
+# `import triton` that fails (the base install has no triton) is an "Import failure" graph break
+# that fullgraph=True turns into an error.
+HAS_TRITON = _find_triton()
+
+
+def _triton_available(device: torch.device) -> bool:
+    return HAS_TRITON and device.type == "cuda"
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -251,18 +263,23 @@ def mixture_log_likelihood(
     impl = _resolve_backend(backend, x.device)
     if impl == "reference":
         return reference.mixture_log_likelihood(x, mu, sigma, class_index=class_index)
-    if impl == "triton" and not _triton_available(x.device) and not _triton_interpreted():
-        raise ValueError(
-            f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests); x is on "
-            f"{x.device}"
-        )
+    if impl == "triton":
+        _check_triton_usable(x.device)
     return _mixture_ll_op(x, mu, sigma, class_index, precision, impl)
 
 
 def _triton_interpreted() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_triton_usable(device: torch.device) -> None:
+    if not HAS_TRITON:
+        raise ValueError("backend='triton' needs the triton package, which is not installed")
+    if not _triton_available(device) and not _triton_interpreted():
+        raise ValueError(
+            f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests); the "
+            f"tensors are on {device}"
+        )
 
 
 def _check_log_prior(log_prior: torch.Tensor | None, scores: torch.Tensor) -> None:
@@ -301,11 +318,8 @@ def class_posterior(
 
 def _posterior_impl(backend: str, device: torch.device) -> str:
     impl = _resolve_backend(backend, device)
-    if impl == "triton" and not _triton_available(device) and not _triton_interpreted():
-        raise ValueError(
-            f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests); the "
-            f"tensors are on {device}"
-        )
+    if impl == "triton":
+        _check_triton_usable(device)
     return impl
 
 
@@ -352,8 +366,12 @@ def posterior_kl_loss(
                 f"class_index must have the shape of log_likelihood {tuple(log_likelihood.shape)}, "
                 f"got {tuple(class_index.shape)}"
             )
-        if class_index.numel() and (
-            int(class_index.min()) < 0 or int(class_index.max()) >= logits.shape[1]
+        # A value check syncs with the host: under torch.compile it is skipped (as in
+        # mixture_log_likelihood), so a compiled caller validates its indices eagerly once.
+        if (
+            class_index.numel()
+            and not torch.compiler.is_compiling()
+            and (int(class_index.min()) < 0 or int(class_index.max()) >= logits.shape[1])
         ):
             raise ValueError(
                 f"class_index values must lie in [0, {logits.shape[1]}), got range "
