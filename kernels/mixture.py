@@ -20,7 +20,6 @@ a bf16 dot), so the launcher sets ``EMULATE`` and the kernel rounds the operands
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
 
@@ -437,84 +436,88 @@ def _mixture_gemm_kernel(
     tl.store(out_ptr + offs_b * C + c, m + tl.log(l), mask=b_mask)
 
 
-class PreparedBank:
-    """Per-bank operands of the GEMM kernel, computed once and reused across batches.
+class GemmOperands(NamedTuple):
+    """Per-bank operands of the GEMM kernel (see ``_mixture_gemm_kernel``), all fp32 on mu's device.
 
-    ``m1, m2: [C*T, D]`` fp32, ``mm, scale, log_norm: [C*T]`` fp32 (see ``_mixture_gemm_kernel``).
-    ``|mu|^2`` and ``sum mu^2/sigma^2`` are summed in float64 (exact difference-free terms).
+    ``m1, m2: [C*T, D]`` contiguous (isotropic: ``m2`` is ``m1``, unused), ``mm, scale,
+    log_norm: [C*T]``. ``|mu|^2`` and ``sum mu^2/sigma^2`` are summed in float64 (exact
+    difference-free terms). They depend on the bank only: ``genrep_fast.PreparedBank`` computes
+    them once per snapshot; a raw ``(mu, sigma)`` gets them recomputed on every call.
     """
 
-    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor):
-        c, t = mu.shape[0], mu.shape[1]
-        d = mu[0, 0].numel()
-        self.num_classes, self.num_steps, self.dim = c, t, d
-        mu2 = mu.reshape(c * t, d)
-        self.diagonal = tuple(sigma.shape) == tuple(mu.shape)
-        const = -0.5 * d * LOG_2PI
-        if self.diagonal:
-            sig = sigma.reshape(c * t, d).double()
-            ivar = sig.square().reciprocal()
-            self.m1 = (mu2.double() * ivar).float().contiguous()
-            self.m2 = ivar.float().contiguous()
-            self.mm = (mu2.double().square() * ivar).sum(-1).float()
-            self.scale = torch.ones(c * t, dtype=torch.float32, device=mu.device)
-            self.log_norm = (const - torch.log(sig).sum(-1)).float()
-        else:
-            sig = sigma.expand(c, t).reshape(c * t).double()
-            self.m1 = mu2.float().contiguous()
-            self.m2 = self.m1  # unused
-            self.mm = mu2.double().square().sum(-1).float()
-            self.scale = sig.square().reciprocal().float()
-            self.log_norm = (const - d * torch.log(sig)).float()
-        self._key = _bank_key(mu, sigma)
+    m1: torch.Tensor
+    m2: torch.Tensor
+    mm: torch.Tensor
+    scale: torch.Tensor
+    log_norm: torch.Tensor
 
 
-def _bank_key(mu: torch.Tensor, sigma: torch.Tensor) -> tuple:
-    # A tensor's _version counts in-place writes: a refreshed bank written in place is re-prepared.
-    return tuple(
-        (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
-        for t in (mu, sigma)
+def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor) -> GemmOperands:
+    """``GemmOperands`` of a shared bank ``mu: [C, T, *latent]``, sigma isotropic or diagonal.
+
+    An fp32 ``mu`` that is already contiguous becomes ``m1`` itself (a view, no copy).
+    """
+    c, t = mu.shape[0], mu.shape[1]
+    d = mu[0, 0].numel()
+    mu2 = mu.reshape(c * t, d)
+    const = -0.5 * d * LOG_2PI
+    if is_diagonal(mu, sigma):
+        sig = sigma.reshape(c * t, d).double()
+        ivar = sig.square().reciprocal()
+        m1 = (mu2.double() * ivar).float().contiguous()
+        return GemmOperands(
+            m1,
+            ivar.float().contiguous(),
+            (mu2.double().square() * ivar).sum(-1).float(),
+            torch.ones(c * t, dtype=torch.float32, device=mu.device),
+            (const - torch.log(sig).sum(-1)).float(),
+        )
+    sig = sigma.expand(c, t).reshape(c * t).double()
+    m1 = mu2.float().contiguous()
+    return GemmOperands(
+        m1,
+        m1,
+        mu2.double().square().sum(-1).float(),
+        sig.square().reciprocal().float(),
+        (const - d * torch.log(sig)).float(),
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _cache_slot() -> dict:
-    return {}
+def mixture_lse_gemm(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    precision: str,
+    operands: GemmOperands | None = None,
+) -> torch.Tensor:
+    """GEMM-form LSE ``[B, C]`` float32 of a shared bank; ``x: [B, *latent]``.
 
-
-def prepare_bank(mu: torch.Tensor, sigma: torch.Tensor) -> PreparedBank:
-    """The prepared operands of a shared bank, cached for the most recent ``(mu, sigma)``."""
-    slot = _cache_slot()
-    key = _bank_key(mu, sigma)
-    bank = slot.get("bank")
-    if bank is None or bank._key != key:
-        bank = PreparedBank(mu, sigma)
-        slot["bank"] = bank
-    return bank
-
-
-def mixture_lse_gemm(x: torch.Tensor, bank: PreparedBank, precision: str) -> torch.Tensor:
-    """GEMM-form LSE ``[B, C]`` float32 of a prepared shared bank; ``x: [B, *latent]``."""
+    ``operands``: ``gemm_operands(mu, sigma)`` computed earlier (a prepared bank); None computes
+    them here, from the tensors as they are now.
+    """
+    if operands is None:
+        operands = gemm_operands(mu, sigma)
     b = x.shape[0]
+    c, t = mu.shape[0], mu.shape[1]
     x2 = x.reshape(b, -1).float().contiguous()
     xx = x2.double().square().sum(-1).float()
-    out = torch.empty(b, bank.num_classes, dtype=torch.float32, device=x.device)
+    out = torch.empty(b, c, dtype=torch.float32, device=x.device)
     block_b = max(16, min(GEMM_MAX_BLOCK_B, triton.next_power_of_2(b)))
-    grid = (triton.cdiv(b, block_b), bank.num_classes)
+    grid = (triton.cdiv(b, block_b), c)
     _mixture_gemm_kernel[grid](
         x2,
-        bank.m1,
-        bank.m2,
+        operands.m1,
+        operands.m2,
         xx,
-        bank.mm,
-        bank.scale,
-        bank.log_norm,
+        operands.mm,
+        operands.scale,
+        operands.log_norm,
         out,
         b,
-        bank.num_classes,
-        bank.num_steps,
-        bank.dim,
-        DIAG=bank.diagonal,
+        c,
+        t,
+        x2.shape[1],
+        DIAG=is_diagonal(mu, sigma),
         PRECISION=PRECISION_CODES[precision],
         EMULATE=_interpreted(),
         BLOCK_B=block_b,
@@ -531,14 +534,16 @@ def mixture_lse(
     class_index: torch.Tensor | None,
     *,
     precision: str = "ieee",
+    operands: GemmOperands | None = None,
 ) -> torch.Tensor:
     """``logsumexp_t log N(x; mu, sigma^2)`` ``[B, C]`` / ``[B, K]`` (arguments already validated).
 
     The shared bank goes through the GEMM kernel for ``precision`` in tf32x3 / tf32 / bf16 (float
-    inputs below float64, no ``class_index``); everything else through the difference kernel.
+    inputs below float64, no ``class_index``), with ``operands`` when a prepared bank has them;
+    everything else through the difference kernel.
     """
     if uses_gemm_form(x, mu, class_index, precision):
-        return mixture_lse_gemm(x, prepare_bank(mu, sigma), precision)
+        return mixture_lse_gemm(x, mu, sigma, precision, operands)
     return mixture_lse_diff(x, mu, sigma, class_index, per_image=mu.dim() == x.dim() + 2)
 
 

@@ -114,7 +114,7 @@ GEMM_CASES = [
 def test_gemm_kernel_within_2x_torch_same_precision(case, precision):
     b, c, t, latent, kind = case
     x, mu, sigma = make_bank(b, c, t, latent, sigma_kind=kind)
-    got = M.mixture_lse_gemm(x, M.PreparedBank(mu, sigma), precision)
+    got = M.mixture_lse_gemm(x, mu, sigma, precision)
     want = lse_f64(x, mu, sigma)
     torch_prec = "ieee" if precision == "tf32x3" else precision
     torch_err = (torch_gemm_form_lse(x, mu, sigma, torch_prec).double() - want).abs().max().item()
@@ -126,9 +126,9 @@ def test_gemm_precision_modes_are_distinct():
     # A test that cannot fail is a defect: the modes must actually change the arithmetic.
     x, mu, sigma = make_bank(5, 3, 20, (64,))
     want = lse_f64(x, mu, sigma)
-    bank = M.PreparedBank(mu, sigma)
+    ops = M.gemm_operands(mu, sigma)
     errs = {
-        p: (M.mixture_lse_gemm(x, bank, p).double() - want).abs().max().item()
+        p: (M.mixture_lse_gemm(x, mu, sigma, p, ops).double() - want).abs().max().item()
         for p in ("tf32x3", "tf32", "bf16")
     }
     assert errs["tf32x3"] < errs["tf32"] / 10 < errs["bf16"] / 10, errs
@@ -177,17 +177,6 @@ def test_public_api_triton_backend_forward_and_backward(layout):
     torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-4)
     for a, w in zip(xt, xs):
         torch.testing.assert_close(a.grad.double(), w.grad, rtol=1e-4, atol=1e-4)
-
-
-def test_prepared_bank_cache_follows_in_place_refresh():
-    x, mu, sigma = make_bank(2, 3, 4, (8,))
-    first = M.prepare_bank(mu, sigma)
-    assert M.prepare_bank(mu, sigma) is first
-    mu.add_(1.0)  # a bank refresh written in place bumps the tensor's version
-    second = M.prepare_bank(mu, sigma)
-    assert second is not first
-    got = M.mixture_lse_gemm(x, second, "tf32x3")
-    torch.testing.assert_close(got.double(), lse_f64(x, mu, sigma), rtol=1e-5, atol=1e-3)
 
 
 # The large-shape GPU checks (past 2^31 values, every row) are in tests/test_gpu_large.py.

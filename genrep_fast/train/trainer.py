@@ -269,6 +269,7 @@ class Trainer:
             if self.world > 1:  # every replica distils from rank 0's bank
                 dist.broadcast(self.bank.mu, 0)
                 dist.broadcast(self.bank.sigma, 0)
+                self.bank.mark_changed()  # written in place, after any snapshot of it
 
     # ------------------------------------------------------------------ running
 
