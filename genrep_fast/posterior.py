@@ -7,6 +7,10 @@ Public functions validate their arguments, then dispatch to a backend:
   ``[B, C, T, D]``; for tests and as the benchmark baseline);
 * ``"torch"``: chunked torch implementation (CPU default);
 * ``"triton"``: the fused Triton kernels of ``genrep_fast.kernels`` (CUDA default).
+
+``mixture_log_likelihood`` takes the bank as tensors (read as they are at the call; the per-bank
+operands of the fast paths are derived per call) or as a ``genrep_fast.PreparedBank`` snapshot
+(derived once; ``genrep_fast/prepared_bank.py``). Nothing is cached between calls.
 """
 
 from __future__ import annotations
