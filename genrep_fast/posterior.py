@@ -142,7 +142,7 @@ def _mixture_ll_op(
     prepared: list[torch.Tensor],
 ) -> torch.Tensor:
     """``prepared``: the operands a ``PreparedBank`` derived from ``(mu, sigma)`` for this impl and
-    precision (``PreparedBank._dispatch_args``); ``[]`` derives what is needed on this call."""
+    precision (``PreparedBank._operands_for``); ``[]`` derives what is needed on this call."""
     if impl == "triton":
         from genrep_fast.kernels import mixture as mixture_kernels
 
@@ -292,9 +292,7 @@ def mixture_log_likelihood(
             f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests); x is on "
             f"{x.device}"
         )
-    prepared = []
-    if bank is not None:
-        mu, sigma, prepared = bank._dispatch_args(impl, x, class_index, precision)
+    prepared = [] if bank is None else bank._operands_for(impl, x, class_index, precision)
     return _mixture_ll_op(x, mu, sigma, class_index, precision, impl, prepared)
 
 
