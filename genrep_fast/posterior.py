@@ -7,6 +7,10 @@ Public functions validate their arguments, then dispatch to a backend:
   ``[B, C, T, D]``; for tests and as the benchmark baseline);
 * ``"torch"``: chunked torch implementation (CPU default);
 * ``"triton"``: the fused Triton kernels of ``genrep_fast.kernels`` (CUDA default).
+
+``mixture_log_likelihood`` takes the bank as tensors (read as they are at the call; the per-bank
+operands of the fast paths are derived per call) or as a ``genrep_fast.PreparedBank`` snapshot
+(derived once; ``genrep_fast/prepared_bank.py``). Nothing is cached between calls.
 """
 
 from __future__ import annotations
@@ -150,7 +154,7 @@ def _mixture_ll_op(
     prepared: list[torch.Tensor],
 ) -> torch.Tensor:
     """``prepared``: the operands a ``PreparedBank`` derived from ``(mu, sigma)`` for this impl and
-    precision (``PreparedBank._dispatch_args``); ``[]`` derives what is needed on this call."""
+    precision (``PreparedBank._operands_for``); ``[]`` derives what is needed on this call."""
     if impl == "triton":
         from genrep_fast.kernels import mixture as mixture_kernels
 
@@ -297,9 +301,7 @@ def mixture_log_likelihood(
         return reference.mixture_log_likelihood(x, mu, sigma, class_index=class_index)
     if impl == "triton":
         _check_triton_usable(x.device)
-    prepared = []
-    if bank is not None:
-        mu, sigma, prepared = bank._dispatch_args(impl, x, class_index, precision)
+    prepared = [] if bank is None else bank._operands_for(impl, x, class_index, precision)
     return _mixture_ll_op(x, mu, sigma, class_index, precision, impl, prepared)
 
 

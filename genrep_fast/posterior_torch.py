@@ -9,6 +9,8 @@ materialising ``[B, C, T, D]``: the classes are processed in chunks whose tempor
   (float64 by default). float64 keeps the cancellation error of that form at about
   ``1e-16 * (|x|^2 + |mu|^2) / sigma^2`` nats, far below the float32 rounding of the result;
   float32 would lose whole nats when x is near a mean and sigma is small (docs/NUMERICS.md).
+  The bank's copy in the GEMM dtype and its row norms are made per call from the tensors given;
+  a ``genrep_fast.PreparedBank`` passes them in, made once (``GemmBank``, ``prepared=``).
 * Per-image bank ``mu: [B, C, T, D]``: the exact difference form ``(x - mu)^2`` in the compute
   dtype (float32, or float64 for float64 inputs); it is memory-bound anyway.
 * Candidate classes ``class_index: [B, K]`` into a shared bank: the GEMM form over the classes

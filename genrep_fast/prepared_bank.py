@@ -143,21 +143,21 @@ class PreparedBank:
             validate=validate,
         )
 
-    def _dispatch_args(
+    def _operands_for(
         self,
         impl: str,
         x: torch.Tensor,
         class_index: torch.Tensor | None,
         precision: str,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """``(mu, sigma, operands)`` for the custom op: the private copies and the operands that
-        ``impl`` / ``precision`` use for this call, prepared on first use (``[]`` where the path
-        reads mu and sigma directly: the difference forms, the reference)."""
+    ) -> list[torch.Tensor]:
+        """The operands that ``impl`` / ``precision`` use for this call, derived from the private
+        copies on first use and kept; ``[]`` where the path reads mu and sigma directly (the
+        difference forms, the C++ kernels)."""
         if impl == "torch" and not posterior_torch._use_extension(x, self._mu, class_index):
             if self._torch_operands is None:
                 with _preparing(self.device):
                     self._torch_operands = posterior_torch.gemm_bank(self._mu, self._sigma)
-            return self._mu, self._sigma, list(self._torch_operands)
+            return list(self._torch_operands)
         if impl == "triton":
             from genrep_fast.kernels import mixture as mixture_kernels
 
@@ -165,8 +165,8 @@ class PreparedBank:
                 if self._triton_operands is None:
                     with _preparing(self.device):
                         self._triton_operands = mixture_kernels.gemm_operands(self._mu, self._sigma)
-                return self._mu, self._sigma, list(self._triton_operands)
-        return self._mu, self._sigma, []
+                return list(self._triton_operands)
+        return []
 
 
 def prepare_bank(
