@@ -452,34 +452,43 @@ class GemmOperands(NamedTuple):
     log_norm: torch.Tensor
 
 
+# Values per chunk of the float64 preparation: its temporaries stay near 256 MiB whatever the bank
+# size (an ImageNet-scale fp32 bank of 1.6 GB would otherwise need 6.4 GB of them at once).
+PREP_CHUNK_VALUES = 2**25
+
+
 def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor) -> GemmOperands:
     """``GemmOperands`` of a shared bank ``mu: [C, T, *latent]``, sigma isotropic or diagonal.
 
-    An fp32 ``mu`` that is already contiguous becomes ``m1`` itself (a view, no copy).
+    An fp32 ``mu`` that is already contiguous becomes ``m1`` itself (a view, no copy). The float64
+    sums run over chunks of rows (``PREP_CHUNK_VALUES``).
     """
     c, t = mu.shape[0], mu.shape[1]
     d = mu[0, 0].numel()
-    mu2 = mu.reshape(c * t, d)
+    rows = c * t
+    mu2 = mu.reshape(rows, d)
     const = -0.5 * d * LOG_2PI
+    step = max(1, PREP_CHUNK_VALUES // max(d, 1))
+    f32 = {"dtype": torch.float32, "device": mu.device}
+    mm = torch.empty(rows, **f32)
     if is_diagonal(mu, sigma):
-        sig = sigma.reshape(c * t, d).double()
-        ivar = sig.square().reciprocal()
-        m1 = (mu2.double() * ivar).float().contiguous()
-        return GemmOperands(
-            m1,
-            ivar.float().contiguous(),
-            (mu2.double().square() * ivar).sum(-1).float(),
-            torch.ones(c * t, dtype=torch.float32, device=mu.device),
-            (const - torch.log(sig).sum(-1)).float(),
-        )
-    sig = sigma.expand(c, t).reshape(c * t).double()
+        sig2 = sigma.reshape(rows, d)
+        m1, m2, log_norm = torch.empty(rows, d, **f32), torch.empty(rows, d, **f32), mm.clone()
+        for r0 in range(0, rows, step):
+            sig = sig2[r0 : r0 + step].double()
+            ivar = sig.square().reciprocal()
+            mud = mu2[r0 : r0 + step].double()
+            m1[r0 : r0 + step] = mud * ivar
+            m2[r0 : r0 + step] = ivar
+            mm[r0 : r0 + step] = (mud.square() * ivar).sum(-1)
+            log_norm[r0 : r0 + step] = const - torch.log(sig).sum(-1)
+        return GemmOperands(m1, m2, mm, torch.ones(rows, **f32), log_norm)
+    sig = sigma.expand(c, t).reshape(rows).double()
     m1 = mu2.float().contiguous()
+    for r0 in range(0, rows, step):
+        mm[r0 : r0 + step] = mu2[r0 : r0 + step].double().square().sum(-1)
     return GemmOperands(
-        m1,
-        m1,
-        mu2.double().square().sum(-1).float(),
-        sig.square().reciprocal().float(),
-        (const - d * torch.log(sig)).float(),
+        m1, m1, mm, sig.square().reciprocal().float(), (const - d * torch.log(sig)).float()
     )
 
 

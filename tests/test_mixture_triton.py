@@ -180,3 +180,15 @@ def test_public_api_triton_backend_forward_and_backward(layout):
 
 
 # The large-shape GPU checks (past 2^31 values, every row) are in tests/test_gpu_large.py.
+
+
+@pytest.mark.parametrize("kind", ["c_t", "diag"])
+def test_gemm_operands_prepared_in_row_chunks(monkeypatch, kind):
+    # The float64 preparation runs over chunks of rows (bounded temporaries at ImageNet scale):
+    # 2-row chunks of a 15-row bank give the one-chunk operands bitwise.
+    _, mu, sigma = make_bank(2, 3, 5, (7,), sigma_kind=kind)
+    whole = M.gemm_operands(mu, sigma)
+    monkeypatch.setattr(M, "PREP_CHUNK_VALUES", 14)
+    chunked = M.gemm_operands(mu, sigma)
+    for name, a, b in zip(whole._fields, whole, chunked):
+        assert torch.equal(a, b), name
