@@ -369,7 +369,12 @@ RUN_DEFINING_KEYS = (
 
 def run_defining_changes(saved: dict, current: dict) -> list[str]:
     """``"key: old -> new"`` for every run-defining key (``RUN_DEFINING_KEYS``) that differs
-    between two ``TrainConfig.to_dict()`` mappings, sorted by key."""
+    between two ``TrainConfig.to_dict()`` mappings, sorted by key. A key the saved mapping lacks
+    (written before the key existed) counts as its default."""
+    try:
+        saved = from_dict(TrainConfig, saved).to_dict()
+    except ConfigError:
+        pass  # compare what is there
     a, b = flatten(saved), flatten(current)
     out = []
     for key in sorted(set(a) | set(b)):

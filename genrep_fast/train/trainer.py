@@ -395,7 +395,11 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if not self._step_ok:
-                self._skipped_step(stage, batches.dataset, parts)
+                try:
+                    self._skipped_step(stage, batches.dataset, parts)
+                except TrainingDiverged:
+                    bar.close()
+                    raise
             else:
                 self.bad_streak = 0
                 if self.step % cfg.runtime.log_every == 0 or self.step == st.steps:
