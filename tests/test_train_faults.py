@@ -99,6 +99,34 @@ def test_a_non_finite_state_is_not_checkpointed(tmp_path):
     assert "refused" in tr.history[-1]["event"]
 
 
+def test_a_non_finite_bank_is_not_installed(tmp_path, monkeypatch):
+    import genrep_fast.train.trainer as trainer_module
+
+    built = []
+    real = trainer_module.build_chain_bank
+
+    def second_bank_is_nan(*a, **k):
+        bank = real(*a, **k)
+        if built:
+            bank.mu[0, 0] = float("nan")
+        built.append(bank)
+        return bank
+
+    monkeypatch.setattr(trainer_module, "build_chain_bank", second_bank_is_nan)
+    cfg = tiny_config(tmp_path, "stage0.steps=0", "stage2.steps=0")  # refreshes at steps 0 and 2
+    tr = Trainer(cfg)
+    tr.run()
+    assert len(built) == 2 and tr.bank is built[0]
+    assert any("non-finite bank, kept the previous bank" in r.get("event", "") for r in tr.history)
+    assert not any("skipped" in r for r in tr.history)
+
+    built.clear()
+    built.append(None)  # the first bank of this run is already non-finite
+    tr = Trainer(tiny_config(tmp_path / "b", "stage0.steps=0", "stage2.steps=0"))
+    with pytest.raises(TrainingDiverged, match="chain bank .* not finite"):
+        tr.run()
+
+
 def _latent_shard(root: Path, rows_nan: list[int], n: int = 64) -> Path:
     from safetensors.torch import save_file
 
