@@ -116,6 +116,14 @@ def test_bench_mixture_log_likelihood(results, realistic, bench_device, layout):
             lambda: G.mixture_log_likelihood(x, mu, sigma, validate=False), device=bench_device
         ),
     }
+    prepared = None
+    if layout == "shared":
+        # The bank prepared once (what a trainer does after each refresh): the per-call cost
+        # without the float64 copy / GEMM operands that raw tensors get recomputed every call.
+        prepared = G.prepare_bank(mu, sigma)
+        timings["genrep_fast_prepared"] = time_fn(
+            lambda: G.mixture_log_likelihood(x, prepared, validate=False), device=bench_device
+        )
     compiled = _compiled_reference()
     if compiled is not None:
         try:
@@ -129,6 +137,10 @@ def test_bench_mixture_log_likelihood(results, realistic, bench_device, layout):
         for prec in ("tf32x3", "tf32", "bf16"):
             timings[f"genrep_fast_{prec}"] = time_fn(
                 lambda p=prec: G.mixture_log_likelihood(x, mu, sigma, precision=p, validate=False),
+                device=bench_device,
+            )
+            timings[f"genrep_fast_{prec}_prepared"] = time_fn(
+                lambda p=prec: G.mixture_log_likelihood(x, prepared, precision=p, validate=False),
                 device=bench_device,
             )
     peak = None
@@ -161,12 +173,23 @@ def test_bench_mixture_log_likelihood(results, realistic, bench_device, layout):
         f"{layout} {shape}: genrep_fast {fast.seconds * 1e3:.2f} ms, {fast.speedup:.1f}x reference"
     )
     # Same numbers as the reference (the benchmark measures a correct op).
+    want = R.mixture_log_likelihood(x.double(), mu.double(), sigma.double())
     torch.testing.assert_close(
-        G.mixture_log_likelihood(x, mu, sigma).double(),
-        R.mixture_log_likelihood(x.double(), mu.double(), sigma.double()),
-        rtol=1e-5,
-        atol=1e-3,
+        G.mixture_log_likelihood(x, mu, sigma).double(), want, rtol=1e-5, atol=1e-3
     )
+    if prepared is not None:
+        got = G.mixture_log_likelihood(x, prepared)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+        # Preparing is lazy: the snapshot copies the bank, its first call derives the operands.
+        first = time_fn(
+            lambda: G.mixture_log_likelihood(x, G.prepare_bank(mu, sigma), validate=False),
+            device=bench_device,
+        )
+        print(
+            f"{layout}: raw {timings['genrep_fast'] * 1e3:.2f} ms, prepared "
+            f"{timings['genrep_fast_prepared'] * 1e3:.2f} ms per call; prepare + first call "
+            f"{first * 1e3:.2f} ms"
+        )
 
 
 def test_bench_posterior_kl_loss(results, realistic, bench_device):
@@ -195,3 +218,113 @@ def test_bench_posterior_kl_loss(results, realistic, bench_device):
         params={"B": b, "C": c, "dtype": "float32"},
         bytes_moved=3.0 * b * c * 4,
     )
+
+
+# ImageNet-scale cases (the GPU targets of the kernel-performance work): the shared bank in every
+# precision against a plain GEMM of the same shape and precision, candidate classes, and the
+# per-image bank in fp32 and bf16 against the copy bandwidth. Smoke: the same code at tiny shapes.
+IMAGENET_SHARED = {"B": 256, "C": 1000, "T": 100, "D": 4096}
+IMAGENET_CANDIDATES = {"B": 256, "C": 1000, "T": 100, "D": 4096, "K": 20}
+PER_IMAGE_GPU = {"B": 64, "C": 10, "T": 75, "D": 4096}
+SMOKE_LARGE = {"B": 4, "C": 6, "T": 5, "D": 16, "K": 3}
+
+_GEMM_DTYPE = {"ieee": torch.float32, "tf32x3": torch.float32, "tf32": torch.float32}
+
+
+def _plain_gemm_seconds(b, n, d, precision, device):
+    """``[b, d] @ [d, n]`` in the arithmetic of ``precision`` (tf32 for tf32, else fp32; bf16)."""
+    from genrep_fast.benchmarking import gemm_seconds
+
+    dtype = _GEMM_DTYPE.get(precision, torch.bfloat16)
+    if device != "cuda":
+        return gemm_seconds(b, n, d, dtype, device)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        return gemm_seconds(b, n, d, dtype, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _large_shape(realistic, bench_device, shape):
+    if not realistic:
+        return SMOKE_LARGE
+    if bench_device != "cuda":
+        pytest.skip("ImageNet-scale cases need a GPU (they hold GBs of bank)")
+    return shape
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32", "bf16"])
+def test_bench_shared_bank_vs_plain_gemm(results, realistic, bench_device, precision):
+    shape = _large_shape(realistic, bench_device, IMAGENET_SHARED)
+    b, c, t, d = (shape[k] for k in "BCTD")
+    x, mu, sigma = _inputs(shape, "shared", bench_device)
+    sigma = sigma + 1.0  # sigma >= 1.5: the regime where the GEMM modes are accurate
+    fn = lambda: G.mixture_log_likelihood(x, mu, sigma, precision=precision, validate=False)  # noqa: E731
+    gemm = _plain_gemm_seconds(b, c * t, d, precision, bench_device)
+    timings = {"plain_gemm": gemm, "genrep_fast": time_fn(fn, device=bench_device)}
+    results.add(
+        "posterior",
+        f"shared_bank_{precision}",
+        timings,
+        baseline="plain_gemm",
+        params=dict(shape, dtype="float32", precision=precision),
+        flops=2.0 * b * c * t * d,
+        gemm_time=gemm,
+    )
+    # The op timed is correct: every row against the float64 reference, within the mode's error.
+    # (two images, the first classes: the float64 reference materialises [B, C, T, D]).
+    cc = min(c, 50)
+    want = R.mixture_log_likelihood(x[:2].double(), mu[:cc].double(), sigma[:cc].double())
+    atol = {"ieee": 1e-3, "tf32x3": 1e-3, "tf32": 0.05, "bf16": 0.5}[precision]
+    torch.testing.assert_close(fn()[:2, :cc].double(), want, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bench_candidate_classes(results, realistic, bench_device, bank_dtype):
+    shape = _large_shape(realistic, bench_device, IMAGENET_CANDIDATES)
+    b, c, t, d, k = (shape[key] for key in "BCTDK")
+    x, mu, sigma = _inputs(shape, "shared", bench_device, dtype=bank_dtype)
+    g = torch.Generator().manual_seed(1)
+    ci = torch.stack([torch.randperm(c, generator=g)[:k] for _ in range(b)]).to(bench_device)
+    fn = lambda: G.mixture_log_likelihood(x, mu, sigma, class_index=ci, validate=False)  # noqa: E731
+    timings = {"genrep_fast": time_fn(fn, device=bench_device)}
+    try:
+        ref = lambda: R.mixture_log_likelihood(x, mu, sigma, class_index=ci)  # noqa: E731
+        timings["reference"] = time_fn(ref, device=bench_device, min_reps=1, min_time_s=0.0)
+    except torch.OutOfMemoryError as exc:  # [B, K, T, D] does not fit: recorded as missing
+        print(f"reference does not fit at {shape}: {exc}".splitlines()[0])
+    recs = results.add(
+        "posterior",
+        f"candidates_K{k}_{str(bank_dtype).split('.')[-1]}",
+        timings,
+        baseline="reference" if "reference" in timings else "genrep_fast",
+        params=dict(shape, dtype=str(bank_dtype).split(".")[-1]),
+        bytes_moved=float(b * k * t * d * mu.element_size()),
+    )
+    fast = next(r for r in recs if r.impl == "genrep_fast")
+    print(f"candidates {shape}: {fast.seconds / b * 1e6:.2f} us per image")
+    want = R.mixture_log_likelihood(x[:2].double(), mu.double(), sigma.double(), class_index=ci[:2])
+    torch.testing.assert_close(fn()[:2].double(), want, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bench_per_image_bank_bandwidth(results, realistic, bench_device, dtype):
+    shape = _large_shape(realistic, bench_device, PER_IMAGE_GPU)
+    b, c, t, d = (shape[key] for key in "BCTD")
+    x, mu, sigma = _inputs(shape, "per_image", bench_device, dtype=dtype)
+    fn = lambda: G.mixture_log_likelihood(x, mu, sigma, validate=False)  # noqa: E731
+    timings = {
+        "genrep_fast": time_fn(fn, device=bench_device, l2_cold=bench_device == "cuda"),
+        "reference": time_fn(lambda: R.mixture_log_likelihood(x, mu, sigma), device=bench_device),
+    }
+    results.add(
+        "posterior",
+        f"per_image_{str(dtype).split('.')[-1]}",
+        timings,
+        baseline="reference",
+        params=dict(shape, dtype=str(dtype).split(".")[-1]),
+        bytes_moved=float(mu.numel() * mu.element_size()),
+    )
+    want = R.mixture_log_likelihood(x.double(), mu.double(), sigma.double())
+    torch.testing.assert_close(fn().double(), want, rtol=1e-4, atol=1e-2)

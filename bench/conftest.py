@@ -2,12 +2,14 @@
 
 With ``--benchmark`` the session's results go to ``bench/results/<device>-<date>.json`` with a
 markdown table and a PNG plot beside them; in smoke mode they go to a temporary folder (the report
-is still written, so the report code runs in CI too).
+is still written, so the report code runs in CI too). ``GENREP_FAST_BENCH_OUT=DIR`` writes the
+results of either mode to DIR instead (tools/gpu_check.py uses it).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import re
 from pathlib import Path
 
@@ -36,10 +38,11 @@ def results(realistic: bool, bench_device: str, tmp_path_factory: pytest.TempPat
     yield res
     if not res.records:
         return
-    if realistic:
+    out_dir = os.environ.get("GENREP_FAST_BENCH_OUT")
+    if realistic or out_dir:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", environment(bench_device)["device_name"]).strip("-")
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = RESULTS_DIR / f"{slug}-{stamp}.json"
+        path = Path(out_dir or RESULTS_DIR) / f"{slug}-{stamp}.json"
     else:
         path = tmp_path_factory.mktemp("bench") / "smoke.json"
     res.write(path)

@@ -4,6 +4,7 @@ Public API (METHOD.md is the contract for the math):
 
 * ``thinned_steps`` - the reverse-chain positions kept as Monte Carlo samples;
 * ``mixture_log_likelihood``, ``class_posterior``, ``posterior_kl_loss`` - generative perception;
+* ``prepare_bank``, ``PreparedBank`` - a snapshot of a shared bank, prepared once for many calls;
 * ``align_gradients``, ``GradientAligner`` - gradient alignment.
 
 Backbones, heads, modulation and the chain bank live in ``genrep_fast.models`` (imports diffusers);
@@ -16,6 +17,7 @@ from genrep_fast import _ops  # noqa: F401  (loads the compiled extension, regis
 from genrep_fast._validation import check_int
 from genrep_fast.alignment import GradientAligner, align_gradients
 from genrep_fast.posterior import class_posterior, mixture_log_likelihood, posterior_kl_loss
+from genrep_fast.prepared_bank import PreparedBank, prepare_bank
 from genrep_fast.reference import thinned_steps as _thinned_steps_ref
 
 __version__ = "0.1.0"
@@ -41,6 +43,8 @@ def thinned_steps(num_steps: int, burn_in: int = 50, thin: int = 2) -> list[int]
 __all__ = [
     "thinned_steps",
     "mixture_log_likelihood",
+    "prepare_bank",
+    "PreparedBank",
     "class_posterior",
     "posterior_kl_loss",
     "align_gradients",

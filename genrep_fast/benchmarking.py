@@ -109,6 +109,10 @@ def _cpu_name() -> str:
 
 
 def _git_commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes); ``GENREP_FAST_COMMIT`` where
+    the tree is a copy without ``.git`` (the GPU machine gets the working tree, not the repo)."""
+    if os.environ.get("GENREP_FAST_COMMIT"):
+        return os.environ["GENREP_FAST_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],

@@ -2,14 +2,17 @@
 
     genrep-fast demo --out DIR [--ablation]        both stages on the embedded digits + report
     genrep-fast train [--config NAME|PATH] [--set key=value ...] [--out DIR] [--resume PATH]
+                      [--allow-config-change]
     genrep-fast eval --checkpoint RUN_OR_CKPT [--out DIR]
     genrep-fast sample --checkpoint RUN_OR_CKPT --out samples.png [--per-class N]
     genrep-fast classify --checkpoint RUN_OR_CKPT IMAGE [IMAGE ...]
     genrep-fast bench [--benchmark] [pytest args]   run bench/ and print the results table
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node=8 -m genrep_fast train --config ...``.
-Exit codes: 0 done, 2 bad arguments or config, 3 bad checkpoint, 128+signal after SIGTERM/SIGINT
-(a checkpoint was written first).
+Exit codes: 0 done, 2 bad arguments or config (also a resume whose config changes the run), 3 bad
+checkpoint, 4 training stopped after ``runtime.max_bad_steps`` consecutive steps with a non-finite
+loss or gradient, 128+signal after SIGTERM/SIGINT (a checkpoint was written first).
+``eval``, ``sample`` and ``classify`` only read the run folder.
 """
 
 from __future__ import annotations
@@ -34,8 +37,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+EXIT_CODES = (
+    "exit codes: 0 done; 2 bad arguments or config (also a resume whose config changes the run); "
+    "3 bad checkpoint; 4 stopped after runtime.max_bad_steps consecutive steps with a non-finite "
+    "loss or gradient; 128+signal after SIGTERM/SIGINT (a checkpoint was written first)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="genrep-fast", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="genrep-fast", description=__doc__.split("\n\n")[0], epilog=EXIT_CODES
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train both stages of tiny_digits and write a report")
@@ -43,15 +55,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", action="store_true", help="also run the paper's ablation rows")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    p = sub.add_parser("train", help="train from a config")
+    p = sub.add_parser("train", help="train from a config", epilog=EXIT_CODES)
     _config_args(p)
     p.add_argument("--out", default=None, help="run folder (default: the config's out_dir)")
-    p.add_argument("--resume", default=None, help="checkpoint or run folder to continue from")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint or run folder to continue from (a run folder: its latest intact one)",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the config changes seed, data.batch_size, diffusion.*, model.* "
+        "or another run-defining key (refused otherwise, exit code 2)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the held-out set")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", default=None, help="folder for metrics.json and the pictures")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for eval.json and the pictures (default: ./eval-<checkpoint name>)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     p = sub.add_parser("sample", help="draw class-conditional samples into a grid PNG")
@@ -70,24 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _trainer_from_checkpoint(path: str, overrides: list[str] = ()):
-    from genrep_fast.train.checkpoint import load_checkpoint, resolve_checkpoint
-    from genrep_fast.train.config import apply_overrides, config_from_dict
-    from genrep_fast.train.trainer import Trainer
-
-    ckpt = resolve_checkpoint(path)
-    _, meta = load_checkpoint(ckpt)
-    cfg = config_from_dict(
-        apply_overrides(meta["config"], list(overrides) + ["runtime.progress=false"])
-    )
-    out = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return Trainer(cfg, out, resume=ckpt)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from genrep_fast.train.checkpoint import CheckpointError
     from genrep_fast.train.config import ConfigError
+    from genrep_fast.train.trainer import TrainingDiverged
 
     try:
         return _dispatch(args)
@@ -97,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"genrep-fast: checkpoint error: {exc}", file=sys.stderr)
         return 3
+    except TrainingDiverged as exc:
+        print(f"genrep-fast: {exc}", file=sys.stderr)
+        return TrainingDiverged.exit_code
 
 
 def _dispatch(args) -> int:
@@ -163,7 +179,9 @@ def _dispatch(args) -> int:
         from genrep_fast.train.trainer import Trainer
 
         cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg, args.out, resume=args.resume)
+        trainer = Trainer(
+            cfg, args.out, resume=args.resume, allow_config_change=args.allow_config_change
+        )
         try:
             trainer.run()
         except TrainingInterrupted as exc:
@@ -176,15 +194,23 @@ def _dispatch(args) -> int:
             (trainer.out_dir / "eval.json").write_text(json.dumps(res, indent=1))
             print(json.dumps(res, indent=1))
         return 0
-    trainer = _trainer_from_checkpoint(args.checkpoint, getattr(args, "overrides", []))
+    # eval / sample / classify: read the checkpoint's network only; nothing is written into the
+    # run folder and no training data is read.
+    from genrep_fast.train.trainer import load_for_inference
+
+    overrides = list(getattr(args, "overrides", [])) + ["runtime.progress=false"]
+    cfg, net, ckpt_path = load_for_inference(args.checkpoint, overrides)
     if cmd == "eval":
+        from genrep_fast.train.data import build_test_dataset
         from genrep_fast.train.evaluation import evaluate
 
-        if trainer.test_set is None:
+        test_set = build_test_dataset(cfg.data)
+        if test_set is None:
             print("genrep-fast: the config has no held-out set (data.test_root)", file=sys.stderr)
             return 2
-        out = Path(args.out) if args.out else trainer.out_dir
-        res = evaluate(trainer.net, trainer.cfg, trainer.test_set, out, backend=trainer.backend)
+        out = Path(args.out) if args.out else Path(f"eval-{ckpt_path.name}")
+        backend = "auto" if cfg.runtime.ops == "fast" else "reference"
+        res = evaluate(net, cfg, test_set, out, backend=backend)
         (out / "eval.json").write_text(json.dumps(res, indent=1))
         print(json.dumps(res, indent=1))
         return 0
@@ -192,7 +218,7 @@ def _dispatch(args) -> int:
         from genrep_fast.train.evaluation import generate
         from genrep_fast.train.metrics import image_grid
 
-        x, _ = generate(trainer.net, trainer.cfg, args.per_class, seed=args.seed, progress=True)
+        x, _ = generate(net, cfg, args.per_class, seed=args.seed, progress=True)
         image_grid(x, args.per_class, args.out, scale=max(1, 64 // x.shape[-1]))
         print(f"wrote {args.out}")
         return 0
@@ -202,14 +228,14 @@ def _dispatch(args) -> int:
         from genrep_fast.train.data import ImageFolder
         from genrep_fast.train.evaluation import head_probabilities
 
-        c, h, _ = trainer.net.adapter.latent_shape
+        c, h, _ = net.adapter.latent_shape
         loader = ImageFolder.__new__(ImageFolder)
         loader.image_size, loader.grayscale, loader.flip = h, c == 1, False
         xs = []
         for f in args.images:
             loader.files = [(Path(f), 0)]
             xs.append(loader[0][0])
-        probs = head_probabilities(trainer.net, torch.stack(xs).to(trainer.device))
+        probs = head_probabilities(net, torch.stack(xs).to(net.adapter.device))
         for f, p in zip(args.images, probs):
             top = p.topk(min(3, p.numel()))
             print(

@@ -7,6 +7,10 @@ Public functions validate their arguments, then dispatch to a backend:
   ``[B, C, T, D]``; for tests and as the benchmark baseline);
 * ``"torch"``: chunked torch implementation (CPU default);
 * ``"triton"``: the fused Triton kernels of ``genrep_fast.kernels`` (CUDA default).
+
+``mixture_log_likelihood`` takes the bank as tensors (read as they are at the call; the per-bank
+operands of the fast paths are derived per call) or as a ``genrep_fast.PreparedBank`` snapshot
+(derived once; ``genrep_fast/prepared_bank.py``). Nothing is cached between calls.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from genrep_fast._validation import (
     check_same_dtype,
     check_tensor,
 )
+from genrep_fast.prepared_bank import PreparedBank
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -39,8 +44,10 @@ def validate_bank(
     class_index: torch.Tensor | None,
     *,
     check_values: bool = True,
+    check_sigma: bool = True,
 ) -> None:
-    """Shapes, dtypes and devices of ``(x, mu, sigma, class_index)``; see ``mixture_log_likelihood``."""
+    """Shapes, dtypes and devices of ``(x, mu, sigma, class_index)``; see ``mixture_log_likelihood``.
+    ``check_values`` checks the values of ``class_index`` and (with ``check_sigma``) of sigma."""
     check_float_tensor("x", x, min_ndim=2)
     check_float_tensor("mu", mu)
     check_float_tensor("sigma", sigma, min_ndim=1)
@@ -95,7 +102,7 @@ def validate_bank(
                 f"class_index values must lie in [0, {c}) (C = number of bank classes), got range "
                 f"[{int(class_index.min())}, {int(class_index.max())}]"
             )
-    if check_values:
+    if check_values and check_sigma:
         check_positive_finite("sigma", sigma)
 
 
@@ -145,15 +152,25 @@ def _mixture_ll_op(
     class_index: torch.Tensor | None,
     precision: str,
     impl: str,
+    prepared: list[torch.Tensor],
 ) -> torch.Tensor:
+    """``prepared``: the operands a ``PreparedBank`` derived from ``(mu, sigma)`` for this impl and
+    precision (``PreparedBank._operands_for``); ``[]`` derives what is needed on this call."""
     _check_ll_op_args(x, mu, sigma, class_index, precision, impl)
     if impl == "triton":
         from genrep_fast.kernels import mixture as mixture_kernels
 
-        lse = mixture_kernels.mixture_lse(x, mu, sigma, class_index, precision=precision)
+        ops = mixture_kernels.GemmOperands(*prepared) if prepared else None
+        lse = mixture_kernels.mixture_lse(
+            x, mu, sigma, class_index, precision=precision, operands=ops
+        )
         t = mu.shape[2] if reference.is_per_image(x, mu) else mu.shape[1]
         return (lse - math.log(t)).to(reference.compute_dtype(x.dtype))
-    return posterior_torch.forward(x, mu, sigma, class_index)
+    return posterior_torch.forward(x, mu, sigma, class_index, prepared=_torch_prepared(prepared))
+
+
+def _torch_prepared(prepared: list[torch.Tensor]) -> posterior_torch.GemmBank | None:
+    return posterior_torch.GemmBank(*prepared) if prepared else None
 
 
 def _check_ll_op_args(x, mu, sigma, class_index, precision, impl) -> None:
@@ -167,7 +184,7 @@ def _check_ll_op_args(x, mu, sigma, class_index, precision, impl) -> None:
 
 
 @_mixture_ll_op.register_fake
-def _(x, mu, sigma, class_index, precision, impl):
+def _(x, mu, sigma, class_index, precision, impl, prepared):
     k = _num_classes_out(x, mu, class_index)
     return x.new_empty((x.shape[0], k), dtype=reference.compute_dtype(x.dtype))
 
@@ -183,6 +200,7 @@ def _mixture_ll_backward_op(
     need_mu: bool,
     need_sigma: bool,
     impl: str,
+    prepared: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recompute-based backward: the scores, their LSE and the mixture weights are recomputed tile
     by tile (Triton, exact difference form whatever the forward precision) or chunk by chunk
@@ -198,7 +216,9 @@ def _mixture_ll_backward_op(
     if impl == "triton":
         gx, gmu, gsig = _triton_backward(grad, x, mu, sigma, class_index, needs)
     else:
-        gx, gmu, gsig = posterior_torch.backward(grad, x, mu, sigma, class_index, needs)
+        gx, gmu, gsig = posterior_torch.backward(
+            grad, x, mu, sigma, class_index, needs, prepared=_torch_prepared(prepared)
+        )
     empty = x.new_empty(0)
     return (
         gx if gx is not None else empty,
@@ -214,7 +234,7 @@ def _triton_backward(grad, x, mu, sigma, class_index, needs):
 
 
 @_mixture_ll_backward_op.register_fake
-def _(grad, x, mu, sigma, class_index, need_x, need_mu, need_sigma, impl):
+def _(grad, x, mu, sigma, class_index, need_x, need_mu, need_sigma, impl, prepared):
     return (
         torch.empty_like(x) if need_x else x.new_empty(0),
         torch.empty_like(mu) if need_mu else x.new_empty(0),
@@ -223,19 +243,24 @@ def _(grad, x, mu, sigma, class_index, need_x, need_mu, need_sigma, impl):
 
 
 def _setup_context(ctx, inputs, output):
-    x, mu, sigma, class_index, _precision, impl = inputs
-    ctx.save_for_backward(x, mu, sigma)
+    x, mu, sigma, class_index, _precision, impl, prepared = inputs
+    tensors = (x, mu, sigma, *prepared)
+    # A bank made under torch.inference_mode() cannot be saved for backward. It takes no gradient
+    # (inference tensors never require grad) and has no version counter to check: hold it as is.
+    ctx.held = tensors if any(t.is_inference() for t in tensors) else None
+    ctx.save_for_backward(*(() if ctx.held else tensors))
     ctx.class_index = class_index
     ctx.impl = impl
 
 
 def _backward(ctx, grad):
-    x, mu, sigma = ctx.saved_tensors
+    x, mu, sigma, *prepared = ctx.held or ctx.saved_tensors
     nx, nmu, nsig = ctx.needs_input_grad[:3]
     gx, gmu, gsig = _mixture_ll_backward_op(
-        grad.contiguous(), x, mu, sigma, ctx.class_index, nx, nmu, nsig, ctx.impl
+        grad.contiguous(), x, mu, sigma, ctx.class_index, nx, nmu, nsig, ctx.impl, prepared
     )
-    return (gx if nx else None, gmu if nmu else None, gsig if nsig else None, None, None, None)
+    grads = (gx if nx else None, gmu if nmu else None, gsig if nsig else None)
+    return (*grads, None, None, None, [None] * len(prepared))  # no gradient into the operands
 
 
 _mixture_ll_op.register_autograd(_backward, setup_context=_setup_context)
@@ -243,8 +268,8 @@ _mixture_ll_op.register_autograd(_backward, setup_context=_setup_context)
 
 def mixture_log_likelihood(
     x: torch.Tensor,
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
+    mu: torch.Tensor | PreparedBank,
+    sigma: torch.Tensor | None = None,
     *,
     class_index: torch.Tensor | None = None,
     precision: str = "ieee",
@@ -257,9 +282,14 @@ def mixture_log_likelihood(
 
     Args:
         x: ``[B, *latent]`` images or latents (float16/bfloat16/float32/float64).
-        mu: shared bank ``[C, T, *latent]`` or per-image bank ``[B, C, T, *latent]``, same dtype as x.
+        mu: shared bank ``[C, T, *latent]`` or per-image bank ``[B, C, T, *latent]``, same dtype as
+            x; or a ``genrep_fast.PreparedBank`` of a shared bank (then no ``sigma``). Raw tensors
+            are read as they are at this call: whatever the fast path derives from them (the
+            float64 copy and row norms of the torch GEMM form, the Triton GEMM operands) is
+            recomputed every call. A ``PreparedBank`` (``genrep_fast.prepare_bank(mu, sigma)``)
+            derives it once, from a private snapshot of the bank, for many calls.
         sigma: isotropic ``[T]``, ``[C, T]`` (or ``[B, C, T]`` with a per-image bank), or diagonal
-            (the shape of ``mu``); every value finite and > 0.
+            (the shape of ``mu``); every value finite and > 0. None with a ``PreparedBank``.
         class_index: optional ``[B, K]`` int64 candidate classes per image (values in ``[0, C)``).
         precision: ``"ieee"`` (fp32), ``"tf32x3"``, ``"tf32"`` or ``"bf16"``: the arithmetic of the
             shared-bank GEMM form of the Triton backend (see docs/NUMERICS.md). The difference forms
@@ -284,13 +314,43 @@ def mixture_log_likelihood(
     # The value checks sync with the host; under torch.compile they would break the graph, so a
     # compiled caller gets the shape/dtype checks only (validate eagerly once, outside the loop).
     check_values = validate and not torch.compiler.is_compiling()
-    validate_bank(x, mu, sigma, class_index, check_values=check_values)
+    bank = None
+    if isinstance(mu, PreparedBank):
+        bank, mu, sigma = mu, *_prepared_tensors(x, mu, sigma)
+    elif sigma is None:
+        raise TypeError("sigma is required with a tensor mu (only a PreparedBank carries its own)")
+    # A prepared bank's sigma was checked when it was prepared.
+    validate_bank(x, mu, sigma, class_index, check_values=check_values, check_sigma=bank is None)
     impl = _resolve_backend(backend, x.device)
     if impl == "reference":
         return reference.mixture_log_likelihood(x, mu, sigma, class_index=class_index)
     if impl == "triton":
         _check_triton_usable(x.device)
-    return _mixture_ll_op(x, mu, sigma, class_index, precision, impl)
+    prepared = [] if bank is None else bank._operands_for(impl, x, class_index, precision)
+    return _mixture_ll_op(x, mu, sigma, class_index, precision, impl, prepared)
+
+
+def _prepared_tensors(
+    x: torch.Tensor, bank: PreparedBank, sigma: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The snapshot's ``(mu, sigma)`` after the checks that only a prepared bank needs."""
+    if sigma is not None:
+        raise TypeError(
+            "sigma must be None with a PreparedBank (it carries its own), got "
+            f"{type(sigma).__name__}"
+        )
+    check_float_tensor("x", x, min_ndim=2)
+    if tuple(x.shape[1:]) != bank.latent_shape:
+        raise ValueError(
+            f"x must be [B, *latent] with latent = {bank.latent_shape} (the prepared bank's), got "
+            f"x of shape {tuple(x.shape)}"
+        )
+    if x.dtype != bank.dtype:
+        raise TypeError(
+            f"x is {x.dtype} but the prepared bank is {bank.dtype}: prepare it with "
+            f"prepare_bank(mu, sigma, dtype={x.dtype}) or convert x"
+        )
+    return bank._mu, bank._sigma
 
 
 def _triton_interpreted() -> bool:

@@ -9,6 +9,8 @@ materialising ``[B, C, T, D]``: the classes are processed in chunks whose tempor
   (float64 by default). float64 keeps the cancellation error of that form at about
   ``1e-16 * (|x|^2 + |mu|^2) / sigma^2`` nats, far below the float32 rounding of the result;
   float32 would lose whole nats when x is near a mean and sigma is small (docs/NUMERICS.md).
+  The bank's copy in the GEMM dtype and its row norms are made per call from the tensors given;
+  a ``genrep_fast.PreparedBank`` passes them in, made once (``GemmBank``, ``prepared=``).
 * Per-image bank ``mu: [B, C, T, D]``: the exact difference form ``(x - mu)^2`` in the compute
   dtype (float32, or float64 for float64 inputs); it is memory-bound anyway.
 * Candidate classes ``class_index: [B, K]`` into a shared bank: the GEMM form over the classes
@@ -28,7 +30,7 @@ saved float32 result, whose rounding at |ll| ~ 1e5..1e7 would scale every weight
 from __future__ import annotations
 
 import math
-import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -70,7 +72,7 @@ def _shared_chunk_scores(x2, xx, x_sq, mu_c, sig_c, diagonal, mm_c=None):
     """Scores ``log N(x_b; mu_ct, sigma_ct^2)`` ``[B, cc, T]`` and the quadratic term.
 
     ``x2: [B, D]``, ``xx = |x|^2: [B]``, ``x_sq = x^2`` (diagonal only), ``mu_c: [cc, T, D]``,
-    ``sig_c: [cc, T]`` or ``[cc, T, D]``, all in the GEMM dtype; ``mm_c``: optional cached
+    ``sig_c: [cc, T]`` or ``[cc, T, D]``, all in the GEMM dtype; ``mm_c``: optional precomputed
     ``|mu|^2`` ``[cc*T]`` (isotropic only).
     """
     cc, t, d = mu_c.shape
@@ -117,17 +119,41 @@ def _difference_form_where_not_finite(s, quad, x2, xx, mu_flat, mm):
     return torch.where(bad, -nan_or, s), torch.where(bad, nan_or, quad)
 
 
-def _shared_forward(x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, cache_source=None):
+class GemmBank(NamedTuple):
+    """A shared bank in the GEMM dtype: what ``_shared_forward`` / ``_shared_backward`` convert on
+    every call, computed once by ``gemm_bank`` for a prepared bank (``genrep_fast.PreparedBank``).
+
+    ``mu: [C, T, D]`` and ``sigma: [C, T]`` (isotropic, broadcast filled in) or ``[C, T, D]``
+    (diagonal), contiguous in the GEMM dtype; ``mm: [C*T]`` the row norms ``|mu|^2`` (isotropic;
+    an empty tensor for a diagonal bank, whose norms depend on sigma per value).
+    """
+
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    mm: torch.Tensor
+
+
+def gemm_bank(mu: torch.Tensor, sigma: torch.Tensor, gemm_dtype=torch.float64) -> GemmBank:
+    """``GemmBank`` of a shared bank ``mu: [C, T, *latent]`` (sigma as ``mixture_log_likelihood``
+    takes it). A ``mu`` already contiguous in the GEMM dtype is used as is (a view, no copy)."""
+    c, t = mu.shape[0], mu.shape[1]
+    mu3 = mu.reshape(c, t, -1).to(gemm_dtype).contiguous()
+    if is_diagonal(mu, sigma):
+        sig = sigma.reshape(mu3.shape).to(gemm_dtype).contiguous()
+        return GemmBank(mu3, sig, mu3.new_empty(0))
+    sig = _iso_sigma(sigma, (c, t)).to(gemm_dtype).contiguous()
+    return GemmBank(mu3, sig, mu3.reshape(c * t, -1).square().sum(-1))
+
+
+def _shared_forward(x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, mm=None):
     """``[B, C]`` LSE over T of the shared bank (without the ``- log T``).
 
-    ``cache_source``: the caller's own bank tensor; when given (isotropic sigma), the bank in the
-    GEMM dtype and its row norms come from ``_bank_cache`` instead of being recomputed per call.
+    ``mm``: the row norms ``|mu|^2`` ``[C*T]`` in the GEMM dtype (isotropic; a prepared bank's
+    ``GemmBank.mm``), else computed per chunk. ``mu3`` / ``sig`` already in the GEMM dtype (a
+    ``GemmBank``) are used without a copy.
     """
     b, d = x2.shape
     c, t, _ = mu3.shape
-    cached = None
-    if cache_source is not None and not diagonal:
-        cached = _cached_bank(cache_source, mu3, gemm_dtype)
     xg = x2.to(gemm_dtype)
     xx = xg.square().sum(-1)
     x_sq = xg.square() if diagonal else None
@@ -137,40 +163,11 @@ def _shared_forward(x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, cache_sourc
     out = torch.empty(b, c, dtype=gemm_dtype, device=x2.device)
     for c0 in range(0, c, cc):
         c1 = min(c, c0 + cc)
-        if cached is not None:
-            mu_c, mm_c = cached[0][c0:c1], cached[1][c0 * t : c1 * t]
-        else:
-            mu_c, mm_c = mu3[c0:c1].to(gemm_dtype), None
-        s, _ = _shared_chunk_scores(xg, xx, x_sq, mu_c, sig[c0:c1].to(gemm_dtype), diagonal, mm_c)
+        mm_c = None if mm is None or diagonal else mm[c0 * t : c1 * t]
+        mu_c, sig_c = mu3[c0:c1].to(gemm_dtype), sig[c0:c1].to(gemm_dtype)
+        s, _ = _shared_chunk_scores(xg, xx, x_sq, mu_c, sig_c, diagonal, mm_c)
         out[:, c0:c1] = torch.logsumexp(s, dim=-1)
     return out
-
-
-# A shared bank is reused across many batches (refreshed every R training steps): its copy in the
-# GEMM dtype and its float64 row norms |mu|^2 are kept for the most recent bank, if it is at most
-# BANK_CACHE_BYTES in the GEMM dtype. Measured at B=64, C=10, T=75, D=1024 (1 thread): the float64
-# copy and the norms took 0.5 ms of a 3.9 ms call (bench/bench_posterior.py, torch.profiler).
-BANK_CACHE_BYTES = 256 * 2**20
-_bank_cache: dict = {}
-
-
-def _cached_bank(source: torch.Tensor, mu3: torch.Tensor, gemm_dtype: torch.dtype):
-    """``(mu3 in gemm_dtype, |mu|^2 [C*T] in gemm_dtype)`` of the most recent bank, or None when
-    the bank is too large to cache or autograd records the call."""
-    es = torch.finfo(gemm_dtype).bits // 8
-    if mu3.numel() * es > BANK_CACHE_BYTES or source.requires_grad:
-        return None
-    # _version counts in-place writes (a bank refreshed in place is re-converted); the weak
-    # reference guards against a new tensor reusing a freed one's address.
-    key = (source.data_ptr(), source._version, tuple(source.shape), source.stride(), source.dtype,
-           source.device, gemm_dtype)  # fmt: skip
-    hit = _bank_cache.get("entry")
-    if hit is not None and hit[0] == key and hit[1]() is source:
-        return hit[2]
-    mu_g = mu3.to(gemm_dtype).contiguous()
-    mm = mu_g.reshape(mu_g.shape[0] * mu_g.shape[1], -1).square().sum(-1)
-    _bank_cache["entry"] = (key, weakref.ref(source), (mu_g, mm))
-    return mu_g, mm
 
 
 def _shared_backward(grad, x2, mu3, sig, diagonal, gemm_dtype, chunk_bytes, needs):
@@ -450,6 +447,14 @@ def _canonical(x, mu, sigma):
     return x2, mu_c, sig_c, diagonal
 
 
+def _with_prepared(mu_c, sig_c, prepared, gemm_dtype):
+    """``(mu_c, sig_c, mm)``: a shared bank's ``GemmBank`` in place of the canonical views when one
+    was prepared in ``gemm_dtype`` (the chunks' conversions are then no-ops), else the views."""
+    if prepared is None or mu_c.dim() != 3 or prepared.mu.dtype != gemm_dtype:
+        return mu_c, sig_c, None
+    return prepared.mu, prepared.sigma, prepared.mm
+
+
 def forward(
     x: torch.Tensor,
     mu: torch.Tensor,
@@ -458,24 +463,26 @@ def forward(
     *,
     gemm_dtype: torch.dtype = torch.float64,
     chunk_bytes: int | None = None,
+    prepared: GemmBank | None = None,
 ) -> torch.Tensor:
     """``log p(x|y)``: ``[B, C]`` (``[B, K]`` with ``class_index``), float32 (float64 for float64).
 
     Arguments as ``genrep_fast.mixture_log_likelihood`` (already validated). No autograd.
+    ``prepared``: ``gemm_bank(mu, sigma, gemm_dtype)`` of a shared bank, computed earlier (a
+    ``genrep_fast.PreparedBank``); None converts the bank on this call.
     """
     out_dtype = compute_dtype(x.dtype)
     if _use_extension(x, mu, class_index):
         return _extension_forward(x, mu, sigma, class_index)
     x2, mu_c, sig_c, diagonal = _canonical(x, mu, sigma)
+    mu_c, sig_c, mm = _with_prepared(mu_c, sig_c, prepared, gemm_dtype)
     t = mu_c.shape[-2]
     with torch.no_grad():
         if mu_c.dim() == 4:
             cls = None if class_index is None else class_index.long()
             lse = _per_image_forward(x2, mu_c, sig_c, cls, out_dtype, chunk_bytes)
         elif class_index is None:
-            lse = _shared_forward(
-                x2, mu_c, sig_c, diagonal, gemm_dtype, chunk_bytes, cache_source=mu
-            )
+            lse = _shared_forward(x2, mu_c, sig_c, diagonal, gemm_dtype, chunk_bytes, mm)
         else:
             uniq, inv = torch.unique(class_index.long(), return_inverse=True)
             lse_u = _shared_forward(x2, mu_c[uniq], sig_c[uniq], diagonal, gemm_dtype, chunk_bytes)
@@ -493,16 +500,19 @@ def backward(
     *,
     gemm_dtype: torch.dtype = torch.float64,
     chunk_bytes: int | None = None,
+    prepared: GemmBank | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum(grad * forward(...))`` w.r.t. ``(x, mu, sigma)``.
 
     Recomputes the scores and their LSE chunk by chunk (never ``[B, C, T]`` at once). Returns the
-    gradients in the dtypes and shapes of the inputs, None where ``needs`` is False.
+    gradients in the dtypes and shapes of the inputs, None where ``needs`` is False. ``prepared``
+    as in ``forward``.
     """
     if _use_extension(x, mu, class_index):
         with torch.no_grad():
             return _extension_backward(grad, x, mu, sigma, class_index, needs)
     x2, mu_c, sig_c, diagonal = _canonical(x, mu, sigma)
+    mu_c, sig_c, _ = _with_prepared(mu_c, sig_c, prepared, gemm_dtype)
     with torch.no_grad():
         if mu_c.dim() == 4:
             cls = None if class_index is None else class_index.long()

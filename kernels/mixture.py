@@ -20,7 +20,6 @@ a bf16 dot), so the launcher sets ``EMULATE`` and the kernel rounds the operands
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
 
@@ -344,9 +343,16 @@ def _dot(a, b, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
             # bf16 x bf16 products are exact in fp32: rounding the operands is the whole mode.
             return tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    if PRECISION == 1:
+        # Round both operands to nearest tf32 first, on hardware too: the tensor cores read the
+        # top 19 bits of an fp32 operand, i.e. truncate (the PTX of a plain tf32 tl.dot has no
+        # cvt.rna before its mma, on sm_80 and sm_90; tf32x3's has). Rounded operands pass exactly.
+        a_tf32 = _round_tf32(a)
+        b_tf32 = _round_tf32(b)
+        if EMULATE:
+            return tl.dot(a_tf32, b_tf32, input_precision="ieee")
+        return tl.dot(a_tf32, b_tf32, input_precision="tf32")
     if EMULATE:
-        if PRECISION == 1:
-            return tl.dot(_round_tf32(a), _round_tf32(b), input_precision="ieee")
         if PRECISION == 2:
             a_hi = _round_tf32(a)
             b_hi = _round_tf32(b)
@@ -356,8 +362,6 @@ def _dot(a, b, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
             acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
             return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
         return tl.dot(a, b, input_precision="ieee")
-    if PRECISION == 1:
-        return tl.dot(a, b, input_precision="tf32")
     if PRECISION == 2:
         return tl.dot(a, b, input_precision="tf32x3")
     return tl.dot(a, b, input_precision="ieee")
@@ -436,84 +440,97 @@ def _mixture_gemm_kernel(
     tl.store(out_ptr + offs_b * C + c, m + tl.log(l), mask=b_mask)
 
 
-class PreparedBank:
-    """Per-bank operands of the GEMM kernel, computed once and reused across batches.
+class GemmOperands(NamedTuple):
+    """Per-bank operands of the GEMM kernel (see ``_mixture_gemm_kernel``), all fp32 on mu's device.
 
-    ``m1, m2: [C*T, D]`` fp32, ``mm, scale, log_norm: [C*T]`` fp32 (see ``_mixture_gemm_kernel``).
-    ``|mu|^2`` and ``sum mu^2/sigma^2`` are summed in float64 (exact difference-free terms).
+    ``m1, m2: [C*T, D]`` contiguous (isotropic: ``m2`` is ``m1``, unused), ``mm, scale,
+    log_norm: [C*T]``. ``|mu|^2`` and ``sum mu^2/sigma^2`` are summed in float64 (exact
+    difference-free terms). They depend on the bank only: ``genrep_fast.PreparedBank`` computes
+    them once per snapshot; a raw ``(mu, sigma)`` gets them recomputed on every call.
     """
 
-    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor):
-        c, t = mu.shape[0], mu.shape[1]
-        d = mu[0, 0].numel()
-        self.num_classes, self.num_steps, self.dim = c, t, d
-        mu2 = mu.reshape(c * t, d)
-        self.diagonal = tuple(sigma.shape) == tuple(mu.shape)
-        const = -0.5 * d * LOG_2PI
-        if self.diagonal:
-            sig = sigma.reshape(c * t, d).double()
+    m1: torch.Tensor
+    m2: torch.Tensor
+    mm: torch.Tensor
+    scale: torch.Tensor
+    log_norm: torch.Tensor
+
+
+# Values per chunk of the float64 preparation: its temporaries stay near 256 MiB whatever the bank
+# size (an ImageNet-scale fp32 bank of 1.6 GB would otherwise need 6.4 GB of them at once).
+PREP_CHUNK_VALUES = 2**25
+
+
+def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor) -> GemmOperands:
+    """``GemmOperands`` of a shared bank ``mu: [C, T, *latent]``, sigma isotropic or diagonal.
+
+    An fp32 ``mu`` that is already contiguous becomes ``m1`` itself (a view, no copy). The float64
+    sums run over chunks of rows (``PREP_CHUNK_VALUES``).
+    """
+    c, t = mu.shape[0], mu.shape[1]
+    d = mu[0, 0].numel()
+    rows = c * t
+    mu2 = mu.reshape(rows, d)
+    const = -0.5 * d * LOG_2PI
+    step = max(1, PREP_CHUNK_VALUES // max(d, 1))
+    f32 = {"dtype": torch.float32, "device": mu.device}
+    mm = torch.empty(rows, **f32)
+    if is_diagonal(mu, sigma):
+        sig2 = sigma.reshape(rows, d)
+        m1, m2, log_norm = torch.empty(rows, d, **f32), torch.empty(rows, d, **f32), mm.clone()
+        for r0 in range(0, rows, step):
+            sig = sig2[r0 : r0 + step].double()
             ivar = sig.square().reciprocal()
-            self.m1 = (mu2.double() * ivar).float().contiguous()
-            self.m2 = ivar.float().contiguous()
-            self.mm = (mu2.double().square() * ivar).sum(-1).float()
-            self.scale = torch.ones(c * t, dtype=torch.float32, device=mu.device)
-            self.log_norm = (const - torch.log(sig).sum(-1)).float()
-        else:
-            sig = sigma.expand(c, t).reshape(c * t).double()
-            self.m1 = mu2.float().contiguous()
-            self.m2 = self.m1  # unused
-            self.mm = mu2.double().square().sum(-1).float()
-            self.scale = sig.square().reciprocal().float()
-            self.log_norm = (const - d * torch.log(sig)).float()
-        self._key = _bank_key(mu, sigma)
-
-
-def _bank_key(mu: torch.Tensor, sigma: torch.Tensor) -> tuple:
-    # A tensor's _version counts in-place writes: a refreshed bank written in place is re-prepared.
-    return tuple(
-        (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
-        for t in (mu, sigma)
+            mud = mu2[r0 : r0 + step].double()
+            m1[r0 : r0 + step] = mud * ivar
+            m2[r0 : r0 + step] = ivar
+            mm[r0 : r0 + step] = (mud.square() * ivar).sum(-1)
+            log_norm[r0 : r0 + step] = const - torch.log(sig).sum(-1)
+        return GemmOperands(m1, m2, mm, torch.ones(rows, **f32), log_norm)
+    sig = sigma.expand(c, t).reshape(rows).double()
+    m1 = mu2.float().contiguous()
+    for r0 in range(0, rows, step):
+        mm[r0 : r0 + step] = mu2[r0 : r0 + step].double().square().sum(-1)
+    return GemmOperands(
+        m1, m1, mm, sig.square().reciprocal().float(), (const - d * torch.log(sig)).float()
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _cache_slot() -> dict:
-    return {}
+def mixture_lse_gemm(
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    precision: str,
+    operands: GemmOperands | None = None,
+) -> torch.Tensor:
+    """GEMM-form LSE ``[B, C]`` float32 of a shared bank; ``x: [B, *latent]``.
 
-
-def prepare_bank(mu: torch.Tensor, sigma: torch.Tensor) -> PreparedBank:
-    """The prepared operands of a shared bank, cached for the most recent ``(mu, sigma)``."""
-    slot = _cache_slot()
-    key = _bank_key(mu, sigma)
-    bank = slot.get("bank")
-    if bank is None or bank._key != key:
-        bank = PreparedBank(mu, sigma)
-        slot["bank"] = bank
-    return bank
-
-
-def mixture_lse_gemm(x: torch.Tensor, bank: PreparedBank, precision: str) -> torch.Tensor:
-    """GEMM-form LSE ``[B, C]`` float32 of a prepared shared bank; ``x: [B, *latent]``."""
+    ``operands``: ``gemm_operands(mu, sigma)`` computed earlier (a prepared bank); None computes
+    them here, from the tensors as they are now.
+    """
+    if operands is None:
+        operands = gemm_operands(mu, sigma)
     b = x.shape[0]
+    c, t = mu.shape[0], mu.shape[1]
     x2 = x.reshape(b, -1).float().contiguous()
     xx = x2.double().square().sum(-1).float()
-    out = torch.empty(b, bank.num_classes, dtype=torch.float32, device=x.device)
+    out = torch.empty(b, c, dtype=torch.float32, device=x.device)
     block_b = max(16, min(GEMM_MAX_BLOCK_B, triton.next_power_of_2(b)))
-    grid = (triton.cdiv(b, block_b), bank.num_classes)
+    grid = (triton.cdiv(b, block_b), c)
     _mixture_gemm_kernel[grid](
         x2,
-        bank.m1,
-        bank.m2,
+        operands.m1,
+        operands.m2,
         xx,
-        bank.mm,
-        bank.scale,
-        bank.log_norm,
+        operands.mm,
+        operands.scale,
+        operands.log_norm,
         out,
         b,
-        bank.num_classes,
-        bank.num_steps,
-        bank.dim,
-        DIAG=bank.diagonal,
+        c,
+        t,
+        x2.shape[1],
+        DIAG=is_diagonal(mu, sigma),
         PRECISION=PRECISION_CODES[precision],
         EMULATE=_interpreted(),
         BLOCK_B=block_b,
@@ -530,16 +547,18 @@ def mixture_lse(
     class_index: torch.Tensor | None,
     *,
     precision: str = "ieee",
+    operands: GemmOperands | None = None,
 ) -> torch.Tensor:
     """``logsumexp_t log N(x; mu, sigma^2)`` ``[B, C]`` / ``[B, K]`` (arguments already validated).
 
     The shared bank goes through the GEMM kernel for ``precision`` in tf32x3 / tf32 / bf16 (float
-    inputs below float64, no ``class_index``); everything else through the difference kernel.
+    inputs below float64, no ``class_index``), with ``operands`` when a prepared bank has them;
+    everything else through the difference kernel.
     """
     if uses_gemm_form(x, mu, class_index, precision):
-        bank = prepare_bank(mu, sigma)
-        out = mixture_lse_gemm(x, bank, precision)
-        redo_nonfinite_pairs(out, x, mu, sigma, bank)
+        operands = operands if operands is not None else gemm_operands(mu, sigma)
+        out = mixture_lse_gemm(x, mu, sigma, precision, operands)
+        redo_nonfinite_pairs(out, x, mu, sigma, operands.mm)
         return out
     return mixture_lse_diff(x, mu, sigma, class_index, per_image=mu.dim() == x.dim() + 2)
 
@@ -596,17 +615,19 @@ def _mixture_diff_redo_kernel(
 
 
 def redo_nonfinite_pairs(
-    out: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, bank: PreparedBank
+    out: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, mm: torch.Tensor
 ) -> None:
     """Overwrite, in the GEMM kernel's result ``out [B, C]``, the pairs whose image or bank rows
     hold inf or NaN (or whose squared norm passes the float range) with the difference form's
     value: ``|x|^2 - 2 x.mu + |mu|^2`` is NaN there (inf - inf) where the difference form gives -inf
     (zero density) or NaN. No host sync: the flags stay on the device and one launch of B*C
-    programs redoes the flagged pairs only (shared bank, float32, as ``mixture_lse_gemm``)."""
+    programs redoes the flagged pairs only (shared bank, float32, as ``mixture_lse_gemm``).
+    ``mm``: the bank rows' squared norms ``[C*T]`` (``GemmOperands.mm``), non-finite exactly where
+    a row holds inf or NaN."""
     b, c = out.shape
     x2 = x.reshape(b, -1).float().contiguous()
     bad_b = (~torch.isfinite(x2.double().square().sum(-1).float())).to(torch.int8)
-    bad_c = (~torch.isfinite(bank.mm.reshape(c, -1)).all(-1)).to(torch.int8)
+    bad_c = (~torch.isfinite(mm.reshape(c, -1)).all(-1)).to(torch.int8)
     lay = diff_layout(x, mu, sigma, None, per_image=False)
     _mixture_diff_redo_kernel[(b * c,)](
         lay.x,

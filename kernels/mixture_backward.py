@@ -314,9 +314,13 @@ def _mixture_bwd_bank_kernel(
                 ivar_t = 1.0 / (siso * siso)
                 a = w * ivar_t[None, :]
                 if NEED_SIG:
-                    upd = tl.sum(tl.where(valid, w * (quad * ivar_t[None, :] - D), 0.0), 0) / siso
+                    # [BLOCK_T]; the D loop below has [BLOCK_T, BLOCK_D] updates under other names:
+                    # Triton rejects a name whose shape changes inside a loop.
+                    gsig_t = (
+                        tl.sum(tl.where(valid, w * (quad * ivar_t[None, :] - D), 0.0), 0) / siso
+                    )
                     gs_ptr = gsig_ptr + slice_rows + offs_t
-                    tl.store(gs_ptr, tl.load(gs_ptr, mask=t_mask, other=0.0) + upd, mask=t_mask)
+                    tl.store(gs_ptr, tl.load(gs_ptr, mask=t_mask, other=0.0) + gsig_t, mask=t_mask)
             # Pass 2: this block's contribution to the program's own gmu (and diagonal gsig).
             if NEED_MU or (DIAG and NEED_SIG):
                 w_sum = tl.sum(w, 0)
@@ -351,12 +355,12 @@ def _mixture_bwd_bank_kernel(
                         if NEED_SIG:
                             wq = tl.sum(w[:, :, None] * diff * diff, 0)
                             gs = tl.load(gsig_ptr + out_off, mask=tile_mask, other=0.0)
-                            upd = (wq * ivar - w_sum[:, None]) / sv
-                            tl.store(gsig_ptr + out_off, gs + upd, mask=tile_mask)
+                            gsig_td = (wq * ivar - w_sum[:, None]) / sv
+                            tl.store(gsig_ptr + out_off, gs + gsig_td, mask=tile_mask)
                     else:
                         gm = tl.load(gmu_ptr + out_off, mask=tile_mask, other=0.0)
-                        upd = tl.sum(a[:, :, None] * diff, 0)
-                        tl.store(gmu_ptr + out_off, gm + upd, mask=tile_mask)
+                        gmu_td = tl.sum(a[:, :, None] * diff, 0)
+                        tl.store(gmu_ptr + out_off, gm + gmu_td, mask=tile_mask)
 
 
 @triton.jit

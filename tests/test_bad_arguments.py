@@ -238,23 +238,23 @@ MIXTURE_OPS = {
 
 PY_OPS = {
     "mixture_log_likelihood x rank": (
-        lambda: ops.mixture_log_likelihood(X[0], MU, SIG, None, "ieee", "torch"),
+        lambda: ops.mixture_log_likelihood(X[0], MU, SIG, None, "ieee", "torch", []),
         ValueError,
         "x must have",
     ),
     "mixture_log_likelihood impl": (
-        lambda: ops.mixture_log_likelihood(X, MU, SIG, None, "ieee", "nope"),
+        lambda: ops.mixture_log_likelihood(X, MU, SIG, None, "ieee", "nope", []),
         ValueError,
         "impl must be",
     ),
     "mixture_log_likelihood precision": (
-        lambda: ops.mixture_log_likelihood(X, MU, SIG, None, "fp8", "torch"),
+        lambda: ops.mixture_log_likelihood(X, MU, SIG, None, "fp8", "torch", []),
         ValueError,
         "precision must be",
     ),
     "mixture_log_likelihood_backward grad": (
         lambda: ops.mixture_log_likelihood_backward(
-            torch.zeros(3), X, MU, SIG, None, True, True, True, "torch"
+            torch.zeros(3), X, MU, SIG, None, True, True, True, "torch", []
         ),
         ValueError,
         "grad must be",

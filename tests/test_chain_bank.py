@@ -168,12 +168,15 @@ def test_bf16_bank_is_widened_for_fp32_x(iso_adapter):
     got = bank.log_likelihood(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-3)
-    # the widened copy is reused until the bank changes in place
-    assert bank._mu_as(torch.float32) is bank._mu_as(torch.float32)
-    before = bank._mu_as(torch.float32)
-    bank.refresh(iso_adapter, classes=[0])
-    after = bank._mu_as(torch.float32)
-    assert after is not before and torch.equal(after, bank.mu.float())
+    # the widened snapshot is kept until the bank's own refresh changes the bank
+    prepared = bank.prepared(torch.float32)
+    assert bank.prepared(torch.float32) is prepared
+    assert prepared.dtype == torch.float32 and torch.equal(prepared.log_likelihood(x), got)
+    bank.refresh(iso_adapter, classes=[0], generator=torch.Generator().manual_seed(9))
+    after = bank.prepared(torch.float32)
+    ref = reference.mixture_log_likelihood(x.double(), bank.mu.double(), bank.sigma.double())
+    assert after is not prepared
+    torch.testing.assert_close(after.log_likelihood(x).double(), ref, rtol=1e-5, atol=1e-3)
 
 
 def test_load_errors(tmp_path):

@@ -59,3 +59,35 @@ def test_python_dash_m_help():
     assert proc.returncode == 0
     for cmd in ("train", "eval", "sample", "classify", "bench", "demo"):
         assert cmd in proc.stdout
+
+
+def _snapshot(folder):
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def test_read_only_commands_leave_the_run_alone(run_dir, tmp_path, monkeypatch, capsys):
+    """eval / sample / classify write nothing into the run folder and never read the training
+    set (eval reads the held-out set only)."""
+    import genrep_fast.train.data as data
+    import genrep_fast.train.trainer as trainer
+
+    def no_training_data(*a, **k):
+        raise AssertionError("the training data were read")
+
+    monkeypatch.setattr(data, "build_datasets", no_training_data)
+    monkeypatch.setattr(trainer, "build_datasets", no_training_data)
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(run_dir)
+    assert main(["eval", "--checkpoint", str(run_dir)]) == 0  # default --out: ./eval-<ckpt>
+    (out,) = tmp_path.glob("eval-stage2-*")
+    assert (out / "eval.json").exists()
+    png = tmp_path / "s.png"
+    assert (
+        main(["sample", "--checkpoint", str(run_dir), "--out", str(png), "--per-class", "1"]) == 0
+    )
+    assert main(["classify", "--checkpoint", str(run_dir), str(png)]) == 0
+    assert _snapshot(run_dir) == before
+    capsys.readouterr()

@@ -203,7 +203,7 @@ def test_opcheck_triton(layout):
     ci = torch.tensor([[0, 3], [2, 2], [1, 0]]) if cand else None
     for a in (x, mu, sigma):
         a.requires_grad_()
-    torch.library.opcheck(_mixture_ll_op, (x, mu, sigma, ci, "ieee", "triton"))
+    torch.library.opcheck(_mixture_ll_op, (x, mu, sigma, ci, "ieee", "triton", []))
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""Two processes under torchrun (gloo, loopback): the replicas stay identical."""
+"""Two processes under torchrun (gloo, loopback): the replicas stay identical, also when one
+rank's batch has a NaN (both skip that step)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,15 @@ def test_two_process_gloo_run(tmp_path):
         cfg = tiny_config({str(tmp_path / "run")!r}, "stage0.steps=2", "stage1.steps=2",
                           "stage2.steps=2", "data.batch_size=8")
         tr = Trainer(cfg)
+        # one NaN pixel in a sample of rank 1's slice of stage 1's second batch: both ranks must
+        # skip that step (the finiteness flag is all-reduced) and stay identical
+        from genrep_fast.train.data import batch_indices
+        it = batch_indices(len(tr.train_set), 8, cfg.seed + 1000, rank=1, world=2)
+        next(it)
+        tr.train_set.images[int(next(it)[0]), 0, 4, 4] = float("nan")
         tr.run()
+        skipped = [(r["stage"], r["step"]) for r in tr.history if "skipped" in r]
+        assert skipped == [(1, 2)], skipped
         flat = torch.cat([p.detach().reshape(-1) for p in tr.net.parameters()]
                          + [p.detach().reshape(-1) for p in tr.teacher.parameters()])
         torch.save(flat, {str(tmp_path)!r} + f"/rank{{tr.rank}}.pt")

@@ -10,6 +10,7 @@ import torch
 from train_helpers import tiny_config
 
 from genrep_fast.train.checkpoint import CheckpointError, list_checkpoints
+from genrep_fast.train.config import ConfigError
 from genrep_fast.train.evaluation import evaluate
 from genrep_fast.train.trainer import Trainer, TrainingInterrupted, ema_update
 
@@ -145,8 +146,10 @@ def test_resume_from_bad_checkpoint_is_a_clear_error(tmp_path):
 def test_resume_with_another_model_is_a_clear_error(tmp_path):
     Trainer(tiny_config(tmp_path, "stage1.steps=0", "stage2.steps=0")).run()
     other = tiny_config(tmp_path / "x", "model.factory_kwargs={block_out_channels: [16, 16]}")
-    with pytest.raises(CheckpointError, match="checkpoint net: (does not match|.* has shape)"):
+    with pytest.raises(ConfigError, match="model.factory_kwargs"):
         Trainer(other, resume=tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoint net: (does not match|.* has shape)"):
+        Trainer(other, resume=tmp_path, allow_config_change=True)
 
 
 def test_dit_backbone_runs_all_stages(tmp_path):

@@ -9,6 +9,12 @@ only on the model and the class, so it is built once and refreshed every R train
 Storage: ``mu`` in ``dtype`` (float32 or bfloat16); an isotropic ``sigma`` stays float32 (it is
 tiny, and bf16 rounding of sigma would shift every log-density by up to D * 2^-9 nats); a diagonal
 ``sigma`` is stored in ``dtype``.
+
+Likelihoods: ``log_likelihood(x)`` reads ``mu`` / ``sigma`` as they are at each call (nothing
+derived from them is kept). For many calls between refreshes, ``prepared()`` gives a
+``genrep_fast.PreparedBank`` snapshot that the bank keeps until its own ``build`` / ``refresh`` /
+``to`` / ``load`` change it; after writing ``mu`` or ``sigma`` by other means (``dist.broadcast``,
+an in-place edit), call ``mark_changed()``.
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ class ChainBank:
         self.sigma_min = float(sigma_min)
         self.guidance_scale = float(guidance_scale)
         self.batch_size = batch_size
+        self._prepared: genrep_fast.PreparedBank | None = None
 
     # ---------------------------------------------------------------- shape facts
 
@@ -121,6 +128,7 @@ class ChainBank:
         self.mu = self.mu.to(device)
         self.sigma = self.sigma.to(device)
         self.timesteps = self.timesteps.to(device)
+        self.mark_changed()
         return self
 
     def __repr__(self) -> str:
@@ -248,6 +256,7 @@ class ChainBank:
                 )
                 mu_rows[rows] = rec.mu.to(self.mu.dtype)
                 sig_rows[rows] = rec.sigma.to(self.sigma.dtype).clamp(min=self.sigma_min)
+        self.mark_changed()
 
     def refresh(
         self,
@@ -290,24 +299,34 @@ class ChainBank:
         """``genrep_fast.mixture_log_likelihood(x, mu, sigma, **kw)``: ``[B, C]`` (or ``[B, K]``).
 
         ``x`` and ``mu`` are brought to the wider of their dtypes (a bf16 bank is widened for an
-        fp32 ``x``; an fp32 bank is never narrowed).
+        fp32 ``x``; an fp32 bank is never narrowed). Reads the bank as it is now and derives
+        everything per call (the widening included): for repeated calls use
+        ``prepared(x.dtype).log_likelihood(x, **kw)``.
         """
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__}")
         dt = torch.promote_types(x.dtype, self.mu.dtype)
-        return genrep_fast.mixture_log_likelihood(x.to(dt), self._mu_as(dt), self.sigma, **kw)
+        return genrep_fast.mixture_log_likelihood(x.to(dt), self.mu.to(dt), self.sigma, **kw)
 
-    def _mu_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """``mu`` in ``dtype``; a widened copy is kept until ``mu`` changes (its in-place version
-        counter moves on refresh), so the posterior's per-bank preparation cache stays warm."""
-        if dtype == self.mu.dtype:
-            return self.mu
-        key = (dtype, self.mu.data_ptr(), self.mu._version, self.mu.device)
-        cached = getattr(self, "_widened", None)
-        if cached is None or cached[0] != key:
-            cached = (key, self.mu.to(dtype))
-            self._widened = cached
-        return cached[1]
+    def prepared(self, dtype: torch.dtype | None = None) -> genrep_fast.PreparedBank:
+        """A ``genrep_fast.PreparedBank`` snapshot of ``(mu, sigma)`` with ``mu`` in ``dtype``
+        (default: the bank's), for many likelihood calls between refreshes.
+
+        Taken on the first call and kept (one snapshot; another dtype replaces it) until the bank's
+        own ``refresh`` / ``to`` change it, or ``mark_changed()`` is called. It holds a private
+        copy of the bank (plus the operands of each backend it is used with), so it is never
+        inconsistent; it is only as fresh as the last of those events.
+        """
+        dt = self.mu.dtype if dtype is None else dtype
+        if self._prepared is None or self._prepared.dtype != dt:
+            self._prepared = None  # free the old snapshot before copying the bank again
+            self._prepared = genrep_fast.prepare_bank(self.mu, self.sigma, dtype=dt)
+        return self._prepared
+
+    def mark_changed(self) -> None:
+        """Drop the snapshot of ``prepared()``: call after writing ``mu`` or ``sigma`` other than
+        through ``refresh`` / ``to`` (e.g. ``dist.broadcast(bank.mu, 0)``)."""
+        self._prepared = None
 
     # ---------------------------------------------------------------- persistence
 

@@ -63,7 +63,13 @@ class FeatureAggregator(nn.Module):
                 raise ValueError(
                     f"features[{i}] has batch {f.shape[0]}, features[0] has {features[0].shape[0]}"
                 )
-            m = proj(norm(f.to(dt)))
+            f = f.to(dt)
+            if f.device.type == "cpu":
+                # torch's CPU GroupNorm backward crashes (SIGSEGV) on a channels-last input whose
+                # own gradient is not needed, e.g. the features of a frozen backbone; attention
+                # blocks hand back such maps. A contiguous copy takes the kernel's other path.
+                f = f.contiguous()
+            m = proj(norm(f))
             if tuple(m.shape[2:]) != self.resolution:
                 m = F.interpolate(m, size=self.resolution, mode="bilinear", align_corners=False)
             maps.append(m)

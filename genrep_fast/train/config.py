@@ -129,6 +129,9 @@ class RuntimeConfig:
     log_every: int = 20
     ckpt_every: int = 0  # 0: only at the end of each stage (and on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
+    # Consecutive steps skipped for a non-finite loss or gradient before the run stops (exit
+    # code 4); 0: never stop, keep skipping.
+    max_bad_steps: int = 10
     tensorboard: bool = False
     progress: bool = True
 
@@ -290,6 +293,7 @@ def _validate(cfg: TrainConfig) -> None:
         "data.num_workers",
         "runtime.ckpt_every",
         "runtime.threads",
+        "runtime.max_bad_steps",
         "eval.samples_per_class",
         "eval.sample_steps",
         "eval.max_test_images",
@@ -314,6 +318,11 @@ def _validate(cfg: TrainConfig) -> None:
             _fail(f"{s}.lr", f"must be > 0, got {st.lr}")
         if st.backbone_lr_scale < 0:
             _fail(f"{s}.backbone_lr_scale", f"must be >= 0, got {st.backbone_lr_scale}")
+        if s == "stage0" and st.steps and st.backbone_lr_scale == 0:
+            _fail(
+                "stage0.backbone_lr_scale",
+                "must be > 0 when stage0.steps > 0 (stage 0 trains only the backbone; 0 freezes it)",
+            )
         if st.weight_decay < 0 or st.grad_clip < 0:
             key = f"{s}.weight_decay" if st.weight_decay < 0 else f"{s}.grad_clip"
             _fail(key, "must be >= 0")
@@ -340,6 +349,39 @@ def flatten(d: dict, prefix: str = "") -> dict:
             out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
+    return out
+
+
+# Keys whose change makes a resumed run a different run: the saved weights, bank and data position
+# were made under them. A resume that changes one is refused unless explicitly allowed.
+RUN_DEFINING_KEYS = (
+    "seed",
+    "model.",
+    "diffusion.",
+    "data.kind",
+    "data.batch_size",
+    "data.image_size",
+    "data.grayscale",
+    "data.latent_scale",
+    "runtime.grad_accum",
+)
+
+
+def run_defining_changes(saved: dict, current: dict) -> list[str]:
+    """``"key: old -> new"`` for every run-defining key (``RUN_DEFINING_KEYS``) that differs
+    between two ``TrainConfig.to_dict()`` mappings, sorted by key. A key the saved mapping lacks
+    (written before the key existed) counts as its default."""
+    try:
+        saved = from_dict(TrainConfig, saved).to_dict()
+    except ConfigError:
+        pass  # compare what is there
+    a, b = flatten(saved), flatten(current)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RUN_DEFINING_KEYS):
+            continue
+        if a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return out
 
 

@@ -9,11 +9,14 @@
   Latents are multiplied by ``latent_scale`` on load.
 
 The batch order is a pure function of ``(seed, epoch)``: a resumed run sees exactly the batches an
-uninterrupted run would, without saving loader state.
+uninterrupted run would, without saving loader state. ``Batches.last_indices`` are the dataset
+indices of the last batch handed out and ``describe_sample`` names where a sample comes from (file,
+shard row), so the trainer can report a batch with non-finite values.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +48,9 @@ class TensorDataset(torch.utils.data.Dataset):
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[idx], self.labels[idx]
+
+    def describe(self, i: int) -> str:
+        return f"sample {i}"
 
 
 def load_digits_split(
@@ -93,6 +99,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def describe(self, i: int) -> str:
+        return str(self.files[i][0])
 
     def __getitem__(self, i: int):
         from PIL import Image
@@ -170,9 +179,17 @@ class LatentShards(torch.utils.data.Dataset):
                 self._open[si] = np.load(f, mmap_mode="r")
         return self._open[si]
 
-    def __getitem__(self, i: int):
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard number, row in the shard) of sample ``i``."""
         si = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        j = i - int(self.offsets[si])
+        return si, i - int(self.offsets[si])
+
+    def describe(self, i: int) -> str:
+        si, j = self.locate(i)
+        return f"{self.shards[si][1]} row {j}"
+
+    def __getitem__(self, i: int):
+        si, j = self.locate(i)
         h = self._handle(si)
         x = h[j : j + 1][0] if self.shards[si][0] == "st" else torch.from_numpy(np.array(h[j]))
         return x.float() * self.scale, self.labels[i]
@@ -194,6 +211,24 @@ def build_datasets(cfg: DataConfig, seed: int = 0):
     train = LatentShards(cfg.root, cfg.latent_scale)
     test = LatentShards(cfg.test_root, cfg.latent_scale) if cfg.test_root else None
     return train, test
+
+
+def build_test_dataset(cfg: DataConfig):
+    """The held-out set alone (None when none is configured): what evaluation needs, without
+    reading the training data."""
+    if cfg.kind == "digits":
+        return load_digits_split(seed=0)[1]
+    if not cfg.test_root:
+        return None
+    if cfg.kind == "image_folder":
+        return ImageFolder(cfg.test_root, cfg.image_size, cfg.grayscale)
+    return LatentShards(cfg.test_root, cfg.latent_scale)
+
+
+def describe_sample(dataset, i: int) -> str:
+    """Where sample ``i`` of ``dataset`` comes from: an image file, ``shard row j``, ``sample i``."""
+    describe = getattr(dataset, "describe", None)
+    return describe(int(i)) if describe is not None else f"sample {int(i)}"
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -225,7 +260,8 @@ def batch_indices(
 
 
 class Batches:
-    """Iterator of ``(x, y)`` micro-batches starting at micro-batch ``start``."""
+    """Iterator of ``(x, y)`` micro-batches starting at micro-batch ``start``; ``last_indices``
+    holds the dataset indices ``[batch_size]`` of the batch last returned."""
 
     def __init__(
         self,
@@ -240,9 +276,12 @@ class Batches:
         self.dataset = dataset
         self.index_iter = batch_indices(len(dataset), batch_size, seed, start, rank, world)
         self.num_workers = num_workers
+        self.last_indices: torch.Tensor | None = None
         self._loader_iter = None
+        # Indices the loader has drawn but not yet handed back as a batch (it prefetches, in order)
+        self._pending: deque[torch.Tensor] = deque()
         if not isinstance(dataset, TensorDataset):
-            sampler = _IterSampler(self.index_iter)
+            sampler = _IterSampler(self._drawn())
             loader = torch.utils.data.DataLoader(
                 dataset,
                 batch_sampler=sampler,
@@ -251,13 +290,21 @@ class Batches:
             )
             self._loader_iter = iter(loader)
 
+    def _drawn(self) -> Iterator[torch.Tensor]:
+        for idx in self.index_iter:
+            self._pending.append(idx)
+            yield idx
+
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._loader_iter is not None:
-            return next(self._loader_iter)
-        return self.dataset.batch(next(self.index_iter))
+            batch = next(self._loader_iter)
+            self.last_indices = self._pending.popleft()
+            return batch
+        self.last_indices = next(self.index_iter)
+        return self.dataset.batch(self.last_indices)
 
 
 class _IterSampler(torch.utils.data.Sampler):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from genrep_fast import class_posterior, mixture_log_likelihood
+from genrep_fast import PreparedBank, class_posterior, mixture_log_likelihood
 from genrep_fast.train import metrics
 from genrep_fast.train.config import TrainConfig
 from genrep_fast.train.network import GenRepNet, build_chain_bank
@@ -42,11 +42,15 @@ def posterior_probabilities(
     backend: str = "auto",
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """``[N, C]`` class posterior of the bank's mixture likelihood (uniform prior)."""
+    """``[N, C]`` class posterior of the bank's mixture likelihood (uniform prior).
+
+    ``bank``: a ``ChainBank`` (its snapshot, ``bank.prepared()``, serves every batch) or a
+    ``genrep_fast.PreparedBank``."""
+    prepared = bank if isinstance(bank, PreparedBank) else bank.prepared()
     out = []
     for lo in range(0, images.shape[0], batch_size):
-        x = images[lo : lo + batch_size].to(bank.mu.dtype)
-        ll = mixture_log_likelihood(x, bank.mu, bank.sigma, precision=precision, backend=backend)
+        x = images[lo : lo + batch_size].to(prepared.dtype)
+        ll = mixture_log_likelihood(x, prepared, precision=precision, backend=backend)
         out.append(class_posterior(ll).float().cpu())
     return torch.cat(out)
 

@@ -278,7 +278,8 @@ def perception_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """L_percept = CE(logits, y) + w * KL(p(y|x) || softmax(logits)); returns (loss, logits, parts).
 
-    The teacher ``p(y|x)`` is the class posterior of the chain bank's Gaussian mixture.
+    The teacher ``p(y|x)`` is the class posterior of the chain bank's Gaussian mixture, computed
+    from ``bank.prepared()`` (a ``ChainBank``'s snapshot, taken once per refresh).
     """
     logits, _ = net.perceive(x0)
     ce = F.cross_entropy(logits, y)
@@ -289,10 +290,11 @@ def perception_loss(
         with ctx:
             k = cfg.diffusion.candidate_classes
             idx = candidate_classes(logits, y, k) if k else None
+            # The bank's snapshot, prepared once per refresh: no per-step conversion of the bank.
+            prepared = bank.prepared()
             ll = mixture_log_likelihood(
-                x0.detach().to(bank.mu.dtype),
-                bank.mu,
-                bank.sigma,
+                x0.detach().to(prepared.dtype),
+                prepared,
                 class_index=idx,
                 precision=cfg.diffusion.precision,
                 backend=backend,

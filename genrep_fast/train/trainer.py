@@ -12,6 +12,13 @@
 ``runtime.ops = "reference"`` swaps the posterior, the alignment and the EMA for the eager
 reference implementations, so the end-to-end speedup of the package's ops can be measured.
 
+Faults: a step whose loss or update is not finite is skipped (no optimiser step, no EMA; the
+batch is consumed and the step counts), logged with its batch's sample indices, and
+``runtime.max_bad_steps`` consecutive skips stop the run (``TrainingDiverged``, exit code 4 of the
+CLI). The check is one flag per step read on the host (the step's only sync). A non-finite bank is
+not installed; a checkpoint with a non-finite tensor is refused. ``backbone_lr_scale: 0`` freezes
+the backbone for the stage (``requires_grad`` off: no graph or gradient is made for it).
+
 Data parallel: under ``torchrun`` every process takes its slice of each global batch; both task
 gradients are averaged over the processes (``genrep_fast.distributed.all_reduce_gradients``)
 before alignment (alignment is non-linear, it must see the global batch's gradients), so every
@@ -25,6 +32,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -35,8 +43,8 @@ import torch.distributed as dist
 
 from genrep_fast import align_gradients
 from genrep_fast.train import checkpoint as ckpt
-from genrep_fast.train.config import TrainConfig
-from genrep_fast.train.data import Batches, build_datasets
+from genrep_fast.train.config import ConfigError, TrainConfig, run_defining_changes
+from genrep_fast.train.data import Batches, build_datasets, describe_sample
 from genrep_fast.train.network import (
     GenRepNet,
     build_chain_bank,
@@ -68,6 +76,13 @@ class TrainingInterrupted(Exception):
         super().__init__(f"stopped by signal {signum}; checkpoint: {checkpoint}")
         self.signum = signum
         self.checkpoint = checkpoint
+
+
+class TrainingDiverged(Exception):
+    """``runtime.max_bad_steps`` consecutive steps had a non-finite loss or gradient; the model,
+    the optimiser and the EMA teacher hold the last finite state (no checkpoint is written)."""
+
+    exit_code = 4
 
 
 class Timer:
@@ -131,7 +146,11 @@ class Trainer:
         cfg: the validated configuration.
         out_dir: run folder (checkpoints, metrics.jsonl, pictures); default ``cfg.out_dir``.
         resume: a checkpoint folder or run folder to continue from (exactly: same weights,
-            optimiser moments, RNG states, bank, data position).
+            optimiser moments, RNG states, bank, data position). A run folder whose ``latest`` is
+            broken resumes from its newest intact checkpoint.
+        allow_config_change: resume even if ``cfg`` differs from the checkpoint's config in a
+            run-defining key (``config.RUN_DEFINING_KEYS``); otherwise that is a ``ConfigError``
+            listing the keys. A changed ``diffusion.*`` drops the saved bank (it is rebuilt).
     """
 
     def __init__(
@@ -140,6 +159,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         *,
         resume: str | Path | None = None,
+        allow_config_change: bool = False,
     ):
         self.cfg = cfg
         self.out_dir = Path(out_dir or cfg.out_dir)
@@ -169,12 +189,23 @@ class Trainer:
         self.stage_seconds: dict[int, float] = {}
         self.history: list[dict] = []
         self._stop_signal: int | None = None
+        self._stop_agreed = False  # world > 1: the stop flag all ranks agreed on at the last step
+        self.bad_steps = 0  # steps skipped for a non-finite loss or gradient, whole run
+        self.bad_streak = 0  # ... consecutive, up to the last step
+        self._step_ok = True
+        self._step_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._saved: tuple[tuple[int, int], Path] | None = None
+        self._tb = None
         if self.rank == 0:
+            for p in ckpt.remove_stale_temporaries(self.out_dir / "checkpoints"):
+                print(
+                    f"genrep-fast: removed {p}, left by a killed checkpoint write", file=sys.stderr
+                )
+        if resume is not None:
+            self.load(resume, allow_config_change=allow_config_change)
+        if self.rank == 0:  # after load: a refused resume leaves the run folder as it was
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        self._tb = None
-        if resume is not None:
-            self.load(resume)
 
     # ------------------------------------------------------------------ setup
 
@@ -223,6 +254,11 @@ class Trainer:
         params = self.trainable(stage)
         self.params = [p for _, p, _ in params]
         self.param_names = [n for n, _, _ in params]
+        # What the stage does not train is frozen: autograd then builds no graph for it (a frozen
+        # backbone's forward is inference only) and no gradient is computed for it.
+        trained = {id(p) for p in self.params}
+        for p in self.net.parameters():
+            p.requires_grad_(id(p) in trained)
         groups: dict[float, list] = {}
         for _, p, s in params:
             groups.setdefault(s, []).append(p)
@@ -263,12 +299,24 @@ class Trainer:
         g = torch.Generator(self.device)
         g.manual_seed(self.cfg.seed * 31 + self.stage * 1_000_003 + self.step)
         with self.timer("bank_refresh"):
-            self.bank = build_chain_bank(
+            bank = build_chain_bank(
                 self.net, self.cfg, g, modulated=self.stage == 2 and self.cfg.loss.semantic
             )
             if self.world > 1:  # every replica distils from rank 0's bank
-                dist.broadcast(self.bank.mu, 0)
-                dist.broadcast(self.bank.sigma, 0)
+                dist.broadcast(bank.mu, 0)
+                dist.broadcast(bank.sigma, 0)
+                bank.mark_changed()  # written in place, after any snapshot of it
+            finite = bool(torch.isfinite(bank.mu).all() & torch.isfinite(bank.sigma).all())
+        if finite:
+            self.bank = bank
+            return
+        what = "kept the previous bank" if self.bank is not None else "no bank to fall back on"
+        self.log({"stage": self.stage, "step": self.step, "event": f"non-finite bank, {what}"})
+        if self.bank is None:
+            raise TrainingDiverged(
+                f"the chain bank built from the model at stage {self.stage} step {self.step} is "
+                "not finite"
+            )
 
     # ------------------------------------------------------------------ running
 
@@ -347,11 +395,22 @@ class Trainer:
             parts = self.train_step(stage, batches, accum)
             self.step += 1
             bar.update(1)
-            if self.step % cfg.runtime.log_every == 0 or self.step == st.steps:
-                parts = {k: float(v) for k, v in parts.items()}  # the only host sync of a step
-                rec = {"stage": stage, "step": self.step, "lr": lr, **parts}
-                bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()})
-                self.log(rec)
+            if not self._step_ok:
+                try:
+                    self._skipped_step(stage, batches.dataset, parts)
+                except TrainingDiverged:
+                    bar.close()
+                    raise
+            else:
+                self.bad_streak = 0
+                if self.step % cfg.runtime.log_every == 0 or self.step == st.steps:
+                    # (the step's flag read already waited for these values)
+                    parts = {k: float(v) for k, v in parts.items()}
+                    rec = {"stage": stage, "step": self.step, "lr": lr, **parts}
+                    if self.bad_steps:
+                        rec["bad_steps"] = self.bad_steps
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()})
+                    self.log(rec)
             if (
                 cfg.runtime.ckpt_every
                 and self.step % cfg.runtime.ckpt_every == 0
@@ -369,12 +428,48 @@ class Trainer:
         self.save()
 
     def _should_stop(self) -> bool:
-        flag = self._stop_signal is not None
-        if self.world > 1:
-            t = torch.tensor([1.0 if flag else 0.0], device=self._dist_device)
-            dist.all_reduce(t)
-            flag = bool(t.item() > 0)
-        return flag
+        if self.world > 1:  # agreed on by all ranks with the step's finiteness flag
+            return self._stop_agreed
+        return self._stop_signal is not None
+
+    def _skipped_step(self, stage: int, dataset, parts: dict[str, torch.Tensor]) -> None:
+        """Log the step just skipped (its sample indices, which inputs and losses were not
+        finite); raise ``TrainingDiverged`` after ``runtime.max_bad_steps`` in a row."""
+        self.bad_steps += 1
+        self.bad_streak += 1
+        indices, bad_inputs = [], []
+        for idx, x0 in self._step_inputs:
+            idx = [int(i) for i in idx]
+            indices += idx
+            rows = (~torch.isfinite(x0.float().flatten(1))).any(1).nonzero().flatten().tolist()
+            bad_inputs += [describe_sample(dataset, idx[r]) for r in rows]
+        bad_losses = [k for k, v in parts.items() if not bool(torch.isfinite(v))]
+        rec = {
+            "stage": stage,
+            "step": self.step,
+            "skipped": "non-finite loss or gradient",
+            "bad_steps": self.bad_steps,
+            "nonfinite_losses": bad_losses,
+            "nonfinite_inputs": bad_inputs,
+            "sample_indices": indices,  # this process's part of the batch
+        }
+        self.log(rec)
+        print(
+            f"genrep-fast: stage {stage} step {self.step}: skipped, non-finite "
+            f"{', '.join(bad_losses) or 'gradient'}"
+            + (f"; non-finite inputs: {', '.join(bad_inputs[:3])}" if bad_inputs else "")
+            + f" (rank {self.rank}, sample indices {indices[:8]}{' ...' if len(indices) > 8 else ''})",
+            file=sys.stderr,
+        )
+        limit = self.cfg.runtime.max_bad_steps
+        if limit and self.bad_streak >= limit:
+            latest = ckpt.list_checkpoints(self.out_dir / "checkpoints")
+            raise TrainingDiverged(
+                f"stopped: {self.bad_streak} steps in a row with a non-finite loss or gradient "
+                f"(stage {stage}, steps {self.step - self.bad_streak + 1}-{self.step}; "
+                f"runtime.max_bad_steps={limit}); the model holds the last finite state; newest "
+                f"checkpoint: {latest[-1] if latest else 'none'}; see {self.out_dir / 'metrics.jsonl'}"
+            )
 
     def _autocast(self):
         return self.autocast if self.autocast is not None else nullcontext()
@@ -388,22 +483,26 @@ class Trainer:
         acc_g: list[torch.Tensor | None] = [None] * n
         totals: dict[str, torch.Tensor] = {}
 
-        def add(acc, grads):
-            for i, gr in enumerate(grads):
+        def add(acc, loss):
+            if not loss.requires_grad:  # no trained parameter feeds it (e.g. a frozen backbone)
+                return
+            for i, gr in enumerate(torch.autograd.grad(loss, self.params, allow_unused=True)):
                 if gr is None:
                     continue
                 acc[i] = gr if acc[i] is None else acc[i].add_(gr)
 
+        self._step_inputs = []  # (sample indices, x0) per micro-batch, reported if skipped
         for _ in range(accum):
             with timer("data"):
                 x0, y = next(batches)
                 x0 = x0.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
+                self._step_inputs.append((batches.last_indices, x0))
             if stage == 0:
                 with self._autocast():
                     loss_g, parts = generation_loss(self.net, x0, y, self.generator, cfg)
                 with timer("backward_g"):
-                    add(acc_g, torch.autograd.grad(loss_g / accum, self.params, allow_unused=True))
+                    add(acc_g, loss_g / accum)
             else:
                 with timer("features"), self._autocast():
                     loss_p, logits, parts = perception_loss(
@@ -420,13 +519,10 @@ class Trainer:
                         )
                     parts.update(gparts)
                 with timer("backward_p"):
-                    add(acc_p, torch.autograd.grad(loss_p / accum, self.params, allow_unused=True))
+                    add(acc_p, loss_p / accum)
                 if stage == 2:
                     with timer("backward_g"):
-                        add(
-                            acc_g,
-                            torch.autograd.grad(loss_g / accum, self.params, allow_unused=True),
-                        )
+                        add(acc_g, loss_g / accum)
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / accum
 
@@ -452,19 +548,46 @@ class Trainer:
             else:
                 update = acc_g if stage == 0 else acc_p
         with timer("optimizer"):
-            for p, u in zip(self.params, update):
-                p.grad = u
-            st = self.stage_config(stage)
-            if st.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, st.grad_clip, foreach=self.fast)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if stage == 2:
+            grads = [u for u in update if u is not None]
+            norm = (
+                torch.nn.utils.get_total_norm(grads, foreach=self.fast)
+                if grads
+                else torch.zeros((), device=self.device)
+            )
+            self._step_ok = self._finite_step(norm, totals)
+            if self._step_ok:
+                for p, u in zip(self.params, update):
+                    p.grad = u
+                st = self.stage_config(stage)
+                if st.grad_clip > 0:
+                    with_grad = [p for p in self.params if p.grad is not None]
+                    torch.nn.utils.clip_grads_with_norm_(
+                        with_grad, st.grad_clip, norm, foreach=self.fast
+                    )
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if stage == 2 and self._step_ok:
             with timer("ema"):
                 ema_update(
                     self._teacher_tensors(), self._student_tensors(), cfg.ema_decay, fused=self.fast
                 )
         return totals
+
+    def _finite_step(self, grad_norm: torch.Tensor, losses: dict[str, torch.Tensor]) -> bool:
+        """Whether the step's update norm and every loss part are finite: one flag computed on
+        the device and read once (with world > 1, all-reduced together with the stop flag, so every
+        rank skips the same steps and stops at the same step). This read is the step's only host
+        sync."""
+        vals = [grad_norm.float().reshape(1)] + [v.float().reshape(1) for v in losses.values()]
+        bad = (~torch.isfinite(torch.cat(vals))).any().float()
+        if self.world == 1:
+            return not bool(bad)
+        stop = torch.tensor(float(self._stop_signal is not None), device=bad.device)
+        flags = torch.stack([bad, stop]).to(self._dist_device)
+        dist.all_reduce(flags)
+        bad_any, stop_any = (flags > 0).tolist()
+        self._stop_agreed = stop_any
+        return not bad_any
 
     def _teacher_tensors(self) -> list[torch.Tensor]:
         if not hasattr(self, "_ema_pairs"):
@@ -506,6 +629,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "stage_seconds": {str(k): v for k, v in self.stage_seconds.items()},
             "timing": self.timer.seconds,
+            "bad_steps": self.bad_steps,
+            "bad_streak": self.bad_streak,
         }
         if self.teacher is not None:
             tensors.update(ckpt.prefixed("teacher", self.teacher.state_dict()))
@@ -526,23 +651,44 @@ class Trainer:
         return tensors, meta
 
     def save(self) -> Path | None:
-        """Checkpoint into ``out_dir/checkpoints`` (rank 0 writes; the others wait)."""
+        """Checkpoint into ``out_dir/checkpoints`` (rank 0 writes; the others wait); returns its
+        folder, or None when it was refused for a non-finite tensor (logged). A state saved
+        already (same stage and step, e.g. SIGTERM on a ``ckpt_every`` step) is not written again:
+        its folder is returned."""
+        key = (self.stage, self.step)
+        if self._saved is not None and self._saved[0] == key:
+            return self._saved[1]
         path = None
         if self.rank == 0:
             tensors, meta = self.state()
-            path = ckpt.save_checkpoint(
-                self.out_dir / "checkpoints",
-                f"stage{self.stage}-{self.step:08d}",
-                tensors,
-                meta,
-                keep=self.cfg.runtime.keep_checkpoints,
-            )
+            try:
+                path = ckpt.save_checkpoint(
+                    self.out_dir / "checkpoints",
+                    f"stage{self.stage}-{self.step:08d}",
+                    tensors,
+                    meta,
+                    keep=self.cfg.runtime.keep_checkpoints,
+                )
+            except ckpt.NonFiniteCheckpointError as exc:
+                self.log({"stage": self.stage, "step": self.step, "event": f"refused: {exc}"})
+                print(f"genrep-fast: checkpoint refused: {exc}", file=sys.stderr)
         if self.world > 1:
             dist.barrier()
+        self._saved = (key, path)  # (a refused state would be refused again)
         return path
 
-    def load(self, path: str | Path) -> None:
-        tensors, meta = ckpt.load_checkpoint(path, map_location="cpu")
+    def load(self, path: str | Path, *, allow_config_change: bool = False) -> None:
+        """Continue from a checkpoint (see the class docstring for ``allow_config_change``)."""
+        loaded = ckpt.open_checkpoint(path, map_location="cpu")
+        tensors, meta = loaded.tensors, loaded.meta
+        changes = run_defining_changes(meta.get("config", {}), self.cfg.to_dict())
+        if changes and not allow_config_change:
+            raise ConfigError(
+                f"resume: the config differs from that of {loaded.path} in keys that change the "
+                f"run: {'; '.join(changes)}. Use the checkpoint's values, or pass "
+                "--allow-config-change (Trainer(allow_config_change=True)) to resume anyway"
+            )
+        keep_bank = not any(c.startswith("diffusion.") for c in changes)
         stage, step = int(meta["stage"]), int(meta["step"])
         if any(k.startswith("teacher/") for k in tensors):
             self.teacher = self.net
@@ -554,11 +700,13 @@ class Trainer:
         self.stage, self.step = stage, step
         self.stage_seconds = {int(k): v for k, v in meta.get("stage_seconds", {}).items()}
         self.timer.seconds = dict(meta.get("timing", {}))
+        self.bad_steps = int(meta.get("bad_steps", 0))
+        self.bad_streak = int(meta.get("bad_streak", 0))
         if "optimizer" in meta:
             self._make_optimizer(int(meta["optimizer_stage"]))
             self._optim_stage = int(meta["optimizer_stage"])
             ckpt.optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
-        if "bank/mu" in tensors:
+        if "bank/mu" in tensors and keep_bank:  # (a changed diffusion.* rebuilds the bank)
             from genrep_fast.models import ChainBank
 
             d = self.cfg.diffusion
@@ -576,6 +724,26 @@ class Trainer:
         self.generator = self._new_generator(stage)
         self.generator.set_state(tensors["rng/generator"])
         ckpt.set_rng_state(tensors, meta["rng"])
+
+
+def load_for_inference(
+    path: str | Path, overrides: list[str] = ()
+) -> tuple[TrainConfig, GenRepNet, Path]:
+    """``(config, network, checkpoint folder)`` of a checkpoint (or a run folder's latest intact
+    one) for evaluation, sampling or classification: reads only the ``net/`` tensors, builds no
+    dataset and writes nothing. ``overrides`` (``key=value``) apply to the saved config; the
+    network is in eval mode on ``runtime.device``."""
+    from genrep_fast.train.config import apply_overrides, config_from_dict
+
+    loaded = ckpt.open_checkpoint(path, map_location="cpu", prefixes=("net/",))
+    cfg = config_from_dict(apply_overrides(loaded.meta["config"], list(overrides)))
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    net = build_network(cfg, resolve_device(cfg.runtime.device))
+    _load_module(net, ckpt.unprefixed("net", loaded.tensors), "net")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return cfg, net.eval(), loaded.path
 
 
 def _load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
