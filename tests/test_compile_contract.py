@@ -51,6 +51,10 @@ CHECKS = textwrap.dedent(
         lambda z, x, mu: G.posterior_kl_loss(z, G.mixture_log_likelihood(x, mu, sigma)),
         z, x, mu,
     )
+    # The eager reference traces too (its zero-density guard runs without a host sync there).
+    run(lambda x, mu: G.mixture_log_likelihood(x, mu, sigma, backend="reference").sum(), x, mu)
+    run(lambda z, ll: G.posterior_kl_loss(z, ll, prior, backend="reference"), z, ll0)
+    run(lambda ll: G.class_posterior(ll, backend="reference").amax(-1).sum(), ll0)
 
     ps = [torch.randn(4, 3), torch.randn(5, dtype=torch.float64), None]
     gs = [torch.randn(4, 3), torch.randn(5, dtype=torch.float64), torch.randn(2)]
