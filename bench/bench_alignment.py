@@ -1,4 +1,4 @@
-"""Benchmarks of gradient alignment (METHOD.md section 3): the two ops (group_sums + align_combine,
+"""Benchmarks of gradient alignment (docs/METHOD.md section 3): the two ops (group_sums + align_combine,
 update written in place like into .grad) against three eager baselines, in the same run.
 
 * ``reference``: the per-group eager reference (what a user writes by hand, float64 sums);

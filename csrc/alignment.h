@@ -1,4 +1,4 @@
-// Shared pieces of the gradient-alignment ops (METHOD.md section 3): the per-group coefficients and
+// Shared pieces of the gradient-alignment ops (docs/METHOD.md section 3): the per-group coefficients and
 // the argument checks, used by the CPU kernels (alignment_cpu.cpp) and the CUDA kernels
 // (cuda/alignment_cuda.cu) so that both compute exactly the same a, b.
 #pragma once

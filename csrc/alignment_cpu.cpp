@@ -1,4 +1,4 @@
-// CPU kernels of gradient alignment (METHOD.md section 3): a per-group multi-tensor reduction
+// CPU kernels of gradient alignment (docs/METHOD.md section 3): a per-group multi-tensor reduction
 // (group_sums) and a multi-tensor combine (align_combine), the same two passes as the CUDA ops.
 //
 // Determinism: every tensor is cut into fixed-size chunks (independent of the thread count), each

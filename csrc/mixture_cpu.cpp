@@ -1,4 +1,4 @@
-// CPU kernels of the mixture log-likelihood in the exact difference form (METHOD.md section 1) for
+// CPU kernels of the mixture log-likelihood in the exact difference form (docs/METHOD.md section 1) for
 // the memory-bound layouts: the per-image bank mu [B, C, T, D] and candidate classes
 // (class_index [B, K] into a shared bank [C, T, D] or into a per-image bank).
 //

@@ -18,7 +18,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(genrep_fast, m) {
-  // Gradient alignment (METHOD.md section 3). group_ids[i] is the group of tensor i (or -1: in no
+  // Gradient alignment (docs/METHOD.md section 3). group_ids[i] is the group of tensor i (or -1: in no
   // group). Returns [num_groups, 3] = (<p,g>, |p|^2, |g|^2) per group in float64 whatever the
   // inputs' dtype (float32 squares underflow below ~1e-19 and overflow above ~1.8e19, which would
   // turn tiny gradients into "zero" ones), reduced in a fixed order so that repeated calls are
@@ -35,7 +35,7 @@ TORCH_LIBRARY(genrep_fast, m) {
       "align_combine(Tensor?[] p, Tensor?[] g, Tensor sums, int[] group_ids, float k, float w_p, "
       "float w_g, str align_mode, Tensor(a!)[] out) -> ()");
 
-  // Mixture log-likelihood (METHOD.md section 1), exact difference form, for the memory-bound
+  // Mixture log-likelihood (docs/METHOD.md section 1), exact difference form, for the memory-bound
   // layouts: x [B, D]; mu a per-image bank [B, C, T, D] or a shared bank [C, T, D]; sigma
   // isotropic as [Bs, Cs, T] (Bs in {1, B}, Cs in {1, C}) in the accumulation dtype (float32, or
   // float64 for float64 inputs), or diagonal (mu's shape, mu's dtype or the accumulation dtype);

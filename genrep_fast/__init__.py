@@ -1,6 +1,6 @@
 """genrep_fast: fast kernels and a training system for GenRep.
 
-Public API (METHOD.md is the contract for the math):
+Public API (docs/METHOD.md is the contract for the math):
 
 * ``thinned_steps`` - the reverse-chain positions kept as Monte Carlo samples;
 * ``mixture_log_likelihood``, ``class_posterior``, ``posterior_kl_loss`` - generative perception;

@@ -1,4 +1,4 @@
-"""Gradient alignment (METHOD.md section 3): the two task gradients, partly projected onto each
+"""Gradient alignment (docs/METHOD.md section 3): the two task gradients, partly projected onto each
 other per parameter group, combined into one update ``a * p + b * g`` per group.
 
 ``align_gradients`` validates, then dispatches to the compiled ops (``backend="auto"``) or to the
@@ -222,7 +222,7 @@ def align_gradients(
     reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
     backend: str = "auto",
 ) -> list[torch.Tensor | None]:
-    """Aligned update ``a * p + b * g`` per tensor (METHOD.md section 3).
+    """Aligned update ``a * p + b * g`` per tensor (docs/METHOD.md section 3).
 
     Args:
         grads_p: perception gradients, one per parameter (None counts as zeros).

@@ -1,4 +1,4 @@
-"""Gradient alignment under data parallelism (METHOD.md section 3, last paragraph).
+"""Gradient alignment under data parallelism (docs/METHOD.md section 3, last paragraph).
 
 Alignment is non-linear in the gradients, so it must see the gradients of the *global* batch:
 

@@ -1,5 +1,5 @@
 """Generative perception: the mixture likelihood of the chain bank, the class posterior and the
-distillation loss (METHOD.md section 1).
+distillation loss (docs/METHOD.md section 1).
 
 Public functions validate their arguments, then dispatch to a backend:
 
@@ -432,7 +432,7 @@ def posterior_kl_loss(
             ``"none"`` (``[B]``).
         class_index: ``[B, K]`` candidates: logits are gathered to them and both distributions
             are renormalised over the K classes.
-        detach_teacher: no gradient into the teacher (default, METHOD.md).
+        detach_teacher: no gradient into the teacher (default, docs/METHOD.md).
         backend: ``"auto"`` (the fused Triton kernels on CUDA, torch elsewhere), ``"triton"``,
             ``"torch"`` or ``"reference"``. ``detach_teacher=False`` always runs the reference.
 

@@ -1,6 +1,6 @@
 """Chunked torch implementation of the mixture log-likelihood (the CPU default of ``backend="auto"``).
 
-Same math as ``genrep_fast.reference.mixture_log_likelihood`` (METHOD.md section 1) without ever
+Same math as ``genrep_fast.reference.mixture_log_likelihood`` (docs/METHOD.md section 1) without ever
 materialising ``[B, C, T, D]``: the classes are processed in chunks whose temporaries stay under
 ``CHUNK_BYTES``, so the extra memory is O(B*C + chunk).
 
@@ -17,9 +17,9 @@ materialising ``[B, C, T, D]``: the classes are processed in chunks whose tempor
   that occur in ``class_index`` (at most ``min(C, B*K)``), then a gather.
 * With the compiled extension, the per-image bank and candidate classes (both banks) run the C++
   kernels ``genrep_fast::mixture_ll_diff`` / ``mixture_ll_diff_backward`` instead
-  (csrc/mixture_cpu.cpp): exact difference form, mu read once per row, fp32 accumulation. Measured
-  at B=64, C=10, T=75, D=1024 fp32, 1 thread: 8.8 ms vs 74 ms for the torch code above
-  (bench/bench_posterior.py). ``USE_CPU_EXTENSION = False`` forces the torch code.
+  (csrc/mixture_cpu.cpp): exact difference form, mu read once per row, fp32 accumulation, several
+  times faster than the torch code above (timings: bench/bench_posterior.py, recorded under
+  bench/results/). ``USE_CPU_EXTENSION = False`` forces the torch code.
 
 ``forward`` returns ``log p(x|y)``; ``backward`` recomputes the scores and the mixture weights
 chunk by chunk (flash-attention's trick), so ``[B, C, T]`` is never stored either. The LSE is
@@ -310,9 +310,9 @@ def _per_image_forward(x2, mu4, sig4, cls, dt, chunk_bytes):
         if diagonal:
             s, _, _ = _per_image_chunk_scores(xc, mu_c, sig_c, diagonal)
         else:
-            # cdist without the mm trick is the exact difference form in one pass over mu
-            # (measured 63 ms vs 420 ms for sub/square/sum at B=64, C=10, T=75, D=1024, 1 thread);
-            # squaring its sqrt costs ~2 ulps relative.
+            # cdist without the mm trick is the exact difference form in one pass over mu (a
+            # sub/square/sum makes three passes and a [B, cc, T, D] temporary); squaring its
+            # sqrt costs ~2 ulps relative.
             n = c1 - c0
             dist = torch.cdist(
                 xc[:, None, :],

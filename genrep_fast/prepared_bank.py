@@ -13,7 +13,7 @@ copies ``mu`` and ``sigma`` into private tensors (validated once, ``sigma > 0`` 
 operands of a backend are derived from those copies on first use and kept. Later changes of the
 caller's tensors do not reach it; to use a changed bank, prepare it again (``ChainBank.prepared``
 does this after the bank's own refresh). It takes no gradient for the bank (the teacher is
-detached, METHOD.md section 1); the gradient with respect to ``x`` is exact, as with raw tensors.
+detached, docs/METHOD.md section 1); the gradient with respect to ``x`` is exact, as with raw tensors.
 
 Memory: the private copy of the bank, plus per backend used: torch, a float64 copy (none for a
 float64 bank); Triton GEMM precisions, fp32 operands (for a contiguous fp32 isotropic bank they

@@ -1,4 +1,4 @@
-"""Eager PyTorch reference of every GenRep op (METHOD.md).
+"""Eager PyTorch reference of every GenRep op (docs/METHOD.md).
 
 These functions are the oracle of the tests and the eager baseline of the benchmarks: they are
 written for clarity, not speed (``mixture_log_likelihood`` materialises ``[B, C, T, D]``). They do
@@ -196,7 +196,7 @@ def posterior_kl_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradient alignment (METHOD.md section 3)
+# Gradient alignment (docs/METHOD.md section 3)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the thinned Gaussian-mixture log-likelihood (METHOD.md section 1).
+"""Triton kernels of the thinned Gaussian-mixture log-likelihood (docs/METHOD.md section 1).
 
 Both kernels return ``lse[b, k] = logsumexp_t log N(x_b; mu[k, t], sigma[k, t]^2)`` (no ``- log T``)
 and never write the ``[B, C, T]`` scores: the log-sum-exp over T runs online in registers.

@@ -1,4 +1,4 @@
-"""Triton backward of the thinned Gaussian-mixture log-likelihood (METHOD.md section 1).
+"""Triton backward of the thinned Gaussian-mixture log-likelihood (docs/METHOD.md section 1).
 
 Given the incoming gradient ``g: [B, K]`` of ``lse[b, k] = logsumexp_t s[b, k, t]`` with
 ``s = log N(x_b; mu[k, t], sigma[k, t]^2)``, the mixture weights are
@@ -9,7 +9,8 @@ Given the incoming gradient ``g: [B, K]`` of ``lse[b, k] = logsumexp_t s[b, k, t
     dL/dsigma_kt  = sum_b     w * (|x_b - mu|^2 / sigma^3 - D / sigma)        (isotropic)
     dL/dsigma_ktd = sum_b     w * ((x_bd - mu_d)^2 / sigma_d^3 - 1 / sigma_d)  (diagonal)
 
-The scores ``s`` are recomputed tile by tile from the saved ``lse`` (flash-attention's trick):
+The scores ``s`` and their LSE over T are recomputed tile by tile (flash-attention's trick,
+but the LSE too, not read from the forward's rounded output):
 ``[B, K, T]`` is never stored. Two kernels:
 
 * ``_mixture_bwd_rows_kernel``: one program per (image, group of classes) walks its classes and

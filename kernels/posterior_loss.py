@@ -1,4 +1,4 @@
-"""Triton kernels of the class posterior and the distillation loss (METHOD.md section 1).
+"""Triton kernels of the class posterior and the distillation loss (docs/METHOD.md section 1).
 
 Over rows of ``[B, C]`` (one program per image, the classes in ``BLOCK_C`` tiles):
 

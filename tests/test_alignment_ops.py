@@ -1,5 +1,5 @@
 """The gradient-alignment ops (group_sums + align_combine) and align_gradients against the float64
-reference and an independent NumPy transcription of METHOD.md section 3 (the projection form, not
+reference and an independent NumPy transcription of docs/METHOD.md section 3 (the projection form, not
 the expanded a/b form the kernels use).
 """
 
@@ -27,7 +27,7 @@ KS = (0.0, 1.0, 2.0, 3.5)
 
 
 def np_align(ps, gs, ids, k, w_p, w_g, mode):
-    """METHOD.md section 3 literally, per group, in float64 NumPy. ids[i] = -1: in no group."""
+    """docs/METHOD.md section 3 literally, per group, in float64 NumPy. ids[i] = -1: in no group."""
     n = len(ps)
     p64 = [None if p is None else p.double().numpy().ravel() for p in ps]
     g64 = [None if g is None else g.double().numpy().ravel() for g in gs]

@@ -3,7 +3,7 @@
 The reference is the oracle of every kernel test, so it is checked here against code that shares
 nothing with it: scipy.stats.multivariate_normal for the Gaussian log-density,
 scipy.special.logsumexp / softmax for the mixture and posterior, and a NumPy transcription of
-METHOD.md section 3 (not its expanded a/b form) for gradient alignment.
+docs/METHOD.md section 3 (not its expanded a/b form) for gradient alignment.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def np_mixture_loglik(x, mu, sigma, class_index=None):
 
 
 def np_align(ps, gs, groups, k, w_p, w_g, mode):
-    """METHOD.md section 3 literally: cos, alpha, projections, aligned gradients, weighted sum."""
+    """docs/METHOD.md section 3 literally: cos, alpha, projections, aligned gradients, weighted sum."""
     n = len(ps)
     if groups is None:
         groups = [[i] for i in range(n)]

@@ -1,4 +1,4 @@
-// CUDA kernels of gradient alignment (METHOD.md section 3): group_sums and align_combine over
+// CUDA kernels of gradient alignment (docs/METHOD.md section 3): group_sums and align_combine over
 // lists of tensors, multi-tensor-apply style.
 //
 // Launch layout: a list is cut into chunks of kChunk elements, one thread block per chunk. The

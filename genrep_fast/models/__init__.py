@@ -2,7 +2,7 @@
 
 * ``BackboneAdapter`` / ``make_adapter``: step Gaussians, attention blocks, t=0 features;
 * ``PerceptionHead``: multi-block aggregation -> logits and ``x_sem``;
-* ``SemanticModulation``, ``rep_align_loss``: semantic-driven generation (METHOD.md section 2);
+* ``SemanticModulation``, ``rep_align_loss``: semantic-driven generation (docs/METHOD.md section 2);
 * ``DDPMSampler``, ``ChainBank``: reverse chains and the bank of the mixture likelihood;
 * ``load_vae``, ``vae_encode``, ``vae_decode``: latent space;
 * ``tiny_*``: small randomly initialised configs for tests and demos (nothing is downloaded).

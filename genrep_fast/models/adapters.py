@@ -10,7 +10,7 @@
 * ``DiTTransformer2DModel`` (``num_embeds_ada_norm`` classes; with ``out_channels = 2 *
   in_channels`` it learns its variance).
 
-The attention blocks (``attention_block_names``) are the alignment groups of METHOD.md section 3
+The attention blocks (``attention_block_names``) are the alignment groups of docs/METHOD.md section 3
 and the taps of the perception branch: the ``attentions.N`` children of the UNets' down/mid/up
 blocks, and the ``transformer_blocks.N`` of a DiT.
 """

@@ -1,6 +1,6 @@
 """The chain bank: per class, the (mu, sigma) of S reverse chains at the thinned steps.
 
-METHOD.md section 1: ``mu: [C, S*T, *latent]`` and ``sigma: [C, S*T]`` (isotropic) or
+docs/METHOD.md section 1: ``mu: [C, S*T, *latent]`` and ``sigma: [C, S*T]`` (isotropic) or
 ``[C, S*T, *latent]`` (diagonal, learned variance), with ``T = len(thinned_steps(N, burn_in,
 thin))``; entry ``s*T + j`` is chain ``s`` at the ``j``-th kept step. sigma is clamped below by
 ``sigma_min`` (default: the smallest std of a noisy step of the chain), never 0. The bank depends

@@ -1,7 +1,7 @@
 """The DDPM reverse transition p(x_prev | x_t) of a diffusers ``DDPMScheduler``, as a Gaussian.
 
 ``DDPMScheduler.step`` draws ``x_prev = mu + sigma * noise`` and returns only the draw; GenRep needs
-``(mu, sigma)`` themselves (METHOD.md section 1). ``ddpm_transition`` evaluates the scheduler's own
+``(mu, sigma)`` themselves (docs/METHOD.md section 1). ``ddpm_transition`` evaluates the scheduler's own
 formulas (``alphas_cumprod``, the posterior variance of DDPM eq. 7, the ``variance_type`` of its
 config, clipping / thresholding of the predicted x0) without drawing noise, batched over per-sample
 timesteps. The tests check it against ``DDPMScheduler.step`` with the same noise.

@@ -1,4 +1,4 @@
-"""Semantic modulation of the denoising transition (METHOD.md section 2).
+"""Semantic modulation of the denoising transition (docs/METHOD.md section 2).
 
     mu'    = mu + W_t . concat(x_t, x_sem) + b_t          (a 1x1 projection, per timestep)
     sigma' = sigma * (1 + f_sigma(x_sem)),   f_sigma = bound * tanh(MLP(x_sem))  in (-bound, bound)

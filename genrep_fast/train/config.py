@@ -50,7 +50,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DiffusionConfig:
-    """DDPM schedule, the reverse chain and the chain bank (METHOD.md section 1)."""
+    """DDPM schedule, the reverse chain and the chain bank (docs/METHOD.md section 1)."""
 
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"  # "linear" | "scaled_linear" | "squaredcos_cap_v2"
@@ -63,8 +63,8 @@ class DiffusionConfig:
     bank_refresh_every: int = 500  # R, training steps between bank refreshes (0: never)
     precision: str = "ieee"  # mixture-likelihood arithmetic (see posterior.PRECISIONS)
     candidate_classes: int = 0  # K > 0: posterior over the head's top-K plus the label
-    # Lower clamp of the bank's sigma (METHOD.md section 1); null: the scheduler's smallest
-    # non-zero std of the N-step chain (METHOD.md's default).
+    # Lower clamp of the bank's sigma (docs/METHOD.md section 1); null: the scheduler's smallest
+    # non-zero std of the N-step chain (docs/METHOD.md's default).
     sigma_min: float | None = None
 
 
@@ -96,7 +96,7 @@ class LossConfig:
 
 @dataclasses.dataclass
 class AlignConfig:
-    """Gradient alignment of the two stage-2 gradients (METHOD.md section 3)."""
+    """Gradient alignment of the two stage-2 gradients (docs/METHOD.md section 3)."""
 
     mode: str = "symmetric"  # "symmetric" | "generation" | "perception" | "none"
     k: float = 2.0

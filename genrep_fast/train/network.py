@@ -174,7 +174,7 @@ def generation_loss(
     cfg: TrainConfig,
     x_sem: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_genera = L_LDM (+ L_rep_align with ``x_sem``), METHOD.md section 2.
+    """L_genera = L_LDM (+ L_rep_align with ``x_sem``), docs/METHOD.md section 2.
 
     Without ``x_sem`` (stage 0, or the ablation without semantic generation) this is the plain
     DDPM noise-prediction loss (plus the variance term of a learned-variance model). With it, the

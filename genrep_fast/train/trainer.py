@@ -1,4 +1,4 @@
-"""The two-stage GenRep trainer (METHOD.md section 4).
+"""The two-stage GenRep trainer (docs/METHOD.md section 4).
 
 * Stage 0 (only when no pretrained backbone is given): plain DDPM training, standing in for the
   pretrained diffusion model the paper starts from.
