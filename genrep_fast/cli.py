@@ -6,9 +6,10 @@
     genrep-fast sample --checkpoint RUN_OR_CKPT --out samples.png [--per-class N]
     genrep-fast classify --checkpoint RUN_OR_CKPT IMAGE [IMAGE ...]
     genrep-fast bench [--benchmark] [pytest args]   run bench/ and print the results table
+    genrep-fast check-build [--require-cuda]        is the compiled extension there, kernels and all
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node=8 -m genrep_fast train --config ...``.
-Exit codes: 0 done, 2 bad arguments or config, 3 bad checkpoint, 128+signal after SIGTERM/SIGINT
+Exit codes: 0 done, 1 check-build found the extension missing or incomplete, 2 bad arguments or config, 3 bad checkpoint, 128+signal after SIGTERM/SIGINT
 (a checkpoint was written first).
 """
 
@@ -67,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmark suites (pytest bench/) and print the table")
     p.add_argument("--benchmark", action="store_true", help="realistic shapes, results saved")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser(
+        "check-build", help="list the kernels of the compiled extension; fail when it is missing"
+    )
+    p.add_argument("--require-cuda", action="store_true", help="fail unless CUDA kernels are built")
     return ap
 
 
@@ -86,6 +92,10 @@ def _trainer_from_checkpoint(path: str, overrides: list[str] = ()):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "check-build":
+        from genrep_fast import check_build
+
+        return check_build.main(["--require-cuda"] if args.require_cuda else [])
     from genrep_fast.train.checkpoint import CheckpointError
     from genrep_fast.train.config import ConfigError
 
