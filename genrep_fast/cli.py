@@ -7,12 +7,14 @@
     genrep-fast sample --checkpoint RUN_OR_CKPT --out samples.png [--per-class N]
     genrep-fast classify --checkpoint RUN_OR_CKPT IMAGE [IMAGE ...]
     genrep-fast bench [--benchmark] [pytest args]   run bench/ and print the results table
+    genrep-fast check-build [--require-cuda]        is the compiled extension there, kernels and all
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node=8 -m genrep_fast train --config ...``.
-Exit codes: 0 done, 2 bad arguments or config (also a resume whose config changes the run), 3 bad
-checkpoint, 4 training stopped after ``runtime.max_bad_steps`` consecutive steps with a non-finite
-loss or gradient, 128+signal after SIGTERM/SIGINT (a checkpoint was written first).
-``eval``, ``sample`` and ``classify`` only read the run folder.
+Exit codes: 0 done, 1 check-build found the extension missing or incomplete, 2 bad arguments or
+config (also a resume whose config changes the run), 3 bad checkpoint, 4 training stopped after
+``runtime.max_bad_steps`` consecutive steps with a non-finite loss or gradient, 128+signal after
+SIGTERM/SIGINT (a checkpoint was written first). ``eval``, ``sample`` and ``classify`` only read
+the run folder.
 """
 
 from __future__ import annotations
@@ -93,11 +95,20 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmark suites (pytest bench/) and print the table")
     p.add_argument("--benchmark", action="store_true", help="realistic shapes, results saved")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser(
+        "check-build", help="list the kernels of the compiled extension; fail when it is missing"
+    )
+    p.add_argument("--require-cuda", action="store_true", help="fail unless CUDA kernels are built")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "check-build":
+        from genrep_fast import check_build
+
+        return check_build.main(["--require-cuda"] if args.require_cuda else [])
     from genrep_fast.train.checkpoint import CheckpointError
     from genrep_fast.train.config import ConfigError
     from genrep_fast.train.trainer import TrainingDiverged
