@@ -17,8 +17,10 @@ changes a loop variable's shape, or spills registers at BLOCK sizes the tests ne
 every interpreter test. Hence this gate, run by ``tests/test_triton_compile.py``.
 
 Fails on: any compile error (Triton front end, LLVM, ptxas), and any register spill (ptxas
-``-v``: spill stores or loads > 0) of a kernel without float64 pointers. Reported, not failed:
-spills of float64 kernels, and of kernels launched only at the tests' odd sizes (``ODD``).
+``-v``: spill stores or loads) of a kernel without float64 pointers that is pressure: at the
+register ceiling, or of more than MINOR_SPILL_BYTES. Reported, not failed: spills of float64
+kernels, and minor ones (a few bytes below the ceiling: ptxas's own trade, see
+``spill_kind``).
 Without a device Triton's ``n_regs`` / ``n_spills`` stay unset (the driver fills them when it
 loads the binary), so the numbers come from ptxas's own log. Writes
 ``triton-compile-report.json`` and ``.md`` into ``--out``.
@@ -77,8 +79,7 @@ LAYOUTS = ("shared", "candidates", "per_image", "per_image_candidates")
 @dataclass(frozen=True)
 class Shape:
     """Sizes of a launch: B images, C bank classes, T kept steps, D latent values per image,
-    K candidate classes per image. ``spills_fail``: a register spill of a kernel at these sizes
-    fails the gate (below float64)."""
+    K candidate classes per image."""
 
     name: str
     batch: int
@@ -86,7 +87,6 @@ class Shape:
     steps: int
     dim: int
     candidates: int
-    spills_fail: bool = True
 
 
 # The configs in configs/: LDM-8 (75 kept steps, isotropic sigma) and DiT-XL/2 (100 kept steps,
@@ -95,10 +95,9 @@ class Shape:
 LDM8 = Shape("ldm8", batch=32, classes=1000, steps=75, dim=4096, candidates=20)
 DIT_XL2 = Shape("dit-xl2", batch=32, classes=1000, steps=100, dim=4096, candidates=20)
 DIGITS = Shape("digits", batch=64, classes=10, steps=320, dim=64, candidates=0)
-# The tests' odd sizes (every tile masked, small BLOCKs): compile errors fail the gate, spills are
-# reported (at D = 37, BLOCK_B = 16 ptxas keeps the GEMM kernel at 96-128 registers and spills
-# 4-16 B: an address reloaded once per T tile). And a class count past one posterior tile (2048).
-ODD = Shape("odd", batch=3, classes=5, steps=7, dim=37, candidates=2, spills_fail=False)
+# The tests' odd sizes (every tile masked, small BLOCKs), and a class count past one posterior
+# tile (2048).
+ODD = Shape("odd", batch=3, classes=5, steps=7, dim=37, candidates=2)
 WIDE = Shape("wide", batch=4, classes=4099, steps=1, dim=1, candidates=0)
 
 
@@ -400,8 +399,6 @@ class _Recorder:
             entry["compile_s"] = round(time.perf_counter() - start, 2)
             self.kernels[compiled.hash] = entry
         entry["variants"].append(self.variant.name)
-        # Launched at sizes whose spills fail the gate (float64 kernels may spill).
-        entry["spills_fail"] |= self.variant.shape.spills_fail and not entry["fp64"]
 
     def failed(self, name, constexprs, pointers, err: Exception) -> None:
         text = f"{type(err).__name__}: {err}".strip()
@@ -435,7 +432,6 @@ class _Recorder:
                 or dict.fromkeys(("registers", "stack_frame", "spill_stores", "spill_loads"))
             ),
             **ptx_summary(compiled.asm["ptx"]),
-            "spills_fail": False,
             "variants": [],
         }
         if resources is None:
@@ -532,13 +528,36 @@ def compile_variants(arch: int, variants: list[Variant], dry_run: bool = False) 
 # ------------------------------------------------------------------------------------------------
 
 
+# A spill of at most this many bytes below the register ceiling is ptxas's own trade (a value
+# reloaded off the hot loop for occupancy), not pressure: measured 4-24 B at 40-168 registers,
+# e.g. ptxas 12.8 spills 4 B of a 40-register kernel even with --maxrregcount=255.
+MINOR_SPILL_BYTES = 32
+
+
 def spills(entry: dict) -> bool:
     return bool(entry["spill_stores"] or entry["spill_loads"])
 
 
+def register_ceiling(num_warps: int) -> int:
+    """The most registers a thread can have: 255, less when 64 Ki registers per block run out."""
+    return min(255, 65536 // (32 * num_warps))
+
+
+def spill_kind(entry: dict) -> str:
+    """``""`` (no spill), ``"fp64"`` and ``"minor"`` (allowed) or ``"FAIL"``: a spill of a kernel
+    without float64 pointers at the register ceiling or of more than MINOR_SPILL_BYTES."""
+    if not spills(entry):
+        return ""
+    if entry["fp64"]:
+        return "fp64"
+    at_ceiling = entry["registers"] >= register_ceiling(entry["num_warps"])
+    bytes_ = max(entry["spill_stores"], entry["spill_loads"])
+    return "FAIL" if at_ceiling or bytes_ > MINOR_SPILL_BYTES else "minor"
+
+
 def verdict(report: dict) -> list[str]:
-    """The reasons the gate fails (empty: it passes): compile errors, and spills of kernels
-    without float64 pointers launched at sizes whose spills fail (``Shape.spills_fail``)."""
+    """The reasons the gate fails (empty: it passes): compile errors, and failing spills
+    (``spill_kind``)."""
     problems = []
     for arch in report["archs"].values():
         sm = f"sm_{arch['arch']}"
@@ -548,17 +567,13 @@ def verdict(report: dict) -> list[str]:
         for f in arch["failures"]:
             problems.append(f"{sm}: {f['kernel']} {_constexpr_text(f)}: {f['summary']}")
         for e in arch["kernels"]:
-            if e["spills_fail"] and spills(e):
+            if spill_kind(e) == "FAIL":
                 problems.append(
                     f"{sm}: {e['kernel']} {_constexpr_text(e)} spills "
                     f"({e['spill_stores']} B stores, {e['spill_loads']} B loads, "
                     f"{e['registers']} registers)"
                 )
     return problems
-
-
-def _spill_rule(entry: dict) -> str:
-    return "fails" if entry["spills_fail"] else "fp64" if entry["fp64"] else "test sizes"
 
 
 def _constexpr_text(entry: dict) -> str:
@@ -598,10 +613,11 @@ def markdown(report: dict) -> str:
         "use, compiled without a GPU by Triton's compiler and ptxas (`genrep_fast/compile_gate.py`"
         "). Registers, spills and stack frame from `ptxas -v`; shared memory from Triton's "
         "metadata; `mma` the tensor-core instruction in the PTX; `tf32 rnd` the tf32 operand "
-        "roundings in the PTX; `spill rule`: whether a spill fails the gate (`fails`) or is "
-        "allowed (`fp64`; `test sizes`: launched only at the tests' odd sizes); `variants`: how "
-        "many launch the kernel, and the first (rows that look alike differ in the ints Triton "
-        "specialises on: strides, sizes divisible by 16).",
+        "roundings in the PTX; `spill`: `FAIL` (at the register ceiling, or more than "
+        f"{MINOR_SPILL_BYTES} B), allowed: `fp64`, `minor` (a few bytes below the ceiling: "
+        "ptxas's own trade for occupancy); `variants`: how many launch the kernel, and the first "
+        "(rows that look alike differ in the ints Triton specialises on: strides, sizes "
+        "divisible by 16).",
         "",
         f"- command: `{report['command']}`",
         f"- commit: {report['commit']}",
@@ -612,7 +628,7 @@ def markdown(report: dict) -> str:
         f"- verdict: {'pass' if report['ok'] else 'FAIL'}",
         "",
         "| arch | variants | launches | kernels compiled | compile errors | spilling kernels "
-        "(failing) | spilling kernels (allowed) | max registers | worker s |",
+        "(failing) | spilling kernels (fp64 / minor) | max registers | worker s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for a in archs:
@@ -622,8 +638,9 @@ def markdown(report: dict) -> str:
         ks = a["kernels"]
         lines.append(
             f"| sm_{a['arch']} | {a['variants']} | {a['launches']} | {len(ks)} | "
-            f"{len(a['failures'])} | {sum(spills(e) for e in ks if e['spills_fail'])} | "
-            f"{sum(spills(e) for e in ks if not e['spills_fail'])} | "
+            f"{len(a['failures'])} | {sum(spill_kind(e) == 'FAIL' for e in ks)} | "
+            f"{sum(spill_kind(e) == 'fp64' for e in ks)} / "
+            f"{sum(spill_kind(e) == 'minor' for e in ks)} | "
             f"{max((e['registers'] or 0 for e in ks), default=0)} | {a['wall_s']} |"
         )
     for a in archs:
@@ -634,7 +651,7 @@ def markdown(report: dict) -> str:
             f"## sm_{a['arch']}",
             "",
             "| kernel | constexprs | dtypes | warps | stages | regs | spill st/ld B | stack B "
-            "| smem B | mma | tf32 rnd | spill rule | variants |",
+            "| smem B | mma | tf32 rnd | spill | variants |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in a["kernels"]:
@@ -642,7 +659,7 @@ def markdown(report: dict) -> str:
                 f"| {e['kernel']} | {_constexpr_text(e)} | {_dtypes_text(e)} | {e['num_warps']} | "
                 f"{e['num_stages']} | {e['registers']} | {e['spill_stores']}/{e['spill_loads']} | "
                 f"{e['stack_frame']} | {e['shared']} | {e['mma'] or '-'} | {e['tf32_rounds']} | "
-                f"{_spill_rule(e)} | {len(e['variants'])}: {e['variants'][0]} |"
+                f"{spill_kind(e) or '-'} | {len(e['variants'])}: {e['variants'][0]} |"
             )
         if a["failures"]:
             lines += [
