@@ -31,7 +31,8 @@ Command (one worker process per architecture, in parallel)::
 
 ``VARIANTS`` below is the one list of launches. To check a tuning config, append a ``Variant``
 whose ``config`` overrides launch keywords per kernel, e.g.
-``replace(v, config={"_mixture_gemm_kernel": {"BLOCK_D": 64, "num_warps": 8, "num_stages": 3}})``.
+``replace(v, config={"_mixture_gemm_kernel": {"BLOCK_D": 64, "num_warps": 8, "num_stages": 3}})``;
+a kernel under ``@triton.autotune`` is compiled at each of its configs without that.
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ _PTX_TF32_ROUND = re.compile(
 
 
 def parse_ptxas_log(log: str) -> dict[str, int] | None:
-    """``{registers, stack_frame, spill_stores, spill_loads}`` (bytes but registers) from the
+    """``{registers, stack_frame, spill_stores, spill_loads}`` (a count, then bytes) from the
     ``ptxas -v`` log of one kernel; None where the log has no resource line."""
     regs = [int(r) for r in _PTXAS_REGISTERS.findall(log)]
     frames = [tuple(map(int, f)) for f in _PTXAS_FRAME.findall(log)]
@@ -391,7 +392,7 @@ class _Recorder:
             with contextlib.redirect_stdout(log):
                 compiled = fn.run(*args, grid=grid, warmup=True, **kwargs)
         except Exception as err:  # noqa: BLE001 - every compile error is a finding
-            self.failed(name, constexprs, pointers, err)
+            self.failed(name, constexprs, pointers, _error_text(err))
             return
         entry = self.kernels.get(compiled.hash)
         if entry is None:
@@ -400,9 +401,19 @@ class _Recorder:
             self.kernels[compiled.hash] = entry
         entry["variants"].append(self.variant.name)
 
-    def failed(self, name, constexprs, pointers, err: Exception) -> None:
-        text = f"{type(err).__name__}: {err}".strip()
-        summary = [line for line in text.splitlines() if line.strip()][-1][:400]
+    def launch_configs(self, tuner, grid, args, kwargs) -> None:
+        """An ``@triton.autotune`` kernel: compile it at each of its configs."""
+        from triton.runtime.jit import JITFunction
+
+        if not isinstance(tuner.fn, JITFunction):
+            text = f"autotuned {type(tuner.fn).__name__}: the gate compiles only a JITFunction"
+            self.failed(str(tuner.fn), {}, {}, text)
+            return
+        for cfg in tuner.configs:
+            self.launch(tuner.fn, grid, args, {**kwargs, **cfg.all_kwargs()})
+
+    def failed(self, name, constexprs, pointers, text: str) -> None:
+        summary = ([line for line in text.splitlines() if line.strip()] or ["?"])[-1][:400]
         self.failures.append(
             {
                 "kernel": name,
@@ -435,17 +446,12 @@ class _Recorder:
             "variants": [],
         }
         if resources is None:
-            self.failures.append(
-                {
-                    "kernel": name,
-                    "constexprs": constexprs,
-                    "pointers": pointers,
-                    "variant": self.variant.name,
-                    "summary": "no ptxas -v resource line: registers and spills unknown",
-                    "error": log[-4000:],
-                }
-            )
+            self.failed(name, constexprs, pointers, f"{log}\nno ptxas -v resource line")
         return entry
+
+
+def _error_text(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}".strip()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -463,13 +469,17 @@ def _compile_only(arch: int, recorder: _Recorder):
         )
     from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.runtime import jit
+    from triton.runtime import autotuner, jit
     from triton.runtime.driver import driver
 
     saved_driver = driver._active
     saved_log, saved_always = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     driver.set_active(_TargetStub(GPUTarget("cuda", arch, 32)))
+    # `kernel[grid]` is KernelInterface.__getitem__; these class attributes shadow it.
     jit.JITFunction.__getitem__ = lambda fn, grid: lambda *a, **kw: recorder.launch(fn, grid, a, kw)
+    autotuner.Autotuner.__getitem__ = lambda tuner, grid: (
+        lambda *a, **kw: recorder.launch_configs(tuner, grid, a, kw)
+    )
     # Triton prints ptxas -v's log (registers, spills) only with this knob, and a binary from
     # the on-disk cache comes without one: compile every distinct specialisation afresh.
     knobs.nvidia.dump_ptxas_log = True
@@ -477,7 +487,7 @@ def _compile_only(arch: int, recorder: _Recorder):
     try:
         yield recorder
     finally:
-        del jit.JITFunction.__getitem__
+        del jit.JITFunction.__getitem__, autotuner.Autotuner.__getitem__
         driver._active = saved_driver
         knobs.nvidia.dump_ptxas_log = saved_log
         knobs.compilation.always_compile = saved_always
@@ -508,7 +518,7 @@ def compile_variants(arch: int, variants: list[Variant], dry_run: bool = False) 
             try:
                 launch(v)
             except Exception as err:  # noqa: BLE001 - a launcher that fails is a finding too
-                recorder.failed("(launcher)", {}, {}, err)
+                recorder.failed("(launcher)", {}, {}, _error_text(err))
     return {
         "arch": arch,
         "triton": triton.__version__,
