@@ -39,6 +39,10 @@ DIFF_MAX_BLOCK_D = 128
 GEMM_MAX_BLOCK_B = 64
 GEMM_BLOCK_T = 32
 GEMM_BLOCK_D = 32
+# Diagonal sigma: two dots per tile (x.m1 and x^2.m2; tf32x3 makes each three). At BLOCK_D = 32
+# ptxas spills (sm_90, BLOCK_B = 32, tf32x3: 255 registers + 32 B; sm_80, BLOCK_B = 64, bf16:
+# 8 B); at 16 the most is 126 registers (python -m genrep_fast.compile_gate, ptxas 12.9 / 13.4).
+GEMM_BLOCK_D_DIAG = 16
 
 
 def _interpreted() -> bool:
@@ -535,7 +539,7 @@ def mixture_lse_gemm(
         EMULATE=_interpreted(),
         BLOCK_B=block_b,
         BLOCK_T=GEMM_BLOCK_T,
-        BLOCK_D=GEMM_BLOCK_D,
+        BLOCK_D=GEMM_BLOCK_D_DIAG if bank.diagonal else GEMM_BLOCK_D,
     )
     return out
 

@@ -420,9 +420,11 @@ def _bank_entries(grad, class_index, num_classes):
     cls = class_index.reshape(-1).long()
     order = torch.argsort(cls, stable=True)
     ent_b = torch.arange(b, device=dev, dtype=torch.int64).repeat_interleave(k)[order]
-    counts = torch.bincount(cls, minlength=num_classes)
-    ent_ptr = torch.zeros(num_classes + 1, dtype=torch.int64, device=dev)
-    ent_ptr[1:] = torch.cumsum(counts, 0)
+    # ent_ptr[c] = number of entries of classes < c. A search of the sorted classes, not bincount:
+    # bincount reads its input's max back to the host to size its output (a sync on CUDA, and no
+    # meta-device kernel, which the compile gate launches with).
+    classes = torch.arange(num_classes + 1, device=dev, dtype=torch.int64)
+    ent_ptr = torch.searchsorted(cls[order], classes)
     return ent_ptr, ent_b, grad.reshape(-1)[order].contiguous()
 
 

@@ -1,0 +1,143 @@
+"""The Triton compile gate: every kernel variant that the launchers of genrep_fast.kernels use
+compiles for sm_80 (A100) and sm_90 (H100/H200) with Triton's compiler and ptxas, without a GPU,
+and none spills registers except in float64 (genrep_fast/compile_gate.py).
+
+The interpreter that runs the other tests here checks neither. This conftest sets
+TRITON_INTERPRET=1, so the gate runs as a subprocess without it; it writes its report into
+bench/results/smoke/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genrep_fast import compile_gate
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "smoke"
+ARCHS = (80, 90)
+
+
+def _nvidia_backend_missing() -> str | None:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return "triton is not installed"
+    if "nvidia" not in backends:
+        return "this triton has no NVIDIA backend (ptxas)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(
+    _nvidia_backend_missing() is not None, reason=str(_nvidia_backend_missing())
+)
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "genrep_fast.compile_gate", "--out", str(OUT), "--arch"]
+    res = subprocess.run(
+        cmd + [str(a) for a in ARCHS], env=env, capture_output=True, text=True, timeout=1500
+    )
+    path = OUT / f"{compile_gate.REPORT_NAME}.json"
+    assert path.exists(), f"the gate wrote no report:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    data = json.loads(path.read_text())
+    data["returncode"] = res.returncode
+    data["output"] = res.stdout[-4000:] + res.stderr[-4000:]
+    return data
+
+
+def _sections(report: dict) -> list[dict]:
+    sections = [report["archs"][str(a)] for a in ARCHS]
+    for s in sections:
+        assert "error" not in s, f"sm_{s['arch']} worker failed:\n{s['error']}"
+    return sections
+
+
+def test_every_variant_compiles(report):
+    for s in _sections(report):
+        assert s["variants"] == len(compile_gate.VARIANTS)
+        assert not s["failures"], "\n".join(
+            f"sm_{s['arch']} {f['kernel']} {f['constexprs']} ({f['variant']}): {f['summary']}"
+            for f in s["failures"]
+        )
+
+
+def test_no_register_pressure_spills_below_float64(report):
+    # Allowed: float64 kernels, and minor spills (a few bytes below the register ceiling).
+    for s in _sections(report):
+        assert all(e["registers"] for e in s["kernels"]), "a kernel without a ptxas -v record"
+        failing = [e for e in s["kernels"] if compile_gate.spill_kind(e) == "FAIL"]
+        assert not failing, [(e["kernel"], e["constexprs"], e["spill_stores"]) for e in failing]
+
+
+def test_spill_rule():
+    e = dict(fp64=False, num_warps=4, registers=128, spill_stores=0, spill_loads=0)
+    assert compile_gate.spill_kind(e) == ""
+    assert compile_gate.spill_kind(e | dict(spill_stores=8, spill_loads=8)) == "minor"
+    assert compile_gate.spill_kind(e | dict(spill_stores=8, registers=255)) == "FAIL"
+    assert compile_gate.spill_kind(e | dict(spill_loads=64)) == "FAIL"
+    assert compile_gate.spill_kind(e | dict(spill_loads=64, fp64=True)) == "fp64"
+    assert compile_gate.spill_kind(e | dict(spill_loads=8, num_warps=16)) == "FAIL"  # 128 = ceiling
+
+
+def test_gate_verdict_and_exit_code(report):
+    assert report["ok"] and not report["problems"], report["problems"]
+    assert report["returncode"] == 0, report["output"]
+
+
+def _jit_kernels() -> set[str]:
+    """Names of the ``@triton.jit`` kernels (``*_kernel``) defined in kernels/*.py."""
+    names = set()
+    for path in (ROOT / "kernels").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel"):
+                if any("jit" in ast.unparse(d) for d in node.decorator_list):
+                    names.add(node.name)
+    return names
+
+
+def test_every_kernel_is_launched_by_a_variant(report):
+    # A new kernel (or one no longer reached by any variant) must get variants in
+    # compile_gate.VARIANTS.
+    kernels = _jit_kernels()
+    assert kernels
+    for s in _sections(report):
+        assert kernels <= {e["kernel"] for e in s["kernels"]}
+
+
+def test_tf32_operands_round_to_nearest_in_the_ptx(report):
+    # A plain tl.dot(input_precision="tf32") feeds the fp32 bits to the tensor cores, which
+    # truncate them; the GEMM kernel rounds first (tf32x3: Triton's cvt.rna).
+    for s in _sections(report):
+        gemm = [e for e in s["kernels"] if e["kernel"] == "_mixture_gemm_kernel"]
+        modes = {e["constexprs"]["PRECISION"] for e in gemm}
+        assert {1, 2, 3} <= modes
+        for e in gemm:
+            assert e["mma"], f"sm_{s['arch']}: the GEMM kernel's PTX has no tensor-core op: {e}"
+            if e["constexprs"]["PRECISION"] in (1, 2):
+                assert e["tf32_rounds"] > 0, f"sm_{s['arch']}: unrounded tf32 operands: {e}"
+
+
+def test_ptxas_log_parsing():
+    log = (
+        "ptxas info    : Compiling entry function '_k' for 'sm_90'\n"
+        "ptxas info    : Function properties for _k\n"
+        "    48 bytes stack frame, 40 bytes spill stores, 44 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers\n"
+    )
+    assert compile_gate.parse_ptxas_log(log) == {
+        "registers": 255,
+        "stack_frame": 48,
+        "spill_stores": 40,
+        "spill_loads": 44,
+    }
+    assert compile_gate.parse_ptxas_log("ptxas info : nothing") is None
