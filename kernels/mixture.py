@@ -521,6 +521,7 @@ def mixture_lse_gemm(
     out = torch.empty(b, c, dtype=torch.float32, device=x.device)
     block_b = max(16, min(GEMM_MAX_BLOCK_B, triton.next_power_of_2(b)))
     grid = (triton.cdiv(b, block_b), c)
+    diagonal = is_diagonal(mu, sigma)
     _mixture_gemm_kernel[grid](
         x2,
         operands.m1,
@@ -534,12 +535,12 @@ def mixture_lse_gemm(
         c,
         t,
         x2.shape[1],
-        DIAG=is_diagonal(mu, sigma),
+        DIAG=diagonal,
         PRECISION=PRECISION_CODES[precision],
         EMULATE=_interpreted(),
         BLOCK_B=block_b,
         BLOCK_T=GEMM_BLOCK_T,
-        BLOCK_D=GEMM_BLOCK_D_DIAG if bank.diagonal else GEMM_BLOCK_D,
+        BLOCK_D=GEMM_BLOCK_D_DIAG if diagonal else GEMM_BLOCK_D,
     )
     return out
 

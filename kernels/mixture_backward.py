@@ -37,6 +37,10 @@ from genrep_fast.reference import is_per_image, sum_to_sigma_shape
 # Row kernel tile: as the forward difference kernel (32 x 128 fp32 = 16 KiB of mu per tile).
 ROWS_MAX_BLOCK_T = 32
 ROWS_MAX_BLOCK_D = 128
+# Diagonal sigma keeps a sigma tile beside the mu tile and writes dL/dsigma too: at 128 the fp32
+# kernel sat at 255 registers and spilled on sm_80 (the compile gate, bench/results/
+# triton-compile-report.md); 64 halves the tile.
+ROWS_MAX_BLOCK_D_DIAG = 64
 # Groups of classes per image: enough programs to fill a GPU (~4 per SM on 132 SMs) when B is
 # small, at most MAX_GROUPS partial rows of D per image (the partial buffer is [B, G, D]).
 ROWS_TARGET_PROGRAMS = 512
@@ -499,7 +503,9 @@ def mixture_lse_backward(
             WRITE_MU=write_mu,
             WRITE_SIG=write_sig,
             BLOCK_T=min(ROWS_MAX_BLOCK_T, triton.next_power_of_2(t)),
-            BLOCK_D=min(ROWS_MAX_BLOCK_D, triton.next_power_of_2(d)),
+            BLOCK_D=min(
+                ROWS_MAX_BLOCK_D_DIAG if diagonal else ROWS_MAX_BLOCK_D, triton.next_power_of_2(d)
+            ),
         )
         if need_x:
             gx = part.sum(1)
