@@ -13,6 +13,12 @@
 #   TORCH_CUDA_ARCH_LIST   the GPU architectures built (default: "8.0;9.0", A100 and H100/H200)
 #   MAX_JOBS               parallel compile jobs (default: the number of cores)
 #   CUDA_HOME              the CUDA toolkit; needs an nvcc of the CUDA major version of that torch
+#   GENREP_PREBUILT_OUT    also copy the checked _C*.so there (the prebuilt extension that
+#                          tools/gpu_check.py installs on a GPU machine, e.g. .gpu-prebuilt)
+#
+# Prebuilding for a GPU machine with torch 2.11.0 + CUDA 13.0 (sm_90):
+#   GENREP_CUDA_VENV=$HOME/.cache/genrep-gpu-venv GENREP_CUDA_TORCH=torch==2.11.0 \
+#   TORCH_CUDA_ARCH_LIST=9.0 GENREP_PREBUILT_OUT=.gpu-prebuilt tools/cuda_build_gate.sh
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${GENREP_CUDA_VENV:-$root/.venv-cuda}"
@@ -78,4 +84,12 @@ step "built $(basename "$wheel") ($(du -h "$wheel" | cut -f1)) in $((SECONDS - s
 cd "$venv"
 "$venv/bin/python" -m genrep_fast.check_build --require-cuda ||
     fail "the CUDA build does not register the kernels it should (see above)"
+if [ -n "${GENREP_PREBUILT_OUT:-}" ]; then
+    out="$(cd "$root" && mkdir -p "$GENREP_PREBUILT_OUT" && cd "$GENREP_PREBUILT_OUT" && pwd)"
+    so="$("$venv/bin/python" -c "import genrep_fast._C as c; print(c.__file__)")"
+    cp "$so" "$out/"
+    echo "torch $("$venv/bin/python" -c "import torch; print(torch.__version__)") arch $TORCH_CUDA_ARCH_LIST" \
+        >"$out/BUILD.txt"
+    step "prebuilt extension: $out/$(basename "$so")"
+fi
 step "passed"
