@@ -60,3 +60,38 @@ def annotate(name: str | None = None) -> Callable[[F], F]:
         return inner  # type: ignore[return-value]
 
     return wrap
+
+
+class ProfileWindow:
+    """Opens a profiler capture for ``count`` steps from step ``first`` (``at_step`` is called with
+    the step about to run): ``start()`` before step ``first``, ``stop()`` before step
+    ``first + count``. For ``nsys profile --capture-range=cudaProfilerApi``, whose capture the CUDA
+    profiler API opens and closes (``torch.cuda.profiler.start/stop``, the defaults when CUDA is
+    present; nothing happens without CUDA). ``count = 0``: never."""
+
+    def __init__(self, first: int, count: int, start=None, stop=None):
+        if first < 0 or count < 0:
+            raise ValueError(f"ProfileWindow: first and count must be >= 0, got {first}, {count}")
+        self.first, self.count = first, count
+        self.active = False
+        if start is None or stop is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+            start = start or (torch.cuda.profiler.start if cuda else lambda: None)
+            stop = stop or (torch.cuda.profiler.stop if cuda else lambda: None)
+        self._start, self._stop = start, stop
+
+    def at_step(self, step: int) -> None:
+        if not self.count:
+            return
+        if not self.active and self.first <= step < self.first + self.count:
+            self._start()
+            self.active = True
+        elif self.active and step >= self.first + self.count:
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            self._stop()
+            self.active = False

@@ -132,6 +132,10 @@ class RuntimeConfig:
     # Consecutive steps skipped for a non-finite loss or gradient before the run stops (exit
     # code 4); 0: never stop, keep skipping.
     max_bad_steps: int = 10
+    # Nsight Systems window (nsys profile --capture-range=cudaProfilerApi): the CUDA profiler runs
+    # for profile_steps steps of stage 2 from its step profile_from (0 steps: never started).
+    profile_from: int = 5
+    profile_steps: int = 0
     tensorboard: bool = False
     progress: bool = True
 
@@ -294,6 +298,8 @@ def _validate(cfg: TrainConfig) -> None:
         "runtime.ckpt_every",
         "runtime.threads",
         "runtime.max_bad_steps",
+        "runtime.profile_from",
+        "runtime.profile_steps",
         "eval.samples_per_class",
         "eval.sample_steps",
         "eval.max_test_images",

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from genrep_fast import align_gradients
+from genrep_fast.profiling import ProfileWindow, nvtx_range
 from genrep_fast.train import checkpoint as ckpt
 from genrep_fast.train.config import ConfigError, TrainConfig, run_defining_changes
 from genrep_fast.train.data import Batches, build_datasets, describe_sample
@@ -94,15 +95,17 @@ class Timer:
 
     @contextmanager
     def __call__(self, name: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
+        # Each section is also an NVTX range "genrep.<name>" (Nsight Systems' timeline).
+        with nvtx_range(f"genrep.{name}"):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def ema_update(
@@ -382,6 +385,8 @@ class Trainer:
         )
         t_start = time.perf_counter()
         self.net.train()
+        rt = cfg.runtime
+        window = self._profile_window(rt.profile_from, rt.profile_steps if stage == 2 else 0)
         while self.step < st.steps:
             if (
                 stage >= 1
@@ -392,7 +397,9 @@ class Trainer:
                 self.refresh_bank()
                 self.net.train()
             lr = self._set_lr(stage, self.step)
-            parts = self.train_step(stage, batches, accum)
+            window.at_step(self.step)
+            with nvtx_range(f"genrep.stage{stage}.step"):
+                parts = self.train_step(stage, batches, accum)
             self.step += 1
             bar.update(1)
             if not self._step_ok:
@@ -422,10 +429,16 @@ class Trainer:
                 path = self.save()
                 raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
         bar.close()
+        window.close()
         self.stage_seconds[stage] = (
             self.stage_seconds.get(stage, 0.0) + time.perf_counter() - t_start
         )
         self.save()
+
+    def _profile_window(self, first: int, count: int) -> ProfileWindow:
+        """The CUDA profiler's window over a stage's steps (runtime.profile_from / profile_steps);
+        nothing is started on a device other than CUDA."""
+        return ProfileWindow(first, count if self.device.type == "cuda" else 0)
 
     def _should_stop(self) -> bool:
         if self.world > 1:  # agreed on by all ranks with the step's finiteness flag
