@@ -183,6 +183,10 @@ class Trainer:
         self._seed_everything(cfg.seed)
         self.train_set, self.test_set = build_datasets(cfg.data, cfg.seed)
         self.net: GenRepNet = build_network(cfg, self.device)
+        # The noise schedule on the device once (diffusers' add_noise moves it on first use; the
+        # losses index it every step): no blocking host-to-device copy inside a step.
+        sched = self.net.scheduler
+        sched.alphas_cumprod = sched.alphas_cumprod.to(self.device)
         if rt.compile:
             self.net.backbone.compile()
         self.teacher: GenRepNet | None = None
