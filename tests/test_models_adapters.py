@@ -242,6 +242,29 @@ def test_bad_inputs_give_clear_errors(adapter):
         adapter.predict(x, 0.5, y)
 
 
+def test_check_values_off_keeps_type_and_shape_checks_without_reads(adapter, monkeypatch):
+    """``check_values=False`` (the trainer's step): types and shapes still checked, value ranges
+    not (they read values back: a host sync), so out-of-range ids pass the checks."""
+    c, h, w = adapter.latent_shape
+    x = torch.randn(2, c, h, w)
+    with pytest.raises(ValueError, match=r"y must be \[B\] = \[2\]"):
+        adapter.features(x, torch.tensor([0, 1, 2]), check_values=False)
+    with pytest.raises(TypeError, match="y must be int64"):
+        adapter.predict(x, torch.tensor([1, 2]), torch.tensor([0.0, 1.0]), check_values=False)
+    with pytest.raises(ValueError, match="x_t must be"):
+        adapter.predict(torch.randn(2, c + 1, h, w), 0, torch.tensor([0, 1]), check_values=False)
+    y = torch.tensor([0, 1])
+    t = torch.tensor([3, 999])
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda s: reads.append(s) or 0)
+    adapter.check_labels(y, 2, check_values=False)
+    adapter._timesteps(t, 2, check_values=False)
+    adapter._timesteps(5, 2)  # an int is checked on the host
+    assert reads == []
+    with pytest.raises(ValueError, match="num_train_timesteps=1000"):
+        adapter._timesteps(1000, 2, check_values=False)
+
+
 def test_unet2d_condition_context_dim_mismatch():
     model = tiny_unet2d_condition(block_out_channels=(16, 32))
     model.register_to_config(cross_attention_dim=32)

@@ -184,3 +184,19 @@ def test_gpu_auto_uses_the_kernels_and_matches(monkeypatch):
     want.backward()
     torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(z.grad.double().cpu(), z64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_validate_false_skips_the_class_index_range_check():
+    """``validate=False`` (the trainer's step): no range check of class_index (a host sync); the
+    default keeps it."""
+    logits = torch.randn(2, 5)
+    ll = torch.randn(2, 3)
+    idx = torch.tensor([[0, 1, 9], [2, 3, 4]])
+    with pytest.raises(ValueError, match="class_index values must lie in"):
+        G.posterior_kl_loss(logits, ll, class_index=idx, backend="torch")
+    good = torch.tensor([[0, 1, 2], [2, 3, 4]])
+    ref = G.posterior_kl_loss(logits, ll, class_index=good, backend="torch")
+    out = G.posterior_kl_loss(logits, ll, class_index=good, backend="torch", validate=False)
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(TypeError, match="int64 or int32"):  # dtype still checked
+        G.posterior_kl_loss(logits, ll, class_index=good.float(), validate=False)

@@ -300,14 +300,18 @@ class BackboneAdapter:
             )
         return x
 
-    def check_labels(self, y: object, batch: int, *, allow_null: bool = False) -> torch.Tensor:
+    def check_labels(
+        self, y: object, batch: int, *, allow_null: bool = False, check_values: bool = True
+    ) -> torch.Tensor:
+        """``y`` as ``[batch]`` int64 class ids on the model's device. ``check_values=False``
+        checks type, dtype and shape only: the range check reads values back (a host sync)."""
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"y must be a torch.Tensor of class ids, got {type(y).__name__}")
         if y.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"y must be int64 or int32 class ids, got {y.dtype}")
         if tuple(y.shape) != (batch,):
             raise ValueError(f"y must be [B] = [{batch}], got shape {tuple(y.shape)}")
-        if y.numel():
+        if check_values and y.numel():
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= self.num_classes:
                 ok_null = allow_null and self.null_class is not None
@@ -321,20 +325,24 @@ class BackboneAdapter:
                     )
         return y.to(device=self.device, dtype=torch.int64)
 
-    def _timesteps(self, t: object, batch: int) -> torch.Tensor:
-        """``t`` (int, 0-d or [B] integer tensor) as a ``[B]`` int64 tensor on the model's device."""
+    def _timesteps(self, t: object, batch: int, check_values: bool = True) -> torch.Tensor:
+        """``t`` (int, 0-d or [B] integer tensor) as a ``[B]`` int64 tensor on the model's device;
+        ``check_values=False`` skips the range check of a tensor's values (a host sync)."""
         if isinstance(t, bool):
             raise TypeError("t must be an int or an integer tensor, got bool")
+        n = int(self.scheduler.config.num_train_timesteps)
         if isinstance(t, int):
-            t = torch.tensor(t)
+            if not 0 <= t < n:  # checked on the host: no read back of a tensor
+                raise ValueError(f"t: timesteps must be in [0, num_train_timesteps={n}), got {t}")
+            # made on the device: no copy from the host (a blocking one waits for the stream)
+            return torch.full((batch,), t, device=self.device, dtype=torch.int64)
         if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex():
             raise TypeError(f"t must be an int or an integer tensor, got {t!r}")
         if t.dim() == 0:
             t = t.expand(batch)
         if tuple(t.shape) != (batch,):
             raise ValueError(f"t must be a scalar or [B] = [{batch}], got shape {tuple(t.shape)}")
-        n = int(self.scheduler.config.num_train_timesteps)
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+        if check_values and t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
             raise ValueError(
                 f"t: timesteps must be in [0, num_train_timesteps={n}), got {t.tolist()}"
             )
@@ -356,23 +364,32 @@ class BackboneAdapter:
         return self.model(x, timestep=t, class_labels=y, return_dict=False)[0]
 
     def _unchecked_timesteps(self, t: int | torch.Tensor, batch: int) -> torch.Tensor:
-        t = t if isinstance(t, torch.Tensor) else torch.tensor(t)
+        if not isinstance(t, torch.Tensor):
+            return torch.full((batch,), t, device=self.device, dtype=torch.int64)
         return t.to(device=self.device, dtype=torch.int64).expand(batch)
 
     def predict(
-        self, x_t: torch.Tensor, t: int | torch.Tensor, y: torch.Tensor, *, validate: bool = True
+        self,
+        x_t: torch.Tensor,
+        t: int | torch.Tensor,
+        y: torch.Tensor,
+        *,
+        validate: bool = True,
+        check_values: bool = True,
     ) -> torch.Tensor:
         """The raw model output for ``x_t: [B, *latent]`` at diffusers timesteps ``t`` (int or
         ``[B]``) and class ids ``y: [B]`` (the null class allowed): ``[B, C, H, W]`` or
         ``[B, 2C, H, W]`` (learned variance), in the model's dtype. Runs in the caller's grad mode
         and the model's train/eval mode (a DiT in train mode drops labels for classifier-free
-        guidance, as it was trained). ``validate=False`` skips the checks (and their host syncs)."""
+        guidance, as it was trained). ``validate=False`` skips the checks (and their host syncs);
+        ``check_values=False`` keeps the type/shape checks but skips the value ranges of ``y`` and
+        ``t`` (the host syncs), for a caller whose ids are known good (the trainer's step)."""
         b = x_t.shape[0]
         if not validate:
             return self._forward(x_t, self._unchecked_timesteps(t, b), y.to(self.device))
         self.check_latents("x_t", x_t)
-        y = self.check_labels(y, b, allow_null=True)
-        return self._forward(x_t, self._timesteps(t, b), y)
+        y = self.check_labels(y, b, allow_null=True, check_values=check_values)
+        return self._forward(x_t, self._timesteps(t, b, check_values), y)
 
     def _guided(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float
@@ -464,6 +481,7 @@ class BackboneAdapter:
         t: int | torch.Tensor = 0,
         return_output: bool = False,
         validate: bool = True,
+        check_values: bool = True,
     ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         """Attention-block outputs of a noise-free (``t = 0``) class-conditioned pass.
 
@@ -479,6 +497,8 @@ class BackboneAdapter:
             t: the timestep of the pass (default 0).
             return_output: also return the model output of the same pass.
             validate: check shapes, class ids and t (host syncs); False in a hot loop.
+            check_values: with ``validate``, False checks types and shapes only, not the value
+                ranges of ``y`` and ``t`` (no host sync): for ids known to be good.
 
         Returns:
             One ``[B, C_i, H_i, W_i]`` map per attention block (DiT tokens reshaped to the patch
@@ -486,8 +506,8 @@ class BackboneAdapter:
         """
         if validate:
             self.check_latents("x0", x0)
-            y = self.check_labels(y, x0.shape[0], allow_null=True)
-            tt = self._timesteps(t, x0.shape[0])
+            y = self.check_labels(y, x0.shape[0], allow_null=True, check_values=check_values)
+            tt = self._timesteps(t, x0.shape[0], check_values)
         else:
             y = y.to(self.device)
             tt = self._unchecked_timesteps(t, x0.shape[0])

@@ -45,9 +45,14 @@ class GenRepNet(nn.Module):
     def null_labels(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.full((batch,), self.null_class, dtype=torch.int64, device=device)
 
-    def perceive(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits [B, C], x_sem [B, *latent])`` of a noise-free, null-class pass."""
-        feats = self.adapter.features(x0, self.null_labels(x0.shape[0], x0.device))
+    def perceive(
+        self, x0: torch.Tensor, *, check_values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [B, C], x_sem [B, *latent])`` of a noise-free, null-class pass
+        (``check_values=False``: the adapter's checks without a host sync)."""
+        feats = self.adapter.features(
+            x0, self.null_labels(x0.shape[0], x0.device), check_values=check_values
+        )
         logits, x_sem = self.head(feats)
         return logits.float(), x_sem
 
@@ -173,6 +178,8 @@ def generation_loss(
     generator: torch.Generator,
     cfg: TrainConfig,
     x_sem: torch.Tensor | None = None,
+    *,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_genera = L_LDM (+ L_rep_align with ``x_sem``), docs/METHOD.md section 2.
 
@@ -183,6 +190,9 @@ def generation_loss(
     (identical to the plain loss while the modulation is zero), ``sigma'`` enters a KL to the true
     posterior with the mean detached (weight ``loss.vlb_weight``), and the generation path's
     noisy-input features, projected by the head, are aligned to ``x_sem`` (L_rep_align).
+
+    ``check_values=False`` (the trainer's step, whose labels were checked once per dataset and
+    whose timesteps are drawn in range): no value check, so no host sync.
     """
     from genrep_fast.models import rep_align_loss
 
@@ -193,7 +203,7 @@ def generation_loss(
     # converts only when it logs.
     parts: dict[str, torch.Tensor] = {}
     if x_sem is None:
-        out = net.adapter.predict(x_t, t, y_in)
+        out = net.adapter.predict(x_t, t, y_in, check_values=check_values)
         eps_hat = out[:, :c].float()
         loss = F.mse_loss(eps_hat, noise)
         parts["ldm"] = loss.detach()
@@ -211,7 +221,7 @@ def generation_loss(
             parts["vlb"] = vlb.detach()
         return loss, parts
 
-    feats, out = net.adapter.features(x_t, y_in, t=t, return_output=True)
+    feats, out = net.adapter.features(x_t, y_in, t=t, return_output=True, check_values=check_values)
     eps_hat = out[:, :c].float()
     mu, sigma = ddpm_transition(
         net.scheduler, x_t, t, out.float(), prev, learned_variance=net.adapter.learned_variance
@@ -275,13 +285,16 @@ def perception_loss(
     cfg: TrainConfig,
     backend: str,
     timer=None,
+    *,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """L_percept = CE(logits, y) + w * KL(p(y|x) || softmax(logits)); returns (loss, logits, parts).
 
     The teacher ``p(y|x)`` is the class posterior of the chain bank's Gaussian mixture, computed
     from ``bank.prepared()`` (a ``ChainBank``'s snapshot, taken once per refresh).
+    ``check_values=False``: no value check of the labels and candidate classes (no host sync).
     """
-    logits, _ = net.perceive(x0)
+    logits, _ = net.perceive(x0, check_values=check_values)
     ce = F.cross_entropy(logits, y)
     parts = {"ce": ce.detach()}
     loss = ce
@@ -300,7 +313,7 @@ def perception_loss(
                 backend=backend,
                 validate=False,
             )
-            kl = posterior_kl_loss(logits, ll, class_index=idx)
+            kl = posterior_kl_loss(logits, ll, class_index=idx, validate=check_values)
         loss = loss + cfg.loss.gen_distil_weight * kl
         parts["kl"] = kl.detach()
     return loss, logits, parts

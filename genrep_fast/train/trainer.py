@@ -15,7 +15,10 @@ reference implementations, so the end-to-end speedup of the package's ops can be
 Faults: a step whose loss or update is not finite is skipped (no optimiser step, no EMA; the
 batch is consumed and the step counts), logged with its batch's sample indices, and
 ``runtime.max_bad_steps`` consecutive skips stop the run (``TrainingDiverged``, exit code 4 of the
-CLI). The check is one flag per step read on the host (the step's only sync). A non-finite bank is
+CLI). The check is one flag per step read on the host: the step's only read of a value (labels are
+range-checked once per training set, the model calls skip their value checks; tests/
+test_train_syncs.py counts the reads; on CUDA, ``Timer`` still synchronises at each section's
+edges unless its ``sync`` is off). A non-finite bank is
 not installed; a checkpoint with a non-finite tensor is refused. ``backbone_lr_scale: 0`` freezes
 the backbone for the stage (``requires_grad`` off: no graph or gradient is made for it).
 
@@ -87,23 +90,26 @@ class TrainingDiverged(Exception):
 
 
 class Timer:
-    """Wall seconds per named section (CUDA synchronised at the edges when timing a GPU run)."""
+    """Wall seconds per named section (CUDA synchronised at the edges when timing a GPU run;
+    ``sync = False`` keeps the sections' host syncs out, the seconds then time the launches)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, sync: bool = True):
         self.device = device
+        self.sync = sync
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str):
         # Each section is also an NVTX range "genrep.<name>" (Nsight Systems' timeline).
         with nvtx_range(f"genrep.{name}"):
-            if self.device.type == "cuda":
+            sync = self.sync and self.device.type == "cuda"
+            if sync:
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             try:
                 yield
             finally:
-                if self.device.type == "cuda":
+                if sync:
                     torch.cuda.synchronize(self.device)
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
@@ -180,6 +186,10 @@ class Trainer:
         self._seed_everything(cfg.seed)
         self.train_set, self.test_set = build_datasets(cfg.data, cfg.seed)
         self.net: GenRepNet = build_network(cfg, self.device)
+        # The noise schedule on the device once (diffusers' add_noise moves it on first use; the
+        # losses index it every step): no blocking host-to-device copy inside a step.
+        sched = self.net.scheduler
+        sched.alphas_cumprod = sched.alphas_cumprod.to(self.device)
         if rt.compile:
             self.net.backbone.compile()
         self.teacher: GenRepNet | None = None
@@ -312,6 +322,9 @@ class Trainer:
             finite = bool(torch.isfinite(bank.mu).all() & torch.isfinite(bank.sigma).all())
         if finite:
             self.bank = bank
+            # the posterior's snapshot, taken here rather than in the next step (its sigma check
+            # reads a flag back: once per refresh, not inside a step)
+            bank.prepared()
             return
         what = "kept the previous bank" if self.bank is not None else "no bank to fall back on"
         self.log({"stage": self.stage, "step": self.step, "event": f"non-finite bank, {what}"})
@@ -366,6 +379,7 @@ class Trainer:
         if self.step >= st.steps:  # resumed from the checkpoint that ended this stage
             return
         accum = cfg.runtime.grad_accum
+        self._check_labels(self.train_set)
         batches = Batches(
             self.train_set,
             cfg.data.batch_size,
@@ -440,6 +454,32 @@ class Trainer:
         nothing is started on a device other than CUDA."""
         return ProfileWindow(first, count if self.device.type == "cuda" else 0)
 
+    def _check_labels(self, dataset) -> None:
+        """The class ids of a batch source, checked once (on the host) so that a step does not
+        read them back: the step's model calls skip their value checks (``check_values=False``).
+        A dataset without a ``labels`` tensor is checked batch by batch on the host instead."""
+        if getattr(self, "_labels_checked", None) is dataset:
+            return
+        labels = getattr(dataset, "labels", None)
+        if isinstance(labels, torch.Tensor) and labels.numel():
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= self.net.num_classes:
+                raise ConfigError(
+                    f"the training set's class ids lie in [{lo}, {hi}], outside [0, "
+                    f"model.num_classes={self.net.num_classes})"
+                )
+            self._labels_checked = dataset
+        else:
+            self._labels_checked = None
+
+    def _check_batch_labels(self, y: torch.Tensor) -> None:
+        # a host tensor straight from the batch source: no device sync
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.net.num_classes):
+            raise ConfigError(
+                f"a training batch holds class ids in [{int(y.min())}, {int(y.max())}], outside "
+                f"[0, model.num_classes={self.net.num_classes})"
+            )
+
     def _should_stop(self) -> bool:
         if self.world > 1:  # agreed on by all ranks with the step's finiteness flag
             return self._stop_agreed
@@ -508,27 +548,31 @@ class Trainer:
         for _ in range(accum):
             with timer("data"):
                 x0, y = next(batches)
+                if getattr(self, "_labels_checked", None) is not batches.dataset:
+                    self._check_batch_labels(y)
                 x0 = x0.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
                 self._step_inputs.append((batches.last_indices, x0))
             if stage == 0:
                 with self._autocast():
-                    loss_g, parts = generation_loss(self.net, x0, y, self.generator, cfg)
+                    loss_g, parts = generation_loss(
+                        self.net, x0, y, self.generator, cfg, check_values=False
+                    )
                 with timer("backward_g"):
                     add(acc_g, loss_g / accum)
             else:
                 with timer("features"), self._autocast():
                     loss_p, logits, parts = perception_loss(
-                        self.net, x0, y, self.bank, cfg, self.backend, timer
+                        self.net, x0, y, self.bank, cfg, self.backend, timer, check_values=False
                     )
                 if stage == 2:
                     with timer("generation"), self._autocast():
                         x_sem = None
                         if cfg.loss.semantic:
                             with torch.no_grad():
-                                _, x_sem = self.teacher.perceive(x0)
+                                _, x_sem = self.teacher.perceive(x0, check_values=False)
                         loss_g, gparts = generation_loss(
-                            self.net, x0, y, self.generator, cfg, x_sem
+                            self.net, x0, y, self.generator, cfg, x_sem, check_values=False
                         )
                     parts.update(gparts)
                 with timer("backward_p"):
