@@ -396,7 +396,7 @@ def test_trainer_losses_use_one_snapshot_per_refresh(monkeypatch, tmp_path):
     bank = _chain_bank()
 
     class Net:
-        def perceive(self, x0):
+        def perceive(self, x0, *, check_values=True):
             return x0.reshape(B, -1)[:, :C].clone().requires_grad_(), None
 
     losses = [network.perception_loss(Net(), x, y, bank, cfg, "torch")[2]["kl"] for _ in range(3)]
