@@ -265,6 +265,15 @@ def align_gradients(
     staged: list[tuple[int, torch.Tensor]] = []
     if out is not None:
         out, staged = _stage_aliased_outputs(out, grads_p, grads_g, groups, reduce_sums)
+    result = _align_validated(
+        grads_p, grads_g, groups, k, w_p, w_g, mode, out, reduce_sums, backend
+    )
+    return _unstage(result, staged)
+
+
+def _align_validated(grads_p, grads_g, groups, k, w_p, w_g, mode, out, reduce_sums, backend):
+    """``align_gradients`` after its checks, with ``out`` free of aliasing hazards (staged by
+    ``align_gradients``; alias-free by construction in ``GradientAligner``)."""
     devices = {t.device for t in (*grads_p, *grads_g) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all gradients must be on one device, got {sorted(map(str, devices))}")
@@ -283,12 +292,8 @@ def align_gradients(
         for o, u in zip(out, upd):
             if u is not None:
                 o.copy_(u)
-        result = [o if u is not None else None for o, u in zip(out, upd)]
-    else:
-        result = _align_two_pass(
-            grads_p, grads_g, groups, k, w_p, w_g, mode, out, reduce_sums, use_ops
-        )
-    return _unstage(result, staged)
+        return [o if u is not None else None for o, u in zip(out, upd)]
+    return _align_two_pass(grads_p, grads_g, groups, k, w_p, w_g, mode, out, reduce_sums, use_ops)
 
 
 def _stage_aliased_outputs(out, grads_p, grads_g, groups, reduce_sums):
@@ -562,19 +567,14 @@ class GradientAligner:
                 distributed.all_reduce_gradients(grads_p, group)
                 distributed.all_reduce_gradients(grads_g, group)
         validate_gradients(grads_p, grads_g)  # before _writable_outputs reads their storage
+        # Each out[i] is grads_p[i] / grads_g[i] with storage no other entry shares, or a fresh
+        # buffer: no aliasing to stage, and the settings were checked in __init__, so the step
+        # skips align_gradients' per-call checks.
         out = _writable_outputs(grads_p, grads_g)
-        update = align_gradients(
-            grads_p,
-            grads_g,
-            groups=self.groups,
-            k=self.k,
-            w_p=self.w_p,
-            w_g=self.w_g,
-            mode=self.mode,
-            out=out,
-            reduce_sums=reduce_sums,
-            backend=self.backend,
-        )
+        update = _align_validated(
+            grads_p, grads_g, self.groups, self.k, self.w_p, self.w_g, self.mode, out,
+            reduce_sums, self.backend,
+        )  # fmt: skip
         for param, u in zip(self.params, update):
             if u is None:
                 continue

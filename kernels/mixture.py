@@ -510,7 +510,8 @@ def mixture_lse_gemm(
     """GEMM-form LSE ``[B, C]`` float32 of a shared bank; ``x: [B, *latent]``.
 
     ``operands``: ``gemm_operands(mu, sigma)`` computed earlier (a prepared bank); None computes
-    them here, from the tensors as they are now.
+    them here, from the tensors as they are now. Pairs with a non-finite image or bank row are
+    then redone in the difference form (``redo_nonfinite_pairs``).
     """
     if operands is None:
         operands = gemm_operands(mu, sigma)
@@ -542,6 +543,7 @@ def mixture_lse_gemm(
         BLOCK_T=GEMM_BLOCK_T,
         BLOCK_D=GEMM_BLOCK_D_DIAG if diagonal else GEMM_BLOCK_D,
     )
+    redo_nonfinite_pairs(out, x, mu, sigma, xx, operands.mm)
     return out
 
 
@@ -561,10 +563,7 @@ def mixture_lse(
     everything else through the difference kernel.
     """
     if uses_gemm_form(x, mu, class_index, precision):
-        operands = operands if operands is not None else gemm_operands(mu, sigma)
-        out = mixture_lse_gemm(x, mu, sigma, precision, operands)
-        redo_nonfinite_pairs(out, x, mu, sigma, operands.mm)
-        return out
+        return mixture_lse_gemm(x, mu, sigma, precision, operands)
     return mixture_lse_diff(x, mu, sigma, class_index, per_image=mu.dim() == x.dim() + 2)
 
 
@@ -620,18 +619,22 @@ def _mixture_diff_redo_kernel(
 
 
 def redo_nonfinite_pairs(
-    out: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, mm: torch.Tensor
+    out: torch.Tensor,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    xx: torch.Tensor,
+    mm: torch.Tensor,
 ) -> None:
     """Overwrite, in the GEMM kernel's result ``out [B, C]``, the pairs whose image or bank rows
     hold inf or NaN (or whose squared norm passes the float range) with the difference form's
     value: ``|x|^2 - 2 x.mu + |mu|^2`` is NaN there (inf - inf) where the difference form gives -inf
     (zero density) or NaN. No host sync: the flags stay on the device and one launch of B*C
     programs redoes the flagged pairs only (shared bank, float32, as ``mixture_lse_gemm``).
-    ``mm``: the bank rows' squared norms ``[C*T]`` (``GemmOperands.mm``), non-finite exactly where
-    a row holds inf or NaN."""
+    ``xx``: the images' squared norms ``[B]`` and ``mm``: the bank rows' ``[C*T]`` (the GEMM
+    kernel's own), non-finite exactly where a row holds inf or NaN or passes the float range."""
     b, c = out.shape
-    x2 = x.reshape(b, -1).float().contiguous()
-    bad_b = (~torch.isfinite(x2.double().square().sum(-1).float())).to(torch.int8)
+    bad_b = (~torch.isfinite(xx)).to(torch.int8)
     bad_c = (~torch.isfinite(mm.reshape(c, -1)).all(-1)).to(torch.int8)
     lay = diff_layout(x, mu, sigma, None, per_image=False)
     _mixture_diff_redo_kernel[(b * c,)](
