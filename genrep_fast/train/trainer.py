@@ -206,6 +206,8 @@ class Trainer:
         self.bad_steps = 0  # steps skipped for a non-finite loss or gradient, whole run
         self.bad_streak = 0  # ... consecutive, up to the last step
         self._step_ok = True
+        # The dataset whose class ids were range-checked once (_check_labels); None: check per batch.
+        self._labels_checked = None
         self._step_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._saved: tuple[tuple[int, int], Path] | None = None
         self._tb = None
@@ -458,7 +460,7 @@ class Trainer:
         """The class ids of a batch source, checked once (on the host) so that a step does not
         read them back: the step's model calls skip their value checks (``check_values=False``).
         A dataset without a ``labels`` tensor is checked batch by batch on the host instead."""
-        if getattr(self, "_labels_checked", None) is dataset:
+        if self._labels_checked is dataset:
             return
         labels = getattr(dataset, "labels", None)
         if isinstance(labels, torch.Tensor) and labels.numel():
@@ -548,7 +550,7 @@ class Trainer:
         for _ in range(accum):
             with timer("data"):
                 x0, y = next(batches)
-                if getattr(self, "_labels_checked", None) is not batches.dataset:
+                if self._labels_checked is not batches.dataset:
                     self._check_batch_labels(y)
                 x0 = x0.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
