@@ -6,8 +6,14 @@
     genrep-fast eval --checkpoint RUN_OR_CKPT [--out DIR]
     genrep-fast sample --checkpoint RUN_OR_CKPT --out samples.png [--per-class N]
     genrep-fast classify --checkpoint RUN_OR_CKPT IMAGE [IMAGE ...]
+    genrep-fast encode [--config NAME|PATH] [--set key=value ...] --out DIR [--shard-size N]
+                       encode the config's images with model.vae into latent shards
     genrep-fast bench [--benchmark] [pytest args]   run bench/ and print the results table
     genrep-fast check-build [--require-cuda]        is the compiled extension there, kernels and all
+
+Latent space: with ``model.vae`` (a local diffusers AutoencoderKL / VQModel folder) ``train``
+encodes pixel data on the fly and ``sample``/``eval`` decode samples through the VAE; ``encode``
+writes the latents once (``DIR/train``, ``DIR/test``) for ``data.kind: latents``.
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node=8 -m genrep_fast train --config ...``.
 Exit codes: 0 done, 1 check-build found the extension missing or incomplete, 2 bad arguments or
@@ -91,6 +97,22 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="classify image files with the head")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
+
+    p = sub.add_parser(
+        "encode",
+        help="encode the config's images with model.vae into latent shards (data.kind: latents)",
+        description="Encode the training (and held-out) images of a config with its model.vae "
+        "into safetensors shards, DIR/train/shard-NNNNN.safetensors and DIR/test/..., in the "
+        "'latents' data format (scaled latents: train with data.latent_scale=1). Row i of the "
+        "shards is image i of the folder; data.augment is not applied.",
+        epilog=EXIT_CODES,
+    )
+    _config_args(p)
+    p.add_argument(
+        "--out", required=True, help="output folder (its train/ and test/ must not hold shards)"
+    )
+    p.add_argument("--shard-size", type=int, default=4096, help="latents per shard file")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
 
     p = sub.add_parser("bench", help="run the benchmark suites (pytest bench/) and print the table")
     p.add_argument("--benchmark", action="store_true", help="realistic shapes, results saved")
@@ -205,6 +227,8 @@ def _dispatch(args) -> int:
             (trainer.out_dir / "eval.json").write_text(json.dumps(res, indent=1))
             print(json.dumps(res, indent=1))
         return 0
+    if cmd == "encode":
+        return _encode(args)
     # eval / sample / classify: read the checkpoint's network only; nothing is written into the
     # run folder and no training data is read.
     from genrep_fast.train.trainer import load_for_inference
@@ -230,6 +254,7 @@ def _dispatch(args) -> int:
         from genrep_fast.train.metrics import image_grid
 
         x, _ = generate(net, cfg, args.per_class, seed=args.seed, progress=True)
+        x = _decoded(cfg, x)
         image_grid(x, args.per_class, args.out, scale=max(1, 64 // x.shape[-1]))
         print(f"wrote {args.out}")
         return 0
@@ -257,6 +282,65 @@ def _dispatch(args) -> int:
             )
         return 0
     raise AssertionError(cmd)
+
+
+def _decoded(cfg, x):
+    """Samples of a latent model (``model.vae``) decoded to pixels; others as they are."""
+    from genrep_fast.train.latent_space import LatentSpace
+
+    space = LatentSpace.from_config(cfg, x.device)
+    return x if space is None else space.decode(x)
+
+
+def _encode(args) -> int:
+    """``genrep-fast encode``: the config's pixel data through model.vae into latent shards."""
+    import dataclasses
+
+    from genrep_fast.train.config import ConfigError, load_config
+    from genrep_fast.train.data import build_datasets
+    from genrep_fast.train.latent_space import PIXEL_KINDS, LatentSpace, encode_dataset
+    from genrep_fast.train.trainer import resolve_device
+
+    if args.shard_size < 1 or args.batch_size < 1:
+        bad = "--shard-size" if args.shard_size < 1 else "--batch-size"
+        raise ConfigError(f"{bad}: must be >= 1")
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.model.vae:
+        raise ConfigError("model.vae: encode needs a VAE folder (--set model.vae=PATH)")
+    if cfg.data.kind not in PIXEL_KINDS:
+        raise ConfigError(
+            f"data.kind: encode reads images ({' or '.join(PIXEL_KINDS)}), got {cfg.data.kind!r}"
+        )
+    out = Path(args.out)
+    for part in ("train", "test"):
+        if any((out / part).glob("*.safetensors")):
+            raise ConfigError(f"--out: {out / part} already holds shards; choose an empty folder")
+    if cfg.runtime.threads:
+        import torch
+
+        torch.set_num_threads(cfg.runtime.threads)
+    space = LatentSpace.from_config(cfg, resolve_device(cfg.runtime.device))
+    train, test = build_datasets(dataclasses.replace(cfg.data, augment=False), cfg.seed)
+    written = {}
+    for part, dataset in (("train", train), ("test", test)):
+        if dataset is None:
+            continue
+        paths = encode_dataset(
+            space,
+            dataset,
+            out / part,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            num_workers=cfg.data.num_workers,
+            progress=cfg.runtime.progress,
+        )
+        written[part] = (len(dataset), len(paths))
+        print(f"wrote {len(dataset)} latents in {len(paths)} shards to {out / part}")
+    sets = [f"--set data.kind=latents --set data.root={out / 'train'}"]
+    if "test" in written:
+        sets.append(f"--set data.test_root={out / 'test'}")
+    print("train from them with: " + " ".join(sets) + " --set data.latent_scale=1")
+    return 0
 
 
 if __name__ == "__main__":

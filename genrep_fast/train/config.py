@@ -42,7 +42,8 @@ class ModelConfig:
     factory_kwargs: dict = dataclasses.field(default_factory=dict)
     # A diffusers model directory (from_pretrained, local only) replacing the factory model.
     pretrained: str | None = None
-    # A diffusers AutoencoderKL directory: images are encoded to latents on the fly.
+    # A local diffusers AutoencoderKL / VQModel folder (save_pretrained): pixel data are encoded
+    # to latents on the fly, samples are decoded through it (sample_size, in_channels: the latents).
     vae: str | None = None
     head_kwargs: dict = dataclasses.field(default_factory=dict)
     modulation_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -344,7 +345,11 @@ def _validate(cfg: TrainConfig) -> None:
         _fail("loss.label_dropout", f"must be in [0, 1), got {cfg.loss.label_dropout}")
     if cfg.data.kind != "digits" and not cfg.data.root:
         _fail("data.root", f"is required for data.kind={cfg.data.kind!r}")
-    if cfg.data.kind == "digits" and (cfg.model.sample_size != 8 or cfg.model.in_channels != 1):
+    if (
+        cfg.data.kind == "digits"
+        and not cfg.model.vae  # with a VAE the latent shape is checked against it (latent_space)
+        and (cfg.model.sample_size != 8 or cfg.model.in_channels != 1)
+    ):
         _fail("model.sample_size", "the digits data are 1x8x8: set sample_size=8, in_channels=1")
 
 

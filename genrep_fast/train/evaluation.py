@@ -95,15 +95,24 @@ def evaluate(
     backend: str = "auto",
     bank=None,
     progress: bool = False,
+    latent_space=None,
 ) -> dict:
-    """All metrics of the module docstring; writes reliability.png and samples.png to out_dir."""
+    """All metrics of the module docstring; writes reliability.png and samples.png to out_dir.
+
+    With ``model.vae`` (``latent_space``: a ``LatentSpace``, loaded from ``cfg`` when None),
+    held-out images are encoded to latents first and the sample grid is decoded to pixels."""
+    from genrep_fast.train.latent_space import LatentSpace
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = net.adapter.device
     d, e = cfg.diffusion, cfg.eval
+    if latent_space is None:
+        latent_space = LatentSpace.from_config(cfg, device)
     x, y = dataset_tensors(test_set, e.max_test_images)
     x, y = x.to(device), y.to(device)
+    if latent_space is not None and latent_space.encodes:
+        x = latent_space.encode(x, batch_size=256)
     res: dict = {"test_images": int(x.shape[0])}
     timing: dict[str, float] = {}
 
@@ -142,13 +151,15 @@ def evaluate(
         timing["eval_sampling"] = time.perf_counter() - t0
         p_gen = head_probabilities(net, xs)
         res["gen_head_accuracy"] = metrics.top1(p_gen, ys.cpu())
-        if len(net.adapter.latent_shape) == 3 and net.adapter.latent_shape[0] in (1, 3):
+        if latent_space is not None:
+            xs = latent_space.decode(xs)
+        if xs.dim() == 4 and xs.shape[1] in (1, 3):
             names = [str(c) for c in range(net.num_classes)]
             metrics.image_grid(
                 xs,
                 e.samples_per_class,
                 out_dir / "samples.png",
-                scale=max(1, 64 // net.adapter.latent_shape[1]),
+                scale=max(1, 64 // xs.shape[-1]),
                 row_labels=names,
             )
     res["eval_timing"] = timing

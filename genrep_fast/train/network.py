@@ -70,7 +70,8 @@ def build_network(cfg: TrainConfig, device: torch.device) -> GenRepNet:
         num_train_timesteps=d.num_train_timesteps,
         beta_schedule=d.beta_schedule,
         variance_type="learned_range" if m.kind == "dit" else "fixed_small",
-        clip_sample=cfg.data.kind != "latents",  # pixels live in [-1, 1]; latents do not
+        # pixels live in [-1, 1]; latents (shards or model.vae's) do not
+        clip_sample=cfg.data.kind != "latents" and not cfg.model.vae,
     )
     if m.pretrained:
         from diffusers import DiTTransformer2DModel, UNet2DModel

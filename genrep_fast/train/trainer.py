@@ -49,6 +49,7 @@ from genrep_fast.profiling import ProfileWindow, nvtx_range
 from genrep_fast.train import checkpoint as ckpt
 from genrep_fast.train.config import ConfigError, TrainConfig, run_defining_changes
 from genrep_fast.train.data import Batches, build_datasets, describe_sample
+from genrep_fast.train.latent_space import LatentSpace
 from genrep_fast.train.network import (
     GenRepNet,
     build_chain_bank,
@@ -183,6 +184,10 @@ class Trainer:
             self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
         else:
             self.autocast = None
+        # model.vae: loaded and checked against the config before any data is read (and before
+        # seeding: loading may draw random numbers); pixel batches are encoded to latents in the
+        # step's data section (train/latent_space.py)
+        self.latent_space = LatentSpace.from_config(cfg, self.device)
         self._seed_everything(cfg.seed)
         self.train_set, self.test_set = build_datasets(cfg.data, cfg.seed)
         self.net: GenRepNet = build_network(cfg, self.device)
@@ -554,6 +559,8 @@ class Trainer:
                     self._check_batch_labels(y)
                 x0 = x0.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
+                if self.latent_space is not None and self.latent_space.encodes:
+                    x0 = self.latent_space.encode(x0)
                 self._step_inputs.append((batches.last_indices, x0))
             if stage == 0:
                 with self._autocast():
