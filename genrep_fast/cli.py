@@ -263,15 +263,20 @@ def _dispatch(args) -> int:
 
         from genrep_fast.train.data import ImageFolder
         from genrep_fast.train.evaluation import head_probabilities
+        from genrep_fast.train.latent_space import LatentSpace
 
         c, h, _ = net.adapter.latent_shape
+        space = LatentSpace.from_config(cfg, net.adapter.device)
+        if space is not None:  # a latent model: images at the VAE's resolution, then encoded
+            c, h = space.image_channels, h * space.downsample
         loader = ImageFolder.__new__(ImageFolder)
         loader.image_size, loader.grayscale, loader.flip = h, c == 1, False
         xs = []
         for f in args.images:
             loader.files = [(Path(f), 0)]
             xs.append(loader[0][0])
-        probs = head_probabilities(net, torch.stack(xs).to(net.adapter.device))
+        x = torch.stack(xs).to(net.adapter.device)
+        probs = head_probabilities(net, x if space is None else space.encode(x))
         for f, p in zip(args.images, probs):
             top = p.topk(min(3, p.numel()))
             print(

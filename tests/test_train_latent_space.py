@@ -87,6 +87,11 @@ def test_train_on_the_fly_eval_and_sample_decode(assets, tmp_path, capsys):
     assert main(cmd) == 0
     with Image.open(png) as im:
         assert im.mode == "RGB"
+    # classify reads images at the VAE's resolution and encodes them
+    capsys.readouterr()
+    img = next((assets / "test" / "one").glob("*.png"))
+    assert main(["classify", "--checkpoint", str(run), str(img)]) == 0
+    assert "class " in capsys.readouterr().out
 
     # the decoded samples: pixels of the VAE's decoder, [N, 3, 16, 16] in [-1, 1]
     from genrep_fast.cli import _decoded
