@@ -236,3 +236,55 @@ def test_encode_refuses_without_vae_or_into_shards(assets, tmp_path, capsys):
         LatentSpace.from_config(
             load_config("tiny_digits", overrides(assets, "model.vae=/nope")), "cpu"
         )
+
+
+def test_nan_pixel_under_the_vae_skips_its_step(tmp_path):
+    # digits (1x8x8) through a 1-channel VAE to 4x4x4 latents; one NaN pixel makes its sample's
+    # latents NaN (the VAE's GroupNorm is per sample): that step is skipped and names the sample
+    from genrep_fast.train import checkpoint as ckpt
+    from genrep_fast.train.data import batch_indices
+
+    tiny_vae("kl", in_channels=1, block_out_channels=(8, 16)).save_pretrained(tmp_path / "vae")
+    sets = ["model.sample_size=4", "model.in_channels=4", f"model.vae={tmp_path / 'vae'}"]
+    sets += ["stage1.steps=0", "stage2.steps=0", "eval.samples_per_class=0"]
+    cfg = load_config("tiny_digits", TINY + sets + [f"out_dir={tmp_path / 'run'}"])
+    tr = Trainer(cfg)
+    batches = batch_indices(len(tr.train_set), cfg.data.batch_size, cfg.seed, start_batch=1)
+    k = int(next(batches)[0])  # in the stage's second batch only
+    tr.train_set.images[k, 0, 3, 4] = float("nan")
+    tr.run()
+    (rec,) = [r for r in tr.history if "skipped" in r]
+    assert rec["step"] == 2 and rec["nonfinite_inputs"] == [f"sample {k}"]
+    assert tr.bad_steps == 1 and not ckpt.nonfinite_tensors(tr.net.state_dict())
+
+
+def test_resume_with_the_vae_is_bit_exact(tmp_path):
+    # SIGTERM in stage 2, resume: the same weights as an uninterrupted run (the VAE is loaded
+    # before the seeding and its encoding draws no random numbers)
+    import signal
+
+    from genrep_fast.train.trainer import TrainingInterrupted
+
+    tiny_vae("kl", in_channels=1, block_out_channels=(8, 16)).save_pretrained(tmp_path / "vae")
+    sets = ["model.sample_size=4", "model.in_channels=4", f"model.vae={tmp_path / 'vae'}"]
+    sets += ["stage0.steps=2", "stage1.steps=2", "stage2.steps=3"]
+    full = Trainer(load_config("tiny_digits", TINY + sets + [f"out_dir={tmp_path / 'full'}"]))
+    full.run()
+    cfg = load_config("tiny_digits", TINY + sets + [f"out_dir={tmp_path / 'cut'}"])
+    first = Trainer(cfg)
+    step = first.train_step
+
+    def stop_in_stage2(*a, **k):
+        out = step(*a, **k)
+        if first.stage == 2 and first.step == 0:  # after stage 2's first step
+            first._stop_signal = signal.SIGTERM
+        return out
+
+    first.train_step = stop_in_stage2
+    with pytest.raises(TrainingInterrupted):
+        first.run()
+    resumed = Trainer(cfg, resume=tmp_path / "cut")
+    assert (resumed.stage, resumed.step) == (2, 1)
+    resumed.run()
+    for (name, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), name
