@@ -109,7 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_args(p)
     p.add_argument(
-        "--out", required=True, help="output folder (its train/ and test/ must not hold shards)"
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder (its train/ and test/ must not hold shards)",
     )
     p.add_argument("--shard-size", type=int, default=4096, help="latents per shard file")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
