@@ -143,7 +143,7 @@ def evaluate(
         p_gen = head_probabilities(net, xs)
         res["gen_head_accuracy"] = metrics.top1(p_gen, ys.cpu())
         if len(net.adapter.latent_shape) == 3 and net.adapter.latent_shape[0] in (1, 3):
-            names = [str(c) for c in range(net.num_classes)]
+            names = list(net.class_names)
             metrics.image_grid(
                 xs,
                 e.samples_per_class,
@@ -151,5 +151,6 @@ def evaluate(
                 scale=max(1, 64 // net.adapter.latent_shape[1]),
                 row_labels=names,
             )
+    res["class_names"] = list(net.class_names)
     res["eval_timing"] = timing
     return res
