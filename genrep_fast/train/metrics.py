@@ -37,7 +37,12 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) 
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """Expected calibration error: sum_b (n_b / N) |acc_b - conf_b| over equal-width bins."""
+    """Expected calibration error: sum_b (n_b / N) |acc_b - conf_b| over equal-width bins.
+
+    Kept here rather than torchmetrics' ``MulticlassCalibrationError(norm="l1")``, which gives the
+    same value (tests/test_train_metrics.py checks to 1e-6 where torchmetrics is installed):
+    torchmetrics is not a dependency, and ``calibration_bins`` also feeds the reliability diagram.
+    """
     b = calibration_bins(probs, labels, bins)
     n = b["count"].sum()
     return float((b["count"] / n * (b["accuracy"] - b["confidence"]).abs()).sum())
