@@ -32,6 +32,9 @@ def test_ece_of_a_calibrated_and_an_overconfident_classifier():
     probs = torch.tensor([[0.75, 0.25]] * 4)
     assert metrics.ece(probs, torch.tensor([0, 0, 0, 1])) == pytest.approx(0.0)
     assert metrics.ece(probs, torch.tensor([0, 1, 1, 1])) == pytest.approx(0.5)
+    # two bins, weighted by their counts: 3/4 * |1 - 0.95| + 1/4 * |0 - 0.55| = 0.175
+    probs = torch.tensor([[0.95, 0.05]] * 3 + [[0.55, 0.45]])
+    assert metrics.ece(probs, torch.tensor([0, 0, 0, 1])) == pytest.approx(0.175)
 
 
 @pytest.mark.parametrize("c", [1, 3])
