@@ -51,6 +51,14 @@ def time_fn(
     CUDA: CUDA events around each call; ``l2_cold`` writes a 256 MiB buffer between calls so short
     kernels are timed from DRAM, not from a warm L2 (the H100's L2 is 50 MB). CPU: perf_counter.
     Runs at least ``min_reps`` and until ``min_time_s`` has passed (at most ``max_reps``).
+
+    Why not ``triton.testing.do_bench`` or ``torch.utils.benchmark.Timer``: do_bench times with
+    the active Triton GPU driver's events (there is none on the CPU machines that run the smoke
+    suites) and always clears the cache between calls, while the suites time both warm and
+    L2-cold; the torch Timer's ``blocked_autorange`` times blocks of calls with a host clock
+    around a synchronize, so a short kernel's time is a block average including launch overhead,
+    and it has no L2-cold mode. Here: one CUDA-event pair per call on CUDA, perf_counter on CPU,
+    a median, and the L2 flush only where asked.
     """
     device = torch.device(device)
     for _ in range(warmup):

@@ -4,7 +4,8 @@
     genrep-fast train [--config NAME|PATH] [--set key=value ...] [--out DIR] [--resume PATH]
                       [--allow-config-change]
     genrep-fast eval --checkpoint RUN_OR_CKPT [--out DIR]
-    genrep-fast sample --checkpoint RUN_OR_CKPT --out samples.png [--per-class N]
+    genrep-fast sample --checkpoint RUN_OR_CKPT --out samples.png [--per-class N] [--steps N]
+                       [--guidance-scale S]
     genrep-fast classify --checkpoint RUN_OR_CKPT IMAGE [IMAGE ...]
     genrep-fast encode [--config NAME|PATH] [--set key=value ...] --out DIR [--shard-size N]
                        encode the config's images with model.vae into latent shards
@@ -91,10 +92,24 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw class-conditional samples into a grid PNG")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", default="samples.png")
-    p.add_argument("--per-class", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", type=int, default=10, help="samples per class (one grid row)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="reverse-chain steps (default: the config's eval.sample_steps or diffusion.num_steps)",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance with the null class; 1 (default) is none",
+    )
 
-    p = sub.add_parser("classify", help="classify image files with the head")
+    p = sub.add_parser(
+        "classify", help="classify image files with the head: the top 3 class names per image"
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
 
@@ -252,42 +267,66 @@ def _dispatch(args) -> int:
         (out / "eval.json").write_text(json.dumps(res, indent=1))
         print(json.dumps(res, indent=1))
         return 0
+    from genrep_fast.pipeline import GenRep
+
+    model = GenRep(net, cfg)
     if cmd == "sample":
-        from genrep_fast.train.evaluation import generate
+        import torch
+
         from genrep_fast.train.metrics import image_grid
 
-        x, _ = generate(net, cfg, args.per_class, seed=args.seed, progress=True)
+        labels = torch.arange(model.num_classes).repeat_interleave(args.per_class)
+        g = torch.Generator(model.device).manual_seed(args.seed)
+        try:
+            x = model.sample(
+                labels,
+                steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                generator=g,
+                progress=True,
+            )
+        except ValueError as exc:  # --steps / --guidance-scale out of range
+            print(f"genrep-fast sample: {exc}", file=sys.stderr)
+            return 2
         x = _decoded(cfg, x)
-        image_grid(x, args.per_class, args.out, scale=max(1, 64 // x.shape[-1]))
+        image_grid(
+            x,
+            args.per_class,
+            args.out,
+            scale=max(1, 64 // x.shape[-1]),
+            row_labels=model.class_names,
+        )
         print(f"wrote {args.out}")
         return 0
     if cmd == "classify":
         import torch
 
-        from genrep_fast.train.data import ImageFolder
-        from genrep_fast.train.evaluation import head_probabilities
         from genrep_fast.train.latent_space import LatentSpace
 
-        c, h, _ = net.adapter.latent_shape
-        space = LatentSpace.from_config(cfg, net.adapter.device)
+        images = args.images
+        space = LatentSpace.from_config(cfg, model.device)
         if space is not None:  # a latent model: images at the VAE's resolution, then encoded
-            c, h = space.image_channels, h * space.downsample
-        loader = ImageFolder.__new__(ImageFolder)
-        loader.image_size, loader.grayscale, loader.flip = h, c == 1, False
-        xs = []
-        for f in args.images:
-            loader.files = [(Path(f), 0)]
-            xs.append(loader[0][0])
-        x = torch.stack(xs).to(net.adapter.device)
-        probs = head_probabilities(net, x if space is None else space.encode(x))
-        for f, p in zip(args.images, probs):
-            top = p.topk(min(3, p.numel()))
-            print(
-                f"{f}: "
-                + ", ".join(
-                    f"class {int(i)} ({float(v):.3f})" for v, i in zip(top.values, top.indices)
-                )
-            )
+            from PIL import Image
+
+            from genrep_fast.train.data import image_tensor
+
+            size, grey = model.latent_shape[1] * space.downsample, space.image_channels == 1
+            try:
+                pixels = []
+                for f in args.images:
+                    with Image.open(f) as im:
+                        pixels.append(image_tensor(im, size, grayscale=grey))
+            except OSError as exc:
+                print(f"genrep-fast classify: cannot read image: {exc}", file=sys.stderr)
+                return 2
+            images = space.encode(torch.stack(pixels).to(model.device))
+        try:
+            result = model.classify(images)
+        except (ValueError, TypeError) as exc:  # an unreadable image, a latent model
+            print(f"genrep-fast classify: {exc}", file=sys.stderr)
+            return 2
+        for f, top in zip(args.images, result.top(3)):
+            print(f"{f}: " + ", ".join(f"{name} ({p:.3f})" for name, p in top))
         return 0
     raise AssertionError(cmd)
 

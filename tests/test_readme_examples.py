@@ -15,8 +15,25 @@ def test_readme_has_examples():
     assert len(BLOCKS) >= 3
 
 
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    """A stand-in for ``genrep-fast demo --out demo_out``: its run folder ``demo_out/run``, from a
+    few steps of each stage of the tiny test config (seconds, not the demo's minutes)."""
+    from train_helpers import TINY
+
+    from genrep_fast.train.config import load_config
+    from genrep_fast.train.trainer import Trainer
+
+    cwd = tmp_path_factory.mktemp("readme")
+    cfg = load_config("tiny_digits", TINY + [f"out_dir={cwd / 'demo_out' / 'run'}"])
+    Trainer(cfg).run()
+    return cwd
+
+
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_example_runs(code):
+def test_readme_example_runs(code, request, monkeypatch):
+    if "demo_out" in code:  # an example over the demo's output
+        monkeypatch.chdir(request.getfixturevalue("demo_out"))
     exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
 
 

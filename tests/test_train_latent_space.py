@@ -5,6 +5,7 @@ that train to the same latents, and one-line config errors (exit code 2) before 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -91,7 +92,8 @@ def test_train_on_the_fly_eval_and_sample_decode(assets, tmp_path, capsys):
     capsys.readouterr()
     img = next((assets / "test" / "one").glob("*.png"))
     assert main(["classify", "--checkpoint", str(run), str(img)]) == 0
-    assert "class " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"{img}: ") and {"one", "zero"} <= set(re.findall(r"(\w+) \(", out))
 
     # the decoded samples: pixels of the VAE's decoder, [N, 3, 16, 16] in [-1, 1]
     from genrep_fast.cli import _decoded

@@ -108,17 +108,25 @@ class ImageFolder(torch.utils.data.Dataset):
 
         path, label = self.files[i]
         with Image.open(path) as im:
-            im = im.convert("L" if self.grayscale else "RGB")
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-        x = torch.from_numpy(arr.copy())
-        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+            x = image_tensor(im, self.image_size, self.grayscale)
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, label
+
+
+def image_tensor(im, image_size: int, grayscale: bool) -> torch.Tensor:
+    """A PIL image as the trainer sees it: grey or RGB, centre-cropped to a square, resized
+    (bicubic) to ``image_size``, ``[1 or 3, image_size, image_size]`` float32 in [-1, 1]."""
+    from PIL import Image
+
+    im = im.convert("L" if grayscale else "RGB")
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    im = im.resize((image_size, image_size), Image.BICUBIC)
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    x = torch.from_numpy(arr.copy())
+    return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
 
 
 class LatentShards(torch.utils.data.Dataset):

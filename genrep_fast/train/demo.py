@@ -110,6 +110,8 @@ def report_markdown(cfg, res: dict, rows: dict | None) -> str:
         f"steps; chain bank N={cfg.diffusion.num_steps}, burn-in {cfg.diffusion.burn_in}, "
         f"thin {cfg.diffusion.thin}, {cfg.diffusion.chains_per_class} chains per class.",
         "",
+        f"Classes: {', '.join(res['class_names'])}." if res.get("class_names") else "",
+        "",
         "| metric | value |",
         "|---|---:|",
     ]

@@ -154,7 +154,7 @@ def evaluate(
         if latent_space is not None:
             xs = latent_space.decode(xs)
         if xs.dim() == 4 and xs.shape[1] in (1, 3):
-            names = [str(c) for c in range(net.num_classes)]
+            names = list(net.class_names)
             metrics.image_grid(
                 xs,
                 e.samples_per_class,
@@ -162,5 +162,6 @@ def evaluate(
                 scale=max(1, 64 // xs.shape[-1]),
                 row_labels=names,
             )
+    res["class_names"] = list(net.class_names)
     res["eval_timing"] = timing
     return res

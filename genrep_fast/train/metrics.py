@@ -37,7 +37,12 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) 
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """Expected calibration error: sum_b (n_b / N) |acc_b - conf_b| over equal-width bins."""
+    """Expected calibration error: sum_b (n_b / N) |acc_b - conf_b| over equal-width bins.
+
+    Kept here rather than torchmetrics' ``MulticlassCalibrationError(norm="l1")``, which gives the
+    same value (tests/test_train_metrics.py checks to 1e-6 where torchmetrics is installed):
+    torchmetrics is not a dependency, and ``calibration_bins`` also feeds the reliability diagram.
+    """
     b = calibration_bins(probs, labels, bins)
     n = b["count"].sum()
     return float((b["count"] / n * (b["accuracy"] - b["confidence"]).abs()).sum())
@@ -105,34 +110,44 @@ def image_grid(
     row_labels: list[str] | None = None,
 ) -> Path:
     """Save ``images [N, C, H, W]`` in [-1, 1] as a grid PNG with ``nrow`` images per row,
-    each pixel enlarged ``scale`` times (nearest), 1 or 3 channels."""
-    from PIL import Image, ImageDraw
+    each pixel enlarged ``scale`` times (nearest), 1 or 3 channels (other counts: the first),
+    on white with a ``scale``-pixel gap; ``row_labels`` are written in a white strip on the left.
+
+    The tiles are laid out by diffusers' ``make_image_grid`` (a PIL grid); torchvision's
+    ``make_grid`` would serve as well but torchvision is not a dependency of the package.
+    """
+    from diffusers.utils import make_image_grid
+    from PIL import Image, ImageDraw, ImageOps
 
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     n, c, h, w = x.shape
     if c not in (1, 3):
         x = x[:, :1]
         c = 1
+    mode = "L" if c == 1 else "RGB"
     rows = math.ceil(n / nrow)
-    pad = 1
-    label_w = 14 if row_labels else 0
-    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[
-            :,
-            pad + r * (h + pad) : pad + r * (h + pad) + h,
-            pad + col * (w + pad) : pad + col * (w + pad) + w,
-        ] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    im = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
-    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    gap = scale  # one source pixel between tiles and around the grid
+    tiles = []
+    for i in range(rows * nrow):  # make_image_grid wants rows * cols tiles: white ones pad
+        if i < n:
+            arr = x[i].permute(1, 2, 0).numpy()
+            tile = Image.fromarray(arr[..., 0] if c == 1 else arr, mode=mode)
+            tile = tile.resize((w * scale, h * scale), Image.NEAREST)
+        else:
+            tile = Image.new(mode, (w * scale, h * scale), "white")
+        # gap on the left and top of every tile; the right and bottom edge are added below
+        tiles.append(ImageOps.expand(tile, border=(gap, gap, 0, 0), fill="white"))
+    im = make_image_grid(tiles, rows, nrow)  # (always RGB)
+    im = ImageOps.expand(im, border=(0, 0, gap, gap), fill="white").convert(mode)
     if row_labels:
-        canvas = Image.new(im.mode, (im.width + label_w, im.height), 255)
+        probe = ImageDraw.Draw(im)
+        label_w = 4 + max(math.ceil(probe.textlength(t)) for t in row_labels[:rows])
+        # "white", not 255: for an RGB image 255 is (255, 0, 0), a red strip
+        canvas = Image.new(mode, (im.width + label_w, im.height), "white")
         canvas.paste(im, (label_w, 0))
         draw = ImageDraw.Draw(canvas)
         for r, text in enumerate(row_labels[:rows]):
-            draw.text((2, (pad + r * (h + pad) + h / 2) * scale - 5), text, fill=0)
+            draw.text((2, gap + r * (h * scale + gap) + h * scale / 2 - 5), text, fill="black")
         im = canvas
     path = Path(path)
     im.save(path)

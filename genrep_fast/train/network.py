@@ -33,6 +33,9 @@ class GenRepNet(nn.Module):
         self.adapter = adapter  # plain attribute: holds no parameters of its own
         self.num_classes = num_classes
         self.null_class = num_classes
+        # Names of the class ids (an image folder's sub-folders); the trainer sets them from its
+        # training set, checkpoints keep them (meta "class_names").
+        self.class_names: list[str] = [str(i) for i in range(num_classes)]
 
     @property
     def scheduler(self) -> DDPMScheduler:
@@ -58,6 +61,13 @@ class GenRepNet(nn.Module):
 
     def copy(self) -> GenRepNet:
         return copy.deepcopy(self)
+
+
+def class_names_for(names: object, num_classes: int) -> list[str]:
+    """``num_classes`` display names: ``names`` (a dataset's ``class_names`` or a checkpoint's)
+    where given, ``str(i)`` for a class id without one (also for an old checkpoint without names)."""
+    given = [str(n) for n in names] if isinstance(names, (list, tuple)) else []
+    return given[:num_classes] + [str(i) for i in range(len(given), num_classes)]
 
 
 def build_network(cfg: TrainConfig, device: torch.device) -> GenRepNet:
@@ -100,10 +110,12 @@ def build_network(cfg: TrainConfig, device: torch.device) -> GenRepNet:
             **m.factory_kwargs,
         )
     model = _as_model(model).to(device)
+    # Row C of the class embedding is the null class (label dropout trains it): classifier-free
+    # guidance (DDPMSampler(guidance_scale=...)) uses it.
     if m.kind == "dit":
-        adapter = BackboneAdapter.dit(model, scheduler, num_classes=c + 1)
+        adapter = BackboneAdapter.dit(model, scheduler, num_classes=c + 1, null_class=c)
     else:
-        adapter = BackboneAdapter.unet2d(model, scheduler, num_classes=c + 1)
+        adapter = BackboneAdapter.unet2d(model, scheduler, num_classes=c + 1, null_class=c)
     head = PerceptionHead(adapter.feature_channels, c, adapter.latent_shape, **m.head_kwargs)
     modulation = SemanticModulation(adapter.latent_shape[0], **m.modulation_kwargs)
     return GenRepNet(adapter, head, modulation, c).to(device)

@@ -54,6 +54,7 @@ from genrep_fast.train.network import (
     GenRepNet,
     build_chain_bank,
     build_network,
+    class_names_for,
     generation_loss,
     perception_loss,
 )
@@ -132,6 +133,12 @@ def ema_update(
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     """Linear warm-up to 1, then constant or cosine decay to 0 at ``total``."""
+    # Not diffusers' get_scheduler("cosine" / "constant_with_warmup"): after the warm-up it gives
+    # the same factors (checked over 2000 steps, warm-up 100: equal from step 100 on), but its
+    # warm-up is step / warmup, so the first step has lr 0 (a wasted step) and every warm-up step
+    # is one behind ours (0.99 at step 99 against 1.0): a switch would change existing runs and
+    # their resumes mid-warm-up. It is also a LambdaLR whose step count is state to checkpoint;
+    # this is a pure function of the step, so a resume is exact with nothing saved for it.
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "cosine" and total > warmup:
@@ -191,6 +198,9 @@ class Trainer:
         self._seed_everything(cfg.seed)
         self.train_set, self.test_set = build_datasets(cfg.data, cfg.seed)
         self.net: GenRepNet = build_network(cfg, self.device)
+        self.net.class_names = class_names_for(
+            getattr(self.train_set, "class_names", None), self.net.num_classes
+        )
         # The noise schedule on the device once (diffusers' add_noise moves it on first use; the
         # losses index it every step): no blocking host-to-device copy inside a step.
         sched = self.net.scheduler
@@ -697,6 +707,7 @@ class Trainer:
             "timing": self.timer.seconds,
             "bad_steps": self.bad_steps,
             "bad_streak": self.bad_streak,
+            "class_names": list(self.net.class_names),
         }
         if self.teacher is not None:
             tensors.update(ckpt.prefixed("teacher", self.teacher.state_dict()))
@@ -798,7 +809,8 @@ def load_for_inference(
     """``(config, network, checkpoint folder)`` of a checkpoint (or a run folder's latest intact
     one) for evaluation, sampling or classification: reads only the ``net/`` tensors, builds no
     dataset and writes nothing. ``overrides`` (``key=value``) apply to the saved config; the
-    network is in eval mode on ``runtime.device``."""
+    network is in eval mode on ``runtime.device``, ``net.class_names`` from the checkpoint.
+    ``genrep_fast.GenRep.from_pretrained`` is the public API over it."""
     from genrep_fast.train.config import apply_overrides, config_from_dict
 
     loaded = ckpt.open_checkpoint(path, map_location="cpu", prefixes=("net/",))
@@ -807,6 +819,8 @@ def load_for_inference(
         torch.set_num_threads(cfg.runtime.threads)
     net = build_network(cfg, resolve_device(cfg.runtime.device))
     _load_module(net, ckpt.unprefixed("net", loaded.tensors), "net")
+    # (a checkpoint written before class names were saved: "0", "1", ...)
+    net.class_names = class_names_for(loaded.meta.get("class_names"), net.num_classes)
     for p in net.parameters():
         p.requires_grad_(False)
     return cfg, net.eval(), loaded.path
