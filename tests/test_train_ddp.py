@@ -1,6 +1,7 @@
 """Data parallelism on two processes under torchrun (gloo, loopback, CPU).
 
-* the replicas stay identical, also when one rank's batch has a NaN (both skip that step);
+* the replicas stay identical, also when one rank's batch has a NaN or one rank's loss is not
+  finite (both skip that step);
 * two processes train the same weights as one process on the full batch (DDP-averaged gradients,
   aligned after averaging; ``grad_accum`` exercises ``no_sync``);
 * the sharded chain bank is bit-identical to the one-process bank;
@@ -63,9 +64,19 @@ def test_two_process_gloo_run(tmp_path):
         it = batch_indices(len(tr.train_set), 8, cfg.seed + 1000, rank=1, world=2)
         next(it)
         tr.train_set.images[int(next(it)[0]), 0, 4, 4] = float("nan")
+        # and a perception loss whose value is infinite on rank 0 only while its gradient is
+        # finite (stage 2, step 1): rank 0 must poison its gradient so that rank 1 skips too
+        import genrep_fast.train.trainer as trainer_module
+        real_loss = trainer_module.perception_loss
+        def perception_loss(*a, **k):
+            loss, logits, parts = real_loss(*a, **k)
+            if tr.rank == 0 and (tr.stage, tr.step) == (2, 0):
+                loss = loss + float("inf")
+            return loss, logits, parts
+        trainer_module.perception_loss = perception_loss
         tr.run()
         skipped = [(r["stage"], r["step"]) for r in tr.history if "skipped" in r]
-        assert skipped == [(1, 2)], skipped
+        assert skipped == [(1, 2), (2, 1)], skipped
         flat = torch.cat([p.detach().reshape(-1) for p in tr.net.parameters()]
                          + [p.detach().reshape(-1) for p in tr.teacher.parameters()])
         torch.save(flat, TMP + f"/rank{tr.rank}.pt")
