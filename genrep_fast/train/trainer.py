@@ -206,6 +206,7 @@ class Trainer:
         self.stage = 0 if cfg.stage0.steps > 0 else 1
         self.step = 0
         self.optimizer: torch.optim.Optimizer | None = None
+        self.ddp = None  # DistributedDataParallel over what the stage trains (world > 1)
         self.generator = self._new_generator(self.stage)
         self.timer = Timer(self.device)
         self.stage_seconds: dict[int, float] = {}
