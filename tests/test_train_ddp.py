@@ -1,4 +1,5 @@
-"""Data parallelism on two processes under torchrun (gloo, loopback, CPU).
+"""Data parallelism on two processes under torchrun (gloo, loopback, CPU; ``runtime.device=cpu``
+so that a machine with GPUs runs the same test).
 
 * the replicas stay identical, also when one rank's batch has a NaN or one rank's loss is not
   finite (both skip that step);
@@ -56,7 +57,7 @@ def test_two_process_gloo_run(tmp_path):
         from train_helpers import tiny_config
         from genrep_fast.train.trainer import Trainer
         cfg = tiny_config(TMP + "/run", "stage0.steps=2", "stage1.steps=2",
-                          "stage2.steps=2", "data.batch_size=8")
+                          "stage2.steps=2", "data.batch_size=8", "runtime.device=cpu")
         tr = Trainer(cfg)
         # one NaN pixel in a sample of rank 1's slice of stage 1's second batch: both ranks must
         # skip that step (rank 1's NaN loss makes the averaged gradient NaN) and stay identical
@@ -97,6 +98,7 @@ def test_two_process_gloo_run(tmp_path):
 # variance KL's weight is 0 (it is normalised by the batch's count of noisy transitions, a ratio,
 # not a mean over samples).
 EQUIV = [
+    "runtime.device=cpu",
     "stage0.steps=0",
     "stage1.steps=2",
     "stage2.steps=2",
@@ -259,7 +261,7 @@ def test_no_collective_per_step_and_a_one_rank_sigterm_stops_both(tmp_path):
         from train_helpers import tiny_config
         from genrep_fast.train.trainer import Trainer, TrainingInterrupted
         cfg = tiny_config(TMP + "/run", "stage0.steps=3", "stage1.steps=6", "stage2.steps=2",
-                          "data.batch_size=8", "runtime.log_every=2",
+                          "data.batch_size=8", "runtime.log_every=2", "runtime.device=cpu",
                           "diffusion.bank_refresh_every=2")
         tr = Trainer(cfg)
         calls = []
