@@ -182,11 +182,10 @@ def test_two_processes_train_the_weights_of_one_on_the_full_batch(tmp_path, monk
     # first steps (update ~ lr * g / |g|) turn rounding-sized gradients into +-lr updates, so the
     # weights do not agree to float32 rounding: measured on the 2-core CPU, both distances are
     # ~0.04, both from the same ~1150 of 152208 values (those > 1e-5 apart), while the same
-    # run on a different batch is 0.6 away; a gradient not averaged, or a micro-batch dropped,
-    # moves the weights as much as different data does.
+    # run with grad_accum=1 (other samples) is 0.6 away, and two processes that drop the first
+    # micro-batch's gradient 0.59; a gradient not averaged over the ranks breaks the replicas'
+    # equality above.
     rounding = distance(_one_process(tmp_path / "regrouped", 8, 4)[1])
-    other_data = distance(_one_process(tmp_path / "other", 16, 1)[1])
-    assert other_data > 5 * rounding, (other_data, rounding)  # the check can see a wrong batch
     assert distance(two0) <= 2 * rounding, (distance(two0), rounding)
 
 

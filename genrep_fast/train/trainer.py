@@ -212,7 +212,7 @@ class Trainer:
         self.stage_seconds: dict[int, float] = {}
         self.history: list[dict] = []
         self._stop_signal: int | None = None
-        self._stop_agreed = False  # world > 1: the stop flag all ranks agreed on at the last step
+        self._stop_agreed = False  # world > 1: the stop flag as all ranks last agreed on it
         self.bad_steps = 0  # steps skipped for a non-finite loss or gradient, whole run
         self.bad_streak = 0  # ... consecutive, up to the last step
         self._step_ok = True
