@@ -10,6 +10,11 @@ Alignment is non-linear in the gradients, so it must see the gradients of the *g
   ``all_reduce_gradients`` (flattened buckets of ``bucket_bytes`` per dtype, one collective per
   bucket, averaged), then aligns. Every rank computes the same update from the same averaged
   gradients, so the replicas stay identical.
+* **The trainer's way (DDP's own reducer).** ``genrep_fast.train.trainer`` instead runs each task
+  loss as its own forward *through* the DDP wrapper followed by ``loss.backward()``: DDP's
+  bucketed all-reduce then averages that loss's gradient while its backward runs (overlapped),
+  the trainer moves the averaged ``.grad`` into the loss's list, and aligns the two lists. That
+  path needs no call to ``all_reduce_gradients``; it stays for loops built on ``GradientAligner``.
 * **Sharded parameters.** A rank holding a shard of every parameter (already reduced over the
   data-parallel ranks, e.g. by a reduce-scatter) only needs the three sums per group of the whole
   parameter: ``all_reduce_sums_fn(group)`` passed as ``reduce_sums`` to ``align_gradients`` sums the

@@ -248,3 +248,36 @@ def test_build_bad_arguments(unet_adapter):
         ChainBank.build(ad.model, 2, 10, burn_in=2)
     with pytest.raises(ValueError, match="guidance_scale"):
         ChainBank.build(ad, 2, 10, burn_in=2, guidance_scale=2.0)
+
+
+def test_seeded_build_draws_each_model_batch_from_its_own_generator(iso_adapter):
+    """With ``seed``, model batch b (class-major chains, ``batch_size`` of them) is exactly a
+    sampler run seeded ``batch_seed(seed, b)``: what a rank computes for a batch does not depend on
+    the batches before it (the sharded build relies on this; tests/test_train_ddp.py runs it)."""
+    from genrep_fast.models.chain_bank import batch_seed
+
+    bank = ChainBank.build(
+        iso_adapter, 3, N, burn_in=BURN, thin=THIN, chains_per_class=2, batch_size=4, seed=11
+    )  # 6 chains: batches of 4 and 2
+    sampler = DDPMSampler(iso_adapter, N)
+    t = len(bank.steps)
+    rows_mu = bank.mu.view(6, t, *bank.latent_shape)
+    for b, labels in enumerate(([0, 0, 1, 1], [2, 2])):
+        g = torch.Generator().manual_seed(batch_seed(11, b))
+        _, rec = sampler.sample(torch.tensor(labels), generator=g, record_steps=bank.steps)
+        assert torch.equal(rows_mu[4 * b : 4 * b + len(labels)], rec.mu)
+    old = bank.mu.clone()
+    bank.refresh(iso_adapter, seed=11)
+    assert torch.equal(bank.mu, old)
+
+
+def test_seeded_and_sharded_bad_arguments(iso_adapter):
+    kw = dict(burn_in=BURN, thin=THIN, batch_size=4)
+    with pytest.raises(ValueError, match="generator or seed"):
+        ChainBank.build(iso_adapter, 2, N, generator=torch.Generator(), seed=1, **kw)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        ChainBank.build(iso_adapter, 2, N, seed=1.5, **kw)
+    with pytest.raises(ValueError, match="sharded=True needs seed"):
+        ChainBank.build(iso_adapter, 2, N, sharded=True, **kw)
+    with pytest.raises(RuntimeError, match="initialised torch.distributed"):
+        ChainBank.build(iso_adapter, 2, N, seed=1, sharded=True, **kw)

@@ -15,6 +15,16 @@ derived from them is kept). For many calls between refreshes, ``prepared()`` giv
 ``genrep_fast.PreparedBank`` snapshot that the bank keeps until its own ``build`` / ``refresh`` /
 ``to`` / ``load`` change it; after writing ``mu`` or ``sigma`` by other means (``dist.broadcast``,
 an in-place edit), call ``mark_changed()``.
+
+Seeded and sharded builds: the chains run in model batches of ``batch_size`` chains (class-major:
+chain ``j`` of class ``c`` is row ``c*S + j``). With ``seed``, model batch ``b`` draws all its noise
+from its own generator seeded ``batch_seed(seed, b)``, so a batch's chains do not depend on which
+process computes it or on what it computed before. ``sharded=True`` then splits the model batches
+into contiguous blocks, one per rank of the ``torch.distributed`` group (rank ``r`` of ``W`` takes
+batches ``[r*nb//W, (r+1)*nb//W)``: about ``C/W`` classes), and an ``all_gather`` of the rows
+(their bytes, so any dtype travels exactly) gives every rank the whole bank. Each batch sees the
+same inputs and the same shapes whatever the number of ranks, so the bank is bit-identical on 1 and
+W ranks (same device kind and thread settings; tests/test_train_ddp.py checks it on 1 vs 2).
 """
 
 from __future__ import annotations
@@ -43,6 +53,16 @@ _FORMAT_VERSION = 1
 
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of model batch ``batch``'s generator in a build with ``seed`` (an int64 value)."""
+    return (seed * 1_000_003 + batch) % 2**63
+
+
+def _shard_bounds(num_batches: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous block of model batches that ``rank`` of ``world`` builds."""
+    return rank * num_batches // world, (rank + 1) * num_batches // world
 
 
 class ChainBank:
@@ -177,6 +197,10 @@ class ChainBank:
         generator: torch.Generator | None = None,
         progress: bool = False,
         guidance_scale: float = 1.0,
+        *,
+        seed: int | None = None,
+        sharded: bool = False,
+        process_group=None,
     ) -> ChainBank:
         """Run ``chains_per_class`` DDPM chains for each class ``0..num_classes-1``.
 
@@ -196,8 +220,15 @@ class ChainBank:
             generator: torch generator for the chains' noise.
             progress: tqdm bars.
             guidance_scale: classifier-free guidance (needs ``adapter.null_class``).
+            seed: instead of ``generator``: one generator per model batch, seeded
+                ``batch_seed(seed, b)`` (the module docstring); needed by ``sharded``.
+            sharded: split the model batches over the ranks of ``process_group`` (default: the
+                default ``torch.distributed`` group) and ``all_gather`` the rows: every rank
+                returns the whole bank, the same as a one-process build with the same ``seed``.
+            process_group: the group of a sharded build.
         """
         cls._check_args(adapter, num_classes, chains_per_class, batch_size, dtype)
+        _check_seeding(generator, seed, sharded)
         check_num_steps(adapter.scheduler, num_steps)
         steps = genrep_fast.thinned_steps(num_steps, burn_in, thin)
         if sigma_min is None:
@@ -229,7 +260,7 @@ class ChainBank:
             guidance_scale=sampler.guidance_scale,
             batch_size=batch_size,
         )
-        bank._fill(sampler, range(c), generator, progress)
+        bank._fill(sampler, range(c), generator, progress, seed, sharded, process_group)
         return bank
 
     def _fill(
@@ -238,8 +269,12 @@ class ChainBank:
         classes: Sequence[int],
         generator: torch.Generator | None,
         progress: bool,
+        seed: int | None = None,
+        sharded: bool = False,
+        process_group=None,
     ) -> None:
-        """(Re)compute the rows of ``classes`` in place."""
+        """(Re)compute the rows of ``classes`` in place (this rank's share of the model batches
+        when ``sharded``, then gathered)."""
         s, t = self.chains_per_class, len(self.steps)
         device = sampler.adapter.device
         classes_t = torch.as_tensor(list(classes), dtype=torch.int64)
@@ -247,15 +282,34 @@ class ChainBank:
         mu_rows = self.mu.view(self.num_classes * s, t, *self.latent_shape)
         sig_rows = self.sigma.view(self.num_classes * s, t, *self.sigma.shape[2:])
         chain_rows = (classes_t[:, None] * s + torch.arange(s)[None, :]).reshape(-1)
+        bs = self.batch_size
+        num_batches = -(-len(labels) // bs)
+        rank, world = 0, 1
+        if sharded:
+            import torch.distributed as dist
+
+            rank = dist.get_rank(process_group)
+            world = dist.get_world_size(process_group)
+        first, last = _shard_bounds(num_batches, rank, world)
         with nvtx_range("genrep.bank_refresh"):
-            for lo in range(0, len(labels), self.batch_size):
-                y = labels[lo : lo + self.batch_size].to(device)
-                rows = chain_rows[lo : lo + self.batch_size].to(self.mu.device)
+            for b in range(first, last):
+                lo = b * bs
+                if seed is not None:
+                    generator = torch.Generator(device)
+                    generator.manual_seed(batch_seed(seed, b))
+                y = labels[lo : lo + bs].to(device)
+                rows = chain_rows[lo : lo + bs].to(self.mu.device)
                 _, rec = sampler.sample(
                     y, generator=generator, record_steps=self.steps, progress=progress
                 )
                 mu_rows[rows] = rec.mu.to(self.mu.dtype)
                 sig_rows[rows] = rec.sigma.to(self.sigma.dtype).clamp(min=self.sigma_min)
+            if world > 1:
+                bounds = [_shard_bounds(num_batches, r, world) for r in range(world)]
+                spans = [(f * bs, min(la * bs, len(labels))) for f, la in bounds]
+                for held in (mu_rows, sig_rows):
+                    idx = chain_rows.to(held.device)
+                    _all_gather_rows(held, idx, spans, rank, process_group)
         self.mark_changed()
 
     def refresh(
@@ -266,12 +320,17 @@ class ChainBank:
         *,
         modulation: SemanticModulation | None = None,
         classes: Sequence[int] | None = None,
+        seed: int | None = None,
+        sharded: bool = False,
+        process_group=None,
     ) -> ChainBank:
         """Recompute the bank in place from the adapter's current weights (same N, burn-in, thin,
         S, dtype, sigma_min, guidance); ``classes`` restricts the refresh to those rows (e.g. a
-        rotating subset for large C). Returns self."""
+        rotating subset for large C); ``seed``, ``sharded``, ``process_group`` as in ``build``.
+        Returns self."""
         if not isinstance(adapter, BackboneAdapter):
             raise TypeError(f"adapter must be a BackboneAdapter, got {type(adapter).__name__}")
+        _check_seeding(generator, seed, sharded)
         if tuple(adapter.latent_shape) != self.latent_shape:
             raise ValueError(
                 f"adapter latent_shape {adapter.latent_shape} differs from the bank's {self.latent_shape}"
@@ -290,7 +349,7 @@ class ChainBank:
         if any(not 0 <= c < self.num_classes for c in classes):
             raise ValueError(f"classes must be in [0, {self.num_classes}), got {classes}")
         sampler = DDPMSampler(adapter, self.num_steps, modulation, self.guidance_scale)
-        self._fill(sampler, classes, generator, progress)
+        self._fill(sampler, classes, generator, progress, seed, sharded, process_group)
         return self
 
     # ---------------------------------------------------------------- use
@@ -385,3 +444,46 @@ class ChainBank:
             batch_size=meta["batch_size"],
         )
         return bank.to(device)
+
+
+def _check_seeding(generator, seed, sharded) -> None:
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("pass either generator or seed, not both")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if sharded:
+        import torch.distributed as dist
+
+        if seed is None:
+            raise ValueError(
+                "sharded=True needs seed= (one generator per model batch), not a shared generator"
+            )
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("sharded=True needs an initialised torch.distributed group")
+
+
+def _all_gather_rows(
+    rows: torch.Tensor,
+    chain_rows: torch.Tensor,
+    spans: list[tuple[int, int]],
+    rank: int,
+    group,
+) -> None:
+    """Give every rank the rows ``rows[chain_rows[lo:hi]]`` that rank ``r`` computed, ``(lo, hi) =
+    spans[r]``, in place: one ``all_gather`` of each rank's rows (padded to the longest span) as
+    bytes, so any dtype is sent exactly and gloo needs no bfloat16 support."""
+    import torch.distributed as dist
+
+    longest = max(hi - lo for lo, hi in spans)
+    if longest == 0:
+        return
+    lo, hi = spans[rank]
+    mine = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    mine[: hi - lo] = rows[chain_rows[lo:hi]]
+    as_bytes = mine.view(torch.uint8)
+    parts = [torch.empty_like(as_bytes) for _ in spans]
+    dist.all_gather(parts, as_bytes, group=group)
+    for (lo, hi), part in zip(spans, parts):
+        if hi > lo:
+            rows[chain_rows[lo:hi]] = part.view(rows.dtype)[: hi - lo]

@@ -255,14 +255,17 @@ def generation_loss(
 def build_chain_bank(
     net: GenRepNet,
     cfg: TrainConfig,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     *,
     modulated: bool,
     progress: bool = False,
+    seed: int | None = None,
+    sharded: bool = False,
 ):
     """The chain bank of ``net`` for every class with ``cfg.diffusion``'s settings (training's
     refresh and evaluation share this one recipe). ``modulated``: sample with the semantic
-    modulation (x_sem := x_t)."""
+    modulation (x_sem := x_t). ``seed`` (with ``generator=None``) and ``sharded``: see
+    ``ChainBank.build`` (training builds its share of the model batches on each rank)."""
     from genrep_fast.models import ChainBank
 
     d = cfg.diffusion
@@ -279,6 +282,8 @@ def build_chain_bank(
         net.modulation if modulated else None,
         generator,
         progress=progress,
+        seed=seed,
+        sharded=sharded,
     )
 
 

@@ -22,10 +22,20 @@ edges unless its ``sync`` is off). A non-finite bank is
 not installed; a checkpoint with a non-finite tensor is refused. ``backbone_lr_scale: 0`` freezes
 the backbone for the stage (``requires_grad`` off: no graph or gradient is made for it).
 
-Data parallel: under ``torchrun`` every process takes its slice of each global batch; both task
-gradients are averaged over the processes (``genrep_fast.distributed.all_reduce_gradients``)
-before alignment (alignment is non-linear, it must see the global batch's gradients), so every
-replica applies the same update. Gloo on CPU, NCCL on CUDA.
+Data parallel: under ``torchrun`` every process takes its slice of each global batch. The network
+is wrapped in ``DistributedDataParallel`` (one wrapper per stage, over what the stage trains), and
+each task loss is its own forward and ``backward()`` through it, so DDP's bucketed all-reduce
+averages the perception and the generation gradient over the processes while each backward runs;
+the step then aligns the two averaged gradients (alignment is non-linear, it must see the global
+batch's gradients), identically on every replica. With ``grad_accum`` > 1 the earlier
+micro-batches of stages 0 and 1 run under ``no_sync`` (stage 2 reduces each micro-batch, see
+``train_step``). The bank is built sharded (``ChainBank.build(sharded=True)``: each rank its share
+of the classes' chains, then ``all_gather``; the same bank on any number of ranks). No collective
+serves stopping or skipping per step: a rank whose loss is not finite multiplies it by NaN before
+its backward, so the averaged gradient, and the update norm every rank checks, is NaN on every
+rank and all skip the same step; a SIGTERM/SIGINT is agreed on (one all-reduce of a flag) only at
+log steps (``runtime.log_every``), checkpoint steps and a stage's last step. Gloo on CPU,
+NCCL on CUDA.
 """
 
 from __future__ import annotations
@@ -69,7 +79,6 @@ TIMING_SECTIONS = (
     "backward_p",
     "backward_g",
     "alignment",
-    "allreduce",
     "optimizer",
     "ema",
 )
@@ -212,12 +221,13 @@ class Trainer:
         self.stage = 0 if cfg.stage0.steps > 0 else 1
         self.step = 0
         self.optimizer: torch.optim.Optimizer | None = None
+        self.ddp = None  # DistributedDataParallel over what the stage trains (world > 1)
         self.generator = self._new_generator(self.stage)
         self.timer = Timer(self.device)
         self.stage_seconds: dict[int, float] = {}
         self.history: list[dict] = []
         self._stop_signal: int | None = None
-        self._stop_agreed = False  # world > 1: the stop flag all ranks agreed on at the last step
+        self._stop_agreed = False  # world > 1: the stop flag as all ranks last agreed on it
         self.bad_steps = 0  # steps skipped for a non-finite loss or gradient, whole run
         self.bad_streak = 0  # ... consecutive, up to the last step
         self._step_ok = True
@@ -300,6 +310,21 @@ class Trainer:
             foreach=self.fast,
         )
         self.align_groups = self._alignment_groups() if stage == 2 else None
+        self._wrap_ddp()
+
+    def _wrap_ddp(self) -> None:
+        """``self.ddp``: DistributedDataParallel over the parameters the stage trains (world > 1
+        and something trained), else None. ``broadcast_buffers=False``: the replicas start equal
+        and hold no running statistics, so no per-forward buffer broadcast;
+        ``find_unused_parameters``: each task loss reaches only part of the trained parameters
+        (the perception loss not the modulation, stage 1's CE not the backbone's upsampling path)."""
+        self.ddp = None
+        if self.world > 1 and self.params:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(
+                _LossOf(self.net), broadcast_buffers=False, find_unused_parameters=True
+            )
 
     def _alignment_groups(self):
         mode = self.cfg.align.groups
@@ -326,16 +351,18 @@ class Trainer:
     # ------------------------------------------------------------------ bank
 
     def refresh_bank(self) -> None:
-        g = torch.Generator(self.device)
-        g.manual_seed(self.cfg.seed * 31 + self.stage * 1_000_003 + self.step)
         with self.timer("bank_refresh"):
+            # One generator per model batch, seeded from (run seed, stage, step, batch); with
+            # world > 1 each rank builds its share of the batches and all_gathers the rest: every
+            # replica holds the same bank, the one a single process builds.
             bank = build_chain_bank(
-                self.net, self.cfg, g, modulated=self.stage == 2 and self.cfg.loss.semantic
+                self.net,
+                self.cfg,
+                None,
+                modulated=self.stage == 2 and self.cfg.loss.semantic,
+                seed=self.cfg.seed * 31 + self.stage * 1_000_003 + self.step,
+                sharded=self.world > 1,
             )
-            if self.world > 1:  # every replica distils from rank 0's bank
-                dist.broadcast(bank.mu, 0)
-                dist.broadcast(bank.sigma, 0)
-                bank.mark_changed()  # written in place, after any snapshot of it
             finite = bool(torch.isfinite(bank.mu).all() & torch.isfinite(bank.sigma).all())
         if finite:
             self.bank = bank
@@ -449,13 +476,11 @@ class Trainer:
                         rec["bad_steps"] = self.bad_steps
                     bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()})
                     self.log(rec)
-            if (
-                cfg.runtime.ckpt_every
-                and self.step % cfg.runtime.ckpt_every == 0
-                and self.step < st.steps
-            ):
+            ckpt_step = bool(cfg.runtime.ckpt_every) and self.step % cfg.runtime.ckpt_every == 0
+            if ckpt_step and self.step < st.steps:
                 self.save()
-            if self._should_stop():
+            agree = ckpt_step or self.step % cfg.runtime.log_every == 0 or self.step == st.steps
+            if self._should_stop(agree):
                 bar.close()
                 path = self.save()
                 raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, path)
@@ -497,10 +522,18 @@ class Trainer:
                 f"[0, model.num_classes={self.net.num_classes})"
             )
 
-    def _should_stop(self) -> bool:
-        if self.world > 1:  # agreed on by all ranks with the step's finiteness flag
-            return self._stop_agreed
-        return self._stop_signal is not None
+    def _should_stop(self, agree: bool) -> bool:
+        """Whether to checkpoint and stop after this step. One process: as soon as a signal came.
+        world > 1: only at ``agree`` steps (log, checkpoint and a stage's last step, the same on
+        every rank), where one all-reduce of the flag lets all ranks stop together; no per-step
+        collective (torchrun sends the signal to every process; one rank's is enough)."""
+        if self.world == 1:
+            return self._stop_signal is not None
+        if agree:
+            flag = torch.tensor(float(self._stop_signal is not None), device=self._dist_device)
+            dist.all_reduce(flag)
+            self._stop_agreed = bool(flag > 0)
+        return self._stop_agreed
 
     def _skipped_step(self, stage: int, dataset, parts: dict[str, torch.Tensor]) -> None:
         """Log the step just skipped (its sample indices, which inputs and losses were not
@@ -553,16 +586,43 @@ class Trainer:
         acc_g: list[torch.Tensor | None] = [None] * n
         totals: dict[str, torch.Tensor] = {}
 
+        ddp = self.ddp
+
+        def forward(fn, *args, sync: bool, **kw):
+            # world > 1: through DDP, which readies its reducer for this loss's backward
+            # (no_sync: the earlier micro-batches of an accumulated step only accumulate)
+            if ddp is None:
+                return fn(self.net, *args, **kw)
+            with nullcontext() if sync else ddp.no_sync():
+                return ddp(fn, *args, **kw)
+
         def add(acc, loss):
             if not loss.requires_grad:  # no trained parameter feeds it (e.g. a frozen backbone)
                 return
-            for i, gr in enumerate(torch.autograd.grad(loss, self.params, allow_unused=True)):
-                if gr is None:
-                    continue
-                acc[i] = gr if acc[i] is None else acc[i].add_(gr)
+            if ddp is None:
+                for i, gr in enumerate(torch.autograd.grad(loss, self.params, allow_unused=True)):
+                    if gr is None:
+                        continue
+                    acc[i] = gr if acc[i] is None else acc[i].add_(gr)
+                return
+            # DDP reduces what backward() accumulates into .grad: this loss's running sum goes in,
+            # the (on the last micro-batch: averaged over the ranks) sum comes out. A non-finite
+            # local loss poisons the gradient (x NaN), so every rank sees a NaN update and skips.
+            ok = torch.isfinite(loss.detach())
+            loss = loss * torch.where(ok, 1.0, float("nan")).to(loss.dtype)
+            for p, a in zip(self.params, acc):
+                p.grad = a
+            loss.backward()
+            for i, p in enumerate(self.params):
+                acc[i], p.grad = p.grad, None
 
         self._step_inputs = []  # (sample indices, x0) per micro-batch, reported if skipped
-        for _ in range(accum):
+        for micro in range(accum):
+            # Stage 2 reduces every micro-batch (each loss's .grad already holds its running sum,
+            # identical on the ranks, so the average only adds the mean of the new part): its two
+            # losses share DDP's reducer, whose record of used parameters would carry one loss's
+            # no_sync backward into the other's synchronised one (a DDP error).
+            sync = micro == accum - 1 or stage == 2
             with timer("data"):
                 x0, y = next(batches)
                 if self._labels_checked is not batches.dataset:
@@ -572,43 +632,52 @@ class Trainer:
                 if self.latent_space is not None and self.latent_space.encodes:
                     x0 = self.latent_space.encode(x0)
                 self._step_inputs.append((batches.last_indices, x0))
+            # Each loss's forward is followed by its backward (DDP prepares one backward per
+            # forward); the generation forward does not depend on the perception backward.
             if stage == 0:
                 with self._autocast():
-                    loss_g, parts = generation_loss(
-                        self.net, x0, y, self.generator, cfg, check_values=False
+                    loss_g, parts = forward(
+                        generation_loss, x0, y, self.generator, cfg, check_values=False, sync=sync
                     )
                 with timer("backward_g"):
                     add(acc_g, loss_g / accum)
             else:
                 with timer("features"), self._autocast():
-                    loss_p, logits, parts = perception_loss(
-                        self.net, x0, y, self.bank, cfg, self.backend, timer, check_values=False
+                    loss_p, logits, parts = forward(
+                        perception_loss,
+                        x0,
+                        y,
+                        self.bank,
+                        cfg,
+                        self.backend,
+                        timer,
+                        check_values=False,
+                        sync=sync,
                     )
+                with timer("backward_p"):
+                    add(acc_p, loss_p / accum)
                 if stage == 2:
                     with timer("generation"), self._autocast():
                         x_sem = None
                         if cfg.loss.semantic:
                             with torch.no_grad():
                                 _, x_sem = self.teacher.perceive(x0, check_values=False)
-                        loss_g, gparts = generation_loss(
-                            self.net, x0, y, self.generator, cfg, x_sem, check_values=False
+                        loss_g, gparts = forward(
+                            generation_loss,
+                            x0,
+                            y,
+                            self.generator,
+                            cfg,
+                            x_sem,
+                            check_values=False,
+                            sync=sync,
                         )
                     parts.update(gparts)
-                with timer("backward_p"):
-                    add(acc_p, loss_p / accum)
-                if stage == 2:
                     with timer("backward_g"):
                         add(acc_g, loss_g / accum)
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / accum
 
-        if self.world > 1:
-            from genrep_fast.distributed import all_reduce_gradients
-
-            with timer("allreduce"):
-                for acc in (acc_p, acc_g):
-                    if any(a is not None for a in acc):
-                        all_reduce_gradients(acc)
         with timer("alignment"):
             if stage == 2:
                 update = align_gradients(
@@ -651,19 +720,16 @@ class Trainer:
 
     def _finite_step(self, grad_norm: torch.Tensor, losses: dict[str, torch.Tensor]) -> bool:
         """Whether the step's update norm and every loss part are finite: one flag computed on
-        the device and read once (with world > 1, all-reduced together with the stop flag, so every
-        rank skips the same steps and stops at the same step). This read is the step's only host
-        sync."""
+        the device and read once, the step's only host sync. With world > 1 no collective: the
+        update is computed from DDP-averaged gradients, identical on every rank, and a rank with
+        a non-finite loss made its gradient NaN (``train_step``), so every rank decides alike.
+        Only without a DDP wrapper (nothing trained) is the flag all-reduced."""
         vals = [grad_norm.float().reshape(1)] + [v.float().reshape(1) for v in losses.values()]
         bad = (~torch.isfinite(torch.cat(vals))).any().float()
-        if self.world == 1:
-            return not bool(bad)
-        stop = torch.tensor(float(self._stop_signal is not None), device=bad.device)
-        flags = torch.stack([bad, stop]).to(self._dist_device)
-        dist.all_reduce(flags)
-        bad_any, stop_any = (flags > 0).tolist()
-        self._stop_agreed = stop_any
-        return not bad_any
+        if self.world > 1 and self.ddp is None:
+            bad = bad.to(self._dist_device)
+            dist.all_reduce(bad)
+        return not bool(bad)
 
     def _teacher_tensors(self) -> list[torch.Tensor]:
         if not hasattr(self, "_ema_pairs"):
@@ -801,6 +867,18 @@ class Trainer:
         self.generator = self._new_generator(stage)
         self.generator.set_state(tensors["rng/generator"])
         ckpt.set_rng_state(tensors, meta["rng"])
+
+
+class _LossOf(torch.nn.Module):
+    """The module DDP wraps: ``forward(fn, *args, **kw)`` is ``fn(net, *args, **kw)``, a task
+    loss of ``net`` (DDP needs the loss's forward to go through its own ``forward``)."""
+
+    def __init__(self, net: GenRepNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, fn, *args, **kw):
+        return fn(self.net, *args, **kw)
 
 
 def load_for_inference(
