@@ -7,6 +7,9 @@ update written in place like into .grad) against three eager baselines, in the s
 * ``foreach``: ``torch._foreach`` ops (per-tensor products and norms, per-group sums by
   index_add, per-tensor coefficients, foreach multiply-add).
 
+``test_bench_aligner_python_overhead`` times a ``GradientAligner`` step's Python side (the cached
+plan and the output buffers, host time) apart from the two ops, and the first, uncached call.
+
 Memory traffic floor: 5 accesses per element (read p, g for the sums; read p, g and write the
 update for the combine), reported against the copy bandwidth measured in the same run.
 
@@ -22,8 +25,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genrep_fast import _ops, reference
-from genrep_fast.alignment import align_gradients
+from genrep_fast import _ops, reference, roofline
+from genrep_fast.alignment import GradientAligner, align_gradients
 from genrep_fast.benchmarking import time_fn
 
 SMOKE = {"hidden": 32, "blocks": 4}
@@ -128,6 +131,70 @@ def test_bench_alignment(realistic, bench_device, results):
         baseline="reference",
         params={"params": numel, "tensors": len(ps), "groups": len(groups), **cfg},
         bytes_moved=5 * 4 * numel,
+        cost=roofline.alignment_floor((p.numel(), p.element_size()) for p in ps),
     )
     if realistic and dev.type == "cpu":
         assert timings["reference"] / timings["ops"] >= 3.0, timings
+
+
+@pytest.mark.skipif(not _ops.HAS_EXTENSION, reason="genrep_fast._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bench_aligner_python_overhead(realistic, bench_device, results, dtype):
+    """A GradientAligner step (after the two backward passes) split into its parts: the Python
+    side before the first launch (plan lookup, output buffers; host wall time, no kernels), the
+    two ops alone, and the whole step. The Python side's first call (checks, group metadata) is
+    timed with the cache cleared."""
+    if bench_device == "cuda" and not _ops.HAS_CUDA_OPS:
+        pytest.skip("extension built without CUDA kernels")
+    cfg = (REALISTIC_GPU if bench_device == "cuda" else REALISTIC_CPU) if realistic else SMOKE
+    shapes, groups = dit_like_shapes(cfg["hidden"], cfg["blocks"])
+    dev = torch.device(bench_device)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s, device=dev, dtype=dtype)) for s in shapes]
+    aligner = GradientAligner(params, groups=[[params[i] for i in g] for g in groups])
+    ps = [torch.randn(s, device=dev, generator=gen).to(dtype) for s in shapes]
+    gs = [
+        (0.2 * p + torch.randn(s, device=dev, generator=gen)).to(dtype) for p, s in zip(ps, shapes)
+    ]
+    out = [torch.empty_like(p) for p in ps]
+    plan, _ = aligner._prepare(ps, gs)
+    assert plan.use_ops
+    ids, g_count = plan.ids, plan.num_groups
+
+    def ops_only():
+        sums = torch.ops.genrep_fast.group_sums(ps, gs, ids, g_count)
+        torch.ops.genrep_fast.align_combine(ps, gs, sums, ids, 2.0, 0.7, 0.3, "symmetric", out)
+
+    def first_call():
+        aligner._plans.clear()
+        aligner._prepare(ps, gs)
+
+    # The step writes the update into ps (as into autograd's buffers); a few steps keep the
+    # values finite (each is a bounded combination of p and g).
+    steps = {"max_reps": 20, "min_time_s": 0.0}
+    timings = {
+        "step": time_fn(lambda: aligner._align(ps, gs), device=dev, **steps),
+        "ops": time_fn(ops_only, device=dev, l2_cold=dev.type == "cuda"),
+    }
+    assert all(bool(torch.isfinite(p).all()) for p in ps)
+    python = {
+        "python_per_call": time_fn(lambda: aligner._prepare(ps, gs), device="cpu"),
+        "python_first_call": time_fn(first_call, device="cpu"),
+    }
+    case = f"aligner dit-like h={cfg['hidden']} blocks={cfg['blocks']} {str(dtype)[6:]}"
+    info = {"tensors": len(ps), "groups": len(groups), **cfg}
+    results.add(
+        "alignment",
+        case,
+        timings,
+        baseline="step",
+        params=dict(info, python_us_per_call=python["python_per_call"] * 1e6),
+        cost=roofline.alignment_floor((p.numel(), p.element_size()) for p in ps),
+    )
+    results.add("alignment", case + " python side", python, baseline="python_first_call",
+                params=info)  # fmt: skip
+    print(
+        f"{case}: step {timings['step'] * 1e3:.3f} ms, ops {timings['ops'] * 1e3:.3f} ms, Python "
+        f"per call {python['python_per_call'] * 1e6:.1f} us (first call "
+        f"{python['python_first_call'] * 1e6:.1f} us) for {len(ps)} tensors"
+    )

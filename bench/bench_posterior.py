@@ -23,6 +23,7 @@ import torch
 
 import genrep_fast as G
 from genrep_fast import reference as R
+from genrep_fast import roofline
 from genrep_fast.benchmarking import time_fn
 
 SMOKE = {"B": 4, "C": 3, "T": 7, "D": 32}
@@ -167,6 +168,9 @@ def test_bench_mixture_log_likelihood(results, realistic, bench_device, layout):
         bytes_moved=bytes_mu if layout == "per_image" else None,
         flops=2.0 * b * c * t * d,
         peak_memory=peak,
+        cost=(
+            roofline.per_image_bank if layout == "per_image" else roofline.shared_bank_difference
+        )(b, c, t, d),
     )
     fast = next(r for r in recs if r.impl == "genrep_fast")
     print(
@@ -217,6 +221,7 @@ def test_bench_posterior_kl_loss(results, realistic, bench_device):
         baseline="reference",
         params={"B": b, "C": c, "dtype": "float32"},
         bytes_moved=3.0 * b * c * 4,
+        cost=roofline.kl_loss(b, c),
     )
 
 
@@ -271,6 +276,9 @@ def test_bench_shared_bank_vs_plain_gemm(results, realistic, bench_device, preci
         params=dict(shape, dtype="float32", precision=precision),
         flops=2.0 * b * c * t * d,
         gemm_time=gemm,
+        cost=roofline.shared_bank_difference(b, c, t, d)
+        if precision == "ieee"
+        else roofline.shared_bank_gemm(b, c, t, d, precision=precision),
     )
     # The op timed is correct: every row against the float64 reference, within the mode's error.
     # (two images, the first classes: the float64 reference materialises [B, C, T, D]).
@@ -301,6 +309,7 @@ def test_bench_candidate_classes(results, realistic, bench_device, bank_dtype):
         baseline="reference" if "reference" in timings else "genrep_fast",
         params=dict(shape, dtype=str(bank_dtype).split(".")[-1]),
         bytes_moved=float(b * k * t * d * mu.element_size()),
+        cost=roofline.candidate_classes(b, k, t, d, s_bank=mu.element_size(), s_x=x.element_size()),
     )
     fast = next(r for r in recs if r.impl == "genrep_fast")
     print(f"candidates {shape}: {fast.seconds / b * 1e6:.2f} us per image")
@@ -325,6 +334,7 @@ def test_bench_per_image_bank_bandwidth(results, realistic, bench_device, dtype)
         baseline="reference",
         params=dict(shape, dtype=str(dtype).split(".")[-1]),
         bytes_moved=float(mu.numel() * mu.element_size()),
+        cost=roofline.per_image_bank(b, c, t, d, s_bank=mu.element_size(), s_x=x.element_size()),
     )
     want = R.mixture_log_likelihood(x.double(), mu.double(), sigma.double())
     torch.testing.assert_close(fn().double(), want, rtol=1e-4, atol=1e-2)

@@ -14,6 +14,7 @@ see ``genrep_fast.distributed``). ``GradientAligner`` wraps both backward passes
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 
@@ -333,20 +334,40 @@ def _ops_available(device: torch.device) -> bool:
 
 
 def _align_two_pass(grads_p, grads_g, groups, k, w_p, w_g, mode, out, reduce_sums, use_ops):
+    present, ids, g_count = _two_pass_plan(grads_p, grads_g, groups)
+    return _two_pass_run(
+        grads_p, grads_g, present, ids, g_count, k, w_p, w_g, mode, out, reduce_sums, use_ops
+    )
+
+
+def _two_pass_plan(grads_p, grads_g, groups) -> tuple[list[int] | None, list[int], int]:
+    """``(present, ids, num_groups)``: the positions with a gradient (None: all of them), their
+    group ids, the number of groups. Depends on the groups and on which gradients are None."""
     n = len(grads_p)
     ids_all = reference.resolve_groups(groups, n)
     g_count = reference.num_groups(groups, n)
     present = [i for i in range(n) if grads_p[i] is not None or grads_g[i] is not None]
+    if len(present) == n:
+        return None, ids_all, g_count
+    return present, [ids_all[i] for i in present], g_count
+
+
+def _two_pass_run(
+    grads_p, grads_g, present, ids, g_count, k, w_p, w_g, mode, out, reduce_sums, use_ops
+):
+    n = len(grads_p)
     result: list[torch.Tensor | None] = [None] * n
-    if not present:
+    if present is None:
+        ps, gs = list(grads_p), list(grads_g)
+    elif not present:
         return result
-    ps = [grads_p[i] for i in present]
-    gs = [grads_g[i] for i in present]
-    ids = [ids_all[i] for i in present]
+    else:
+        ps = [grads_p[i] for i in present]
+        gs = [grads_g[i] for i in present]
     if out is None:
         outs = [torch.empty_like(p if p is not None else g) for p, g in zip(ps, gs)]
     else:
-        outs = [out[i] for i in present]
+        outs = list(out) if present is None else [out[i] for i in present]
     if use_ops:
         sums = torch.ops.genrep_fast.group_sums(ps, gs, ids, g_count)
     else:
@@ -359,6 +380,8 @@ def _align_two_pass(grads_p, grads_g, groups, k, w_p, w_g, mode, out, reduce_sum
         torch.ops.genrep_fast.align_combine(ps, gs, sums, ids, k, w_p, w_g, mode, outs)
     else:
         _combine_torch(ps, gs, sums, ids, k, w_p, w_g, mode, outs)
+    if present is None:
+        return outs
     for j, i in enumerate(present):
         result[i] = outs[j]
     return result
@@ -476,6 +499,9 @@ class GradientAligner:
             raise ValueError("sharded=True needs a process_group (or True for the world group)")
         self.process_group = process_group
         self.sharded = sharded
+        # Checked gradient layouts -> their plan (see _plan). A few entries: one per layout a
+        # training run meets (e.g. a parameter unused in some steps gives it a None gradient).
+        self._plans: dict[tuple, _AlignPlan] = {}
 
     @staticmethod
     def _resolve_groups(groups, params) -> Groups:
@@ -566,15 +592,7 @@ class GradientAligner:
             else:
                 distributed.all_reduce_gradients(grads_p, group)
                 distributed.all_reduce_gradients(grads_g, group)
-        validate_gradients(grads_p, grads_g)  # before _writable_outputs reads their storage
-        # Each out[i] is grads_p[i] / grads_g[i] with storage no other entry shares, or a fresh
-        # buffer: no aliasing to stage, and the settings were checked in __init__, so the step
-        # skips align_gradients' per-call checks.
-        out = _writable_outputs(grads_p, grads_g)
-        update = _align_validated(
-            grads_p, grads_g, self.groups, self.k, self.w_p, self.w_g, self.mode, out,
-            reduce_sums, self.backend,
-        )  # fmt: skip
+        update = self._align(grads_p, grads_g, reduce_sums)
         for param, u in zip(self.params, update):
             if u is None:
                 continue
@@ -583,25 +601,105 @@ class GradientAligner:
             else:
                 param.grad.add_(u)
 
+    def _align(self, grads_p, grads_g, reduce_sums=None) -> list[torch.Tensor | None]:
+        """The aligned update of two gradient lists of ``self.params`` (autograd's output, so
+        ``grads_p[i]`` may be reused as the output buffer), written in place where possible."""
+        plan, out = self._prepare(grads_p, grads_g)
+        return self._run(plan, grads_p, grads_g, out, reduce_sums)
+
+    def _prepare(self, grads_p, grads_g) -> tuple[_AlignPlan, list[torch.Tensor | None]]:
+        """The Python side of a step before the first launch: the plan (cached) and the output
+        buffers. Timed on its own by bench/bench_alignment.py (the per-call overhead)."""
+        plan = self._plan(grads_p, grads_g)
+        # Each out[i] is grads_p[i] / grads_g[i] with storage no other entry shares, or a fresh
+        # buffer: no aliasing to stage. Storage sharing is a property of this call's tensors, so
+        # it is checked every call (never cached by address).
+        return plan, _writable_outputs(grads_p, grads_g)
+
+    def _plan(self, grads_p, grads_g) -> _AlignPlan:
+        """Validation and dispatch of a step, computed once per gradient layout.
+
+        The key holds everything the checks and the plan read: per gradient its shape, dtype,
+        device and layout (None for a missing gradient). Two calls with equal keys pass and fail
+        the same checks and get the same plan, so the key cannot go stale (no addresses in it).
+        """
+        key = tuple(
+            None if t is None else (t.shape, t.dtype, t.device, t.layout)
+            for t in (*grads_p, *grads_g)
+        )
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        validate_gradients(grads_p, grads_g)
+        devices = {t.device for t in (*grads_p, *grads_g) if t is not None}
+        if len(devices) > 1:
+            raise ValueError(
+                f"all gradients must be on one device, got {sorted(map(str, devices))}"
+            )
+        device = next(iter(devices)) if devices else torch.device("cpu")
+        if self.backend == "ops" and not _ops_available(device):
+            raise RuntimeError(
+                f"backend='ops' needs the compiled extension genrep_fast._C with {device.type} "
+                f"kernels"
+            )
+        use_ops = self.backend == "ops" or (self.backend == "auto" and _ops_available(device))
+        present, ids, g_count = _two_pass_plan(grads_p, grads_g, self.groups)
+        plan = _AlignPlan(use_ops, present, ids, g_count)
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = plan
+        return plan
+
+    def _run(self, plan, grads_p, grads_g, out, reduce_sums) -> list[torch.Tensor | None]:
+        if not plan.use_ops and reduce_sums is None:
+            return _align_validated(
+                grads_p, grads_g, self.groups, self.k, self.w_p, self.w_g, self.mode, out,
+                None, self.backend,
+            )  # fmt: skip
+        return _two_pass_run(
+            grads_p, grads_g, plan.present, plan.ids, plan.num_groups, self.k, self.w_p,
+            self.w_g, self.mode, out, reduce_sums, plan.use_ops,
+        )  # fmt: skip
+
+
+_MAX_PLANS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class _AlignPlan:
+    """What a ``GradientAligner`` step needs beyond the tensors (see ``GradientAligner._plan``)."""
+
+    use_ops: bool
+    present: list[int] | None  # positions with a gradient; None: all
+    ids: list[int]  # group id per present position
+    num_groups: int
+
 
 def _writable_outputs(grads_p, grads_g) -> list[torch.Tensor | None]:
     """Where the update may go in place: a gradient buffer that is contiguous and whose storage
     no other entry shares (autograd may hand one tensor to two parameters, e.g. for ``a + b``, or
     an expanded stride-0 tensor for ``w.sum()``); a fresh buffer otherwise."""
+    # One storage object per tensor, kept while both loops run: asking a tensor for its storage
+    # again after the first object is freed costs ~10x more (measured: 1.2 ms vs 0.2 ms for 291
+    # tensor pairs), and this runs every step.
+    storages = [
+        (None if p is None else p.untyped_storage(), None if g is None else g.untyped_storage())
+        for p, g in zip(grads_p, grads_g)
+    ]
     owners: dict[int, set[int]] = {}
-    for i, pair in enumerate(zip(grads_p, grads_g)):
-        for t in pair:
-            if t is not None:
-                owners.setdefault(t.untyped_storage().data_ptr(), set()).add(i)
+    for i, pair in enumerate(storages):
+        for st in pair:
+            if st is not None:
+                owners.setdefault(st.data_ptr(), set()).add(i)
     out: list[torch.Tensor | None] = []
     for i, (p, g) in enumerate(zip(grads_p, grads_g)):
         choice = None
-        for t in (p, g):
+        for t, st in zip((p, g), storages[i]):
             if (
                 t is not None
                 and t.is_contiguous()
-                and owners[t.untyped_storage().data_ptr()] == {i}
-                and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                and owners[st.data_ptr()] == {i}
+                and st.nbytes() == t.numel() * t.element_size()
             ):
                 choice = t
                 break

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from genrep_fast import roofline
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -189,6 +191,9 @@ class Record:
     bandwidth_fraction: float | None = None  # achieved bytes/s / measured copy bandwidth
     gemm_fraction: float | None = None  # plain GEMM time / this time (same shape & precision)
     peak_memory_bytes: int | None = None
+    bound: str | None = None  # roofline: "memory" or "compute" (genrep_fast.roofline)
+    bound_seconds: float | None = None  # the roofline's time for the case on this device
+    bound_fraction: float | None = None  # bound_seconds / this time (1.0: at the roof)
 
 
 class Results:
@@ -211,10 +216,20 @@ class Results:
         flops: float | None = None,
         gemm_time: float | None = None,
         peak_memory: dict[str, int] | None = None,
+        cost: roofline.Cost | None = None,
     ) -> list[Record]:
-        """Record every implementation of one case; ratios are against ``timings[baseline]``."""
+        """Record every implementation of one case; ratios are against ``timings[baseline]``.
+
+        ``cost``: the case's bytes and FLOPs (``genrep_fast.roofline``); every record then carries
+        the roofline bound on this run's device and the fraction of it that the time reaches (and
+        ``bytes_moved`` / ``flops`` default to the cost's)."""
         if baseline not in timings:
             raise ValueError(f"baseline {baseline!r} is not among the timings {list(timings)}")
+        roof = None
+        if cost is not None:
+            roof = roofline.bound(cost, roofline.device_roofs(self.device))
+            bytes_moved = cost.bytes if bytes_moved is None else bytes_moved
+            flops = cost.flops if flops is None else flops
         bw = copy_bandwidth(self.device) if bytes_moved is not None else None
         out = []
         for impl, sec in timings.items():
@@ -231,6 +246,9 @@ class Results:
                 bandwidth_fraction=(bytes_moved / sec) / bw if bw and sec > 0 else None,
                 gemm_fraction=gemm_time / sec if gemm_time and sec > 0 else None,
                 peak_memory_bytes=(peak_memory or {}).get(impl),
+                bound=roof.kind if roof else None,
+                bound_seconds=roof.seconds if roof else None,
+                bound_fraction=roof.fraction(sec) if roof and sec > 0 else None,
             )
             self.records.append(rec)
             out.append(rec)
@@ -239,6 +257,13 @@ class Results:
     def to_json(self) -> dict:
         env = environment(self.device)
         env["copy_bandwidth_GBps"] = copy_bandwidth(self.device) / 1e9 if self.records else None
+        if any(r.bound for r in self.records):
+            roofs = roofline.device_roofs(self.device)
+            env["roofline"] = {
+                "bandwidth_GBps": roofs.bandwidth / 1e9,
+                "peak_TFLOPs": {k: v / 1e12 for k, v in roofs.peak_flops.items()},
+                "source": roofs.source,
+            }
         return {
             "environment": env,
             "mode": self.mode,
@@ -267,17 +292,28 @@ def markdown_table(data: dict) -> str:
         f"Command: `{env.get('command', '')}`.",
         "",
         "| suite | case | impl | time (ms) | speedup vs baseline | GB/s | of copy BW | of GEMM |"
-        " peak mem (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        " bound (ms) | of bound | peak mem (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    roofs = env.get("roofline")
+    if roofs:
+        peaks = ", ".join(f"{k} {v:.3g}" for k, v in roofs["peak_TFLOPs"].items())
+        lines.insert(
+            1,
+            f"Roofline: {roofs['bandwidth_GBps']:.1f} GB/s; peak TFLOP/s {peaks} "
+            f"({roofs['source']}). Bound: max(bytes / bandwidth, FLOPs / peak), formulas in "
+            f"genrep_fast/roofline.py.",
+        )
     for r in data["records"]:
         gbps = r["bytes"] / r["seconds"] / 1e9 if r["bytes"] and r["seconds"] else None
         mem = r["peak_memory_bytes"] / 2**20 if r["peak_memory_bytes"] else None
+        bound_s = r.get("bound_seconds")
+        bound = f"{bound_s * 1e3:.3g} {r['bound']}" if bound_s is not None else ""
         lines.append(
             f"| {r['suite']} | {r['case']} | {r['impl']} | {r['seconds'] * 1e3:.3f} | "
             f"{_fmt(r['speedup'], '.2f')}x vs {r['baseline']} | {_fmt(gbps, '.1f')} | "
             f"{_fmt(r['bandwidth_fraction'], '.0%')} | {_fmt(r['gemm_fraction'], '.0%')} | "
-            f"{_fmt(mem, '.1f')} |"
+            f"{bound} | {_fmt(r.get('bound_fraction'), '.0%')} | {_fmt(mem, '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -167,3 +167,49 @@ def test_bf16_autocast():
     for p, w in zip(params, want):
         assert p.grad.dtype == torch.float32
         torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-7)
+
+
+def test_step_plan_is_computed_once_per_gradient_layout(monkeypatch):
+    """The per-call Python work of a step is a dict lookup: the checks and the plan run once per
+    layout of the gradient lists (shapes, dtypes, devices, which gradients are None), and a new
+    layout gets its own plan; a stale plan (e.g. keyed on the list length only) would pair a None
+    gradient with a plan that expects a tensor and give a wrong or missing update."""
+    import genrep_fast.alignment as alignment
+
+    torch.manual_seed(0)
+    model = Net()
+    params = list(model.parameters())
+    aligner = GradientAligner(model, groups="global")
+    calls = []
+    real_validate = alignment.validate_gradients
+    monkeypatch.setattr(
+        alignment, "validate_gradients", lambda p, g: calls.append(1) or real_validate(p, g)
+    )
+    x = torch.randn(16, 4)
+
+    def step(uses_head_g: bool):
+        model.zero_grad(set_to_none=True)
+        zp, zg = model(x)
+        lp = zp.pow(2).mean()
+        lg = (zg - 1).pow(2).mean() if uses_head_g else zp.sum() * 0.01
+        gp = torch.autograd.grad(lp, params, retain_graph=True, allow_unused=True)
+        gg = torch.autograd.grad(lg, params, retain_graph=True, allow_unused=True)
+        want = reference.align_gradients(list(gp), list(gg), groups="global")
+        aligner.backward(lp, lg)
+        for p, w in zip(params, want):
+            if w is None:
+                assert p.grad is None
+            else:
+                torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-7)
+
+    for _ in range(3):
+        step(uses_head_g=True)
+    assert len(calls) == 1  # checked once, then looked up
+    step(uses_head_g=False)  # head_g gets no gradient at all: a new layout, a new plan
+    assert len(calls) == 2
+    step(uses_head_g=True)  # the first layout again: its plan is still cached
+    assert len(calls) == 2
+    model.double()  # same parameters, new dtype: a new layout
+    x = x.double()
+    step(uses_head_g=True)
+    assert len(calls) == 3

@@ -476,3 +476,34 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     for a, r in zip(out, reference.align_gradients(ps, gs, groups="global")):
         torch.testing.assert_close(a, r)
+
+
+@pytest.mark.gpu
+def test_cuda_grid_stride_over_many_waves_and_launches():
+    """More chunks than one grid holds (kWaves x the blocks resident at once: ~1,000-2,000 on an
+    H100), so each block walks several chunks, and more tensors than one launch takes (80), so the
+    list spans three launches with a group's chunks in all of them. A chunk walked by the wrong
+    block, a skipped chunk or a partial slot written twice changes the sums."""
+    if not _ops.HAS_CUDA_OPS:
+        pytest.skip("extension built without CUDA kernels")
+    rng = random.Random(13)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sizes = [rng.choice([1, 100, 65536, 65537, 200000]) for _ in range(200)]
+    sizes[100] = 5000 * 65536 + 3  # 5,001 chunks in one tensor (1.3 GB of fp32 per list)
+    ps = [torch.randn(n, device="cuda", generator=gen) for n in sizes]
+    gs = [0.5 * p + torch.randn(n, device="cuda", generator=gen) for p, n in zip(ps, sizes)]
+    ids = [i % 3 for i in range(len(ps))]
+    ops = torch.ops.genrep_fast
+    sums = ops.group_sums(ps, gs, ids, 3)
+    assert torch.equal(sums, ops.group_sums(ps, gs, ids, 3))  # deterministic
+    want = torch.zeros(3, 3, dtype=torch.float64, device="cuda")
+    for p, g, gid in zip(ps, gs, ids):
+        p64, g64 = p.double(), g.double()
+        want[gid] += torch.stack([(p64 * g64).sum(), (p64 * p64).sum(), (g64 * g64).sum()])
+    torch.testing.assert_close(sums, want, rtol=1e-10, atol=0.0)
+    out = [torch.empty_like(p) for p in ps]
+    ops.align_combine(ps, gs, sums, ids, 2.0, 0.7, 0.3, "symmetric", out)
+    a, b = reference.alignment_coefficients(want, 2.0, 0.7, 0.3, "symmetric")
+    for i in (0, 99, 100, 101, 199):  # around the big tensor and at both ends of the list
+        upd = (a[ids[i]] * ps[i].double() + b[ids[i]] * gs[i].double()).float()
+        torch.testing.assert_close(out[i], upd, rtol=1e-6, atol=1e-6)

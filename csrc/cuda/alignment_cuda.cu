@@ -1,13 +1,16 @@
 // CUDA kernels of gradient alignment (docs/METHOD.md section 3): group_sums and align_combine over
 // lists of tensors, multi-tensor-apply style.
 //
-// Launch layout: a list is cut into chunks of kChunk elements, one thread block per chunk. The
-// pointers, sizes and group ids of up to kMaxTensors tensors and the (tensor, chunk) of up to
-// kMaxBlocks blocks travel by value in one argument struct (LaunchMeta, < 4 KiB, the classic
-// kernel-parameter limit), so a launch handles many tensors and the number of launches is
-// ceil(chunks / kMaxBlocks) + ceil(tensors / kMaxTensors) at most, per dtype present in the list.
-// All metadata is passed by value: nothing is copied host-to-device, no host sync happens, and a
-// CUDA graph captures the launches as they are.
+// Launch layout: a list is cut into chunks of kChunk elements. The pointers, sizes, group ids and
+// first chunk of up to kMaxTensors tensors travel by value in one argument struct (LaunchMeta,
+// < 4 KiB, the classic kernel-parameter limit), so a launch handles many tensors: the number of
+// launches is ceil(tensors / kMaxTensors) per dtype present in the list (a DiT-XL/2 list of ~300
+// tensors: 4 per pass). The grid is sized to the machine, not to the list: kWaves times the blocks
+// that fit on the device at once (SM count x resident blocks per SM, from the device's attributes
+// and the kernel's occupancy, cached per kernel and device), and each block walks the launch's
+// chunks with a grid stride, so a large list keeps every SM busy and a small one launches one
+// block per chunk. All metadata is passed by value: nothing is copied host-to-device, no host sync
+// happens, and a CUDA graph captures the launches as they are.
 //
 // Determinism (group_sums): stage 1 writes one partial (3 doubles) per chunk to its own slot, no
 // atomics; stage 2 runs one block per group that adds the partials of that group's chunks in a
@@ -29,6 +32,8 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "../alignment.h"
@@ -39,19 +44,23 @@ namespace {
 constexpr int kThreads = 512;          // threads per chunk block
 constexpr int kCleanupThreads = 256;   // threads per group in the cleanup pass
 constexpr int64_t kChunk = 65536;      // elements per block: 128 per thread at 512 threads
-constexpr int kMaxTensors = 36;
-constexpr int kMaxBlocks = 320;
+constexpr int kMaxTensors = 80;        // tensors per launch: fills the 4 KiB argument struct
+// Blocks per launch: kWaves x the blocks resident at once. More than one wave evens out the tail
+// (chunks of a tensor's end are short; blocks finish at different times).
+constexpr int kWaves = 4;
 
-// By-value kernel argument: the tensors and blocks of one launch.
+// By-value kernel argument: the tensors of one launch. Tensor t owns the launch's chunks
+// [chunk_start[t], chunk_start[t + 1]); chunk_start[num_tensors] == num_chunks.
 struct LaunchMeta {
   const void* p[kMaxTensors];  // null: missing gradient (zeros)
   const void* g[kMaxTensors];
   void* out[kMaxTensors];      // combine only
   int64_t numel[kMaxTensors];
+  int64_t chunk_start[kMaxTensors + 1];
   int32_t group[kMaxTensors];  // -1: in no group
-  uint8_t block_tensor[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
-  int64_t chunk_base;  // global slot of this launch's first block (group_sums partials)
+  int32_t num_tensors;
+  int64_t num_chunks;
+  int64_t chunk_base;  // global slot of this launch's first chunk (group_sums partials)
 };
 static_assert(sizeof(LaunchMeta) + 64 <= 4096, "kernel arguments must stay under 4 KiB");
 
@@ -113,6 +122,24 @@ __device__ __forceinline__ void block_sum3(double& a, double& b, double& c) {
       c += __shfl_down_sync(0xffffffffu, c, off);
     }
   }
+  // The next call (the next chunk of a grid-stride loop) writes `shared` again: warp 0 must have
+  // read it first.
+  __syncthreads();
+}
+
+// The tensor that owns chunk c of a launch: the last t with chunk_start[t] <= c (binary search
+// over at most kMaxTensors entries, once per chunk of kChunk elements).
+__device__ __forceinline__ int tensor_of_chunk(const LaunchMeta& meta, int64_t c) {
+  int lo = 0, hi = meta.num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (meta.chunk_start[mid] <= c) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
 }
 
 template <typename T>
@@ -123,44 +150,49 @@ __device__ __forceinline__ void accumulate(double x, double y, double& dot, doub
   gg = fma(y, y, gg);
 }
 
-// Stage 1 of group_sums: partials[chunk_base + block] = sums of this block's chunk.
+// Stage 1 of group_sums: partials[chunk_base + c] = sums of chunk c of the launch, for every chunk
+// c this block takes (c = blockIdx.x, blockIdx.x + gridDim.x, ...). One slot per chunk, whichever
+// block computes it: the partials do not depend on the grid size.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     group_sums_partial_kernel(LaunchMeta meta, double* __restrict__ partials,
                               int32_t* __restrict__ chunk_group) {
-  const int tensor = meta.block_tensor[blockIdx.x];
-  const int64_t start = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;  // int64:
-  // a tensor may hold more than 2^31 elements.
-  const int64_t n = min(kChunk, meta.numel[tensor] - start);
-  const T* p = meta.p[tensor] ? static_cast<const T*>(meta.p[tensor]) + start : nullptr;
-  const T* g = meta.g[tensor] ? static_cast<const T*>(meta.g[tensor]) + start : nullptr;
-  double dot = 0.0, pp = 0.0, gg = 0.0;
-  constexpr int V = Vec<T>::kSize;
-  const bool vec_ok = (p == nullptr || aligned16(p)) && (g == nullptr || aligned16(g));
-  int64_t done = 0;
-  if (vec_ok) {
-    const int64_t nvec = n / V;
-    for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
-      Vec<T> pv, gv;
-      if (p) pv = reinterpret_cast<const Vec<T>*>(p)[i];
-      if (g) gv = reinterpret_cast<const Vec<T>*>(g)[i];
+  for (int64_t c = blockIdx.x; c < meta.num_chunks; c += gridDim.x) {
+    const int tensor = tensor_of_chunk(meta, c);
+    // int64: a tensor may hold more than 2^31 elements.
+    const int64_t start = (c - meta.chunk_start[tensor]) * kChunk;
+    const int64_t n = min(kChunk, meta.numel[tensor] - start);
+    const T* p = meta.p[tensor] ? static_cast<const T*>(meta.p[tensor]) + start : nullptr;
+    const T* g = meta.g[tensor] ? static_cast<const T*>(meta.g[tensor]) + start : nullptr;
+    double dot = 0.0, pp = 0.0, gg = 0.0;
+    constexpr int V = Vec<T>::kSize;
+    const bool vec_ok = (p == nullptr || aligned16(p)) && (g == nullptr || aligned16(g));
+    int64_t done = 0;
+    if (vec_ok) {
+      const int64_t nvec = n / V;
+      for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+        Vec<T> pv, gv;
+        if (p) pv = reinterpret_cast<const Vec<T>*>(p)[i];
+        if (g) gv = reinterpret_cast<const Vec<T>*>(g)[i];
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        accumulate<T>(p ? to_double(pv.v[j]) : 0.0, g ? to_double(gv.v[j]) : 0.0, dot, pp, gg);
+        for (int j = 0; j < V; ++j) {
+          accumulate<T>(p ? to_double(pv.v[j]) : 0.0, g ? to_double(gv.v[j]) : 0.0, dot, pp,
+                        gg);
+        }
       }
+      done = nvec * V;
     }
-    done = nvec * V;
-  }
-  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
-    accumulate<T>(p ? to_double(p[i]) : 0.0, g ? to_double(g[i]) : 0.0, dot, pp, gg);
-  }
-  block_sum3<kThreads>(dot, pp, gg);
-  if (threadIdx.x == 0) {
-    const int64_t slot = meta.chunk_base + blockIdx.x;
-    partials[3 * slot + 0] = dot;
-    partials[3 * slot + 1] = pp;
-    partials[3 * slot + 2] = gg;
-    chunk_group[slot] = meta.group[tensor];
+    for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
+      accumulate<T>(p ? to_double(p[i]) : 0.0, g ? to_double(g[i]) : 0.0, dot, pp, gg);
+    }
+    block_sum3<kThreads>(dot, pp, gg);
+    if (threadIdx.x == 0) {
+      const int64_t slot = meta.chunk_base + c;
+      partials[3 * slot + 0] = dot;
+      partials[3 * slot + 1] = pp;
+      partials[3 * slot + 2] = gg;
+      chunk_group[slot] = meta.group[tensor];
+    }
   }
 }
 
@@ -193,36 +225,38 @@ __global__ void __launch_bounds__(kCleanupThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     align_combine_kernel(LaunchMeta meta, const double* __restrict__ sums, AlignParams prm) {
-  const int tensor = meta.block_tensor[blockIdx.x];
-  const int64_t start = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
-  const int64_t n = min(kChunk, meta.numel[tensor] - start);
-  const T* p = meta.p[tensor] ? static_cast<const T*>(meta.p[tensor]) + start : nullptr;
-  const T* g = meta.g[tensor] ? static_cast<const T*>(meta.g[tensor]) + start : nullptr;
-  T* out = static_cast<T*>(meta.out[tensor]) + start;
-  double a, b;
-  align_coefficients(sums, meta.group[tensor], prm, &a, &b);
-  constexpr int V = Vec<T>::kSize;
-  const bool vec_ok =
-      aligned16(out) && (p == nullptr || aligned16(p)) && (g == nullptr || aligned16(g));
-  int64_t done = 0;
-  if (vec_ok) {
-    const int64_t nvec = n / V;
-    for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
-      Vec<T> pv, gv, ov;
-      if (p) pv = reinterpret_cast<const Vec<T>*>(p)[i];
-      if (g) gv = reinterpret_cast<const Vec<T>*>(g)[i];
+  for (int64_t c = blockIdx.x; c < meta.num_chunks; c += gridDim.x) {
+    const int tensor = tensor_of_chunk(meta, c);
+    const int64_t start = (c - meta.chunk_start[tensor]) * kChunk;
+    const int64_t n = min(kChunk, meta.numel[tensor] - start);
+    const T* p = meta.p[tensor] ? static_cast<const T*>(meta.p[tensor]) + start : nullptr;
+    const T* g = meta.g[tensor] ? static_cast<const T*>(meta.g[tensor]) + start : nullptr;
+    T* out = static_cast<T*>(meta.out[tensor]) + start;
+    double a, b;
+    align_coefficients(sums, meta.group[tensor], prm, &a, &b);
+    constexpr int V = Vec<T>::kSize;
+    const bool vec_ok =
+        aligned16(out) && (p == nullptr || aligned16(p)) && (g == nullptr || aligned16(g));
+    int64_t done = 0;
+    if (vec_ok) {
+      const int64_t nvec = n / V;
+      for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+        Vec<T> pv, gv, ov;
+        if (p) pv = reinterpret_cast<const Vec<T>*>(p)[i];
+        if (g) gv = reinterpret_cast<const Vec<T>*>(g)[i];
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const double x = p ? a * to_double(pv.v[j]) : 0.0;
-        ov.v[j] = from_double<T>(g ? x + b * to_double(gv.v[j]) : x);
+        for (int j = 0; j < V; ++j) {
+          const double x = p ? a * to_double(pv.v[j]) : 0.0;
+          ov.v[j] = from_double<T>(g ? x + b * to_double(gv.v[j]) : x);
+        }
+        reinterpret_cast<Vec<T>*>(out)[i] = ov;
       }
-      reinterpret_cast<Vec<T>*>(out)[i] = ov;
+      done = nvec * V;
     }
-    done = nvec * V;
-  }
-  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
-    const double x = p ? a * to_double(p[i]) : 0.0;
-    out[i] = from_double<T>(g ? x + b * to_double(g[i]) : x);
+    for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
+      const double x = p ? a * to_double(p[i]) : 0.0;
+      out[i] = from_double<T>(g ? x + b * to_double(g[i]) : x);
+    }
   }
 }
 
@@ -237,14 +271,24 @@ struct Item {
 
 int64_t num_chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
-// Packs `items` into LaunchMeta structs and calls launch(meta, blocks) for each: a new launch
-// starts when the blocks or the tensor slots of the struct are full; a tensor whose chunks spill
-// over continues in slot 0 of the next launch. Returns the next free chunk slot.
+// Packs `items` into LaunchMeta structs of up to kMaxTensors tensors and calls
+// launch(meta, num_chunks) for each. Returns the next free chunk slot.
 template <typename LaunchFn>
 int64_t multi_tensor_apply(const std::vector<Item>& items, int64_t chunk_base, LaunchFn&& launch) {
   LaunchMeta meta;
   std::memset(&meta, 0, sizeof(meta));
-  int nt = 0, nb = 0;
+  int nt = 0;
+  int64_t nc = 0;
+  auto flush = [&] {
+    meta.num_tensors = nt;
+    meta.chunk_start[nt] = nc;
+    meta.num_chunks = nc;
+    meta.chunk_base = chunk_base;
+    launch(meta, nc);
+    chunk_base += nc;
+    nt = 0;
+    nc = 0;
+  };
   for (const Item& it : items) {
     const int64_t chunks = num_chunks(it.numel);
     if (chunks == 0) continue;
@@ -253,36 +297,36 @@ int64_t multi_tensor_apply(const std::vector<Item>& items, int64_t chunk_base, L
     meta.out[nt] = it.out;
     meta.numel[nt] = it.numel;
     meta.group[nt] = it.group;
-    for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_tensor[nb] = static_cast<uint8_t>(nt);
-      meta.block_chunk[nb] = static_cast<int32_t>(c);
-      ++nb;
-      const bool last_chunk = c == chunks - 1;
-      if (nb == kMaxBlocks || (last_chunk && nt + 1 == kMaxTensors)) {
-        meta.chunk_base = chunk_base;
-        launch(meta, nb);
-        chunk_base += nb;
-        nb = 0;
-        if (last_chunk) {
-          nt = -1;  // every slot consumed; the ++nt below starts the next struct at slot 0
-        } else {
-          meta.p[0] = meta.p[nt];
-          meta.g[0] = meta.g[nt];
-          meta.out[0] = meta.out[nt];
-          meta.numel[0] = meta.numel[nt];
-          meta.group[0] = meta.group[nt];
-          nt = 0;
-        }
-      }
-    }
-    ++nt;
+    meta.chunk_start[nt] = nc;
+    nc += chunks;
+    if (++nt == kMaxTensors) flush();
   }
-  if (nb > 0) {
-    meta.chunk_base = chunk_base;
-    launch(meta, nb);
-    chunk_base += nb;
-  }
+  if (nt > 0) flush();
   return chunk_base;
+}
+
+// Blocks of `kernel` (kThreads threads) resident on `device` at once: SM count x blocks per SM
+// at the kernel's occupancy. Cached per (kernel, device): the first launch pays two driver
+// queries, later launches a map lookup.
+int resident_blocks(const void* kernel, c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, static_cast<int>(device));
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int blocks = std::max(1, sms) * std::max(1, per_sm);
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
+// Grid of one launch over `chunks` chunks: one block per chunk up to kWaves waves of the device.
+unsigned grid_size(const void* kernel, c10::DeviceIndex device, int64_t chunks) {
+  const int64_t cap = int64_t(kWaves) * resident_blocks(kernel, device);
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(chunks, cap)));
 }
 
 // Items of the list split by dtype (one kernel instantiation per dtype), in list order within a
@@ -357,7 +401,9 @@ at::Tensor group_sums_cuda(const OptionalTensorList& p_list, const OptionalTenso
   for (const auto& dtype_items : split_by_dtype(dtypes, items)) {
     const std::vector<Item>& list = dtype_items.second;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype_items.first, "group_sums_cuda", [&] {
-      slot = multi_tensor_apply(list, slot, [&](const LaunchMeta& meta, int blocks) {
+      const void* kernel = reinterpret_cast<const void*>(&group_sums_partial_kernel<scalar_t>);
+      slot = multi_tensor_apply(list, slot, [&](const LaunchMeta& meta, int64_t chunks) {
+        const unsigned blocks = grid_size(kernel, device.index(), chunks);
         group_sums_partial_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
             meta, partials.data_ptr<double>(), chunk_group.data_ptr<int32_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -410,7 +456,9 @@ void align_combine_cuda(const OptionalTensorList& p_list, const OptionalTensorLi
   for (const auto& dtype_items : split_by_dtype(dtypes, items)) {
     const std::vector<Item>& list = dtype_items.second;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype_items.first, "align_combine_cuda", [&] {
-      multi_tensor_apply(list, 0, [&](const LaunchMeta& meta, int blocks) {
+      const void* kernel = reinterpret_cast<const void*>(&align_combine_kernel<scalar_t>);
+      multi_tensor_apply(list, 0, [&](const LaunchMeta& meta, int64_t chunks) {
+        const unsigned blocks = grid_size(kernel, device.index(), chunks);
         align_combine_kernel<scalar_t>
             <<<blocks, kThreads, 0, stream>>>(meta, sums_c.const_data_ptr<double>(), prm);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
