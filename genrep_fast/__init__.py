@@ -5,7 +5,9 @@ Public API (docs/METHOD.md is the contract for the math):
 * ``thinned_steps`` - the reverse-chain positions kept as Monte Carlo samples;
 * ``mixture_log_likelihood``, ``class_posterior``, ``posterior_kl_loss`` - generative perception;
 * ``prepare_bank``, ``PreparedBank`` - a snapshot of a shared bank, prepared once for many calls;
-* ``align_gradients``, ``GradientAligner`` - gradient alignment.
+* ``align_gradients``, ``GradientAligner`` - gradient alignment;
+* ``diffusion_classifier`` - the Diffusion Classifier (Li et al. 2023), a bank-free baseline and
+  optional teacher.
 
 Backbones, heads, modulation and the chain bank live in ``genrep_fast.models`` (imports diffusers);
 the trainer in ``genrep_fast.train``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 from genrep_fast import _ops  # noqa: F401  (loads the compiled extension, registers fakes)
 from genrep_fast._validation import check_int
 from genrep_fast.alignment import GradientAligner, align_gradients
+from genrep_fast.diffusion_classifier import DiffusionClassifierResult, diffusion_classifier
 from genrep_fast.posterior import class_posterior, mixture_log_likelihood, posterior_kl_loss
 from genrep_fast.prepared_bank import PreparedBank, prepare_bank
 from genrep_fast.reference import thinned_steps as _thinned_steps_ref
@@ -49,5 +52,7 @@ __all__ = [
     "posterior_kl_loss",
     "align_gradients",
     "GradientAligner",
+    "diffusion_classifier",
+    "DiffusionClassifierResult",
     "__version__",
 ]
