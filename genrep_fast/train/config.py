@@ -156,9 +156,10 @@ class EvalConfig:
     sample_steps: int = 0  # 0: diffusion.num_steps
     max_test_images: int = 0  # 0: the whole held-out set
     ece_bins: int = 15
-    # Diffusion Classifier trials per class on the test set, unpruned (0: not evaluated); a
-    # non-empty loss.dc_prune adds a pruned run with loss.dc_trials (dc_pruned_* metrics).
-    dc_trials: int = 10
+    # Diffusion Classifier trials per class on the test set, unpruned (0: not evaluated; it
+    # costs num_classes x dc_trials model rows per image, so the ImageNet configs leave it off);
+    # a non-empty loss.dc_prune adds a pruned run with loss.dc_trials (dc_pruned_* metrics).
+    dc_trials: int = 0
 
 
 @dataclasses.dataclass
