@@ -8,6 +8,8 @@ Public API (docs/METHOD.md is the contract for the math):
 * ``align_gradients``, ``GradientAligner`` - gradient alignment;
 * ``GenRep`` - a trained model: ``GenRep.from_pretrained(run)``, ``classify``, ``sample``,
   ``save_pretrained`` (a diffusers model folder).
+* ``diffusion_classifier`` - the Diffusion Classifier (Li et al. 2023), a bank-free baseline and
+  optional teacher.
 
 Backbones, heads, modulation and the chain bank live in ``genrep_fast.models`` (imports diffusers);
 the trainer in ``genrep_fast.train``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 from genrep_fast import _ops  # noqa: F401  (loads the compiled extension, registers fakes)
 from genrep_fast._validation import check_int
 from genrep_fast.alignment import GradientAligner, align_gradients
+from genrep_fast.diffusion_classifier import DiffusionClassifierResult, diffusion_classifier
 from genrep_fast.pipeline import Classification, GenRep
 from genrep_fast.posterior import class_posterior, mixture_log_likelihood, posterior_kl_loss
 from genrep_fast.prepared_bank import PreparedBank, prepare_bank
@@ -54,5 +57,7 @@ __all__ = [
     "GradientAligner",
     "GenRep",
     "Classification",
+    "diffusion_classifier",
+    "DiffusionClassifierResult",
     "__version__",
 ]

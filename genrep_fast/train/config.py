@@ -93,6 +93,15 @@ class LossConfig:
     rep_align_weight: float = 0.5
     vlb_weight: float = 1e-3  # variance term that trains f_sigma (mean detached)
     label_dropout: float = 0.1  # generation: class -> null class (CFG-style), stages 0 and 2
+    # The KL teacher p(y|x) of L_gen_distil: "bank" (the chain bank's mixture posterior) or
+    # "diffusion_classifier" (Li et al. 2023, no bank: softmax(-mean noise-prediction error /
+    # dc_temperature) over dc_trials trials per class, pruned by dc_prune rounds [[after_trials,
+    # keep], ...]; genrep_fast.diffusion_classifier). The DC settings also serve evaluation.
+    teacher: str = "bank"
+    dc_trials: int = 10
+    dc_prune: tuple = ()
+    dc_temperature: float = 1.0
+    dc_batch_size: int = 2048  # model rows per forward pass of the classifier
 
 
 @dataclasses.dataclass
@@ -108,7 +117,8 @@ class AlignConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    kind: str = "digits"  # "digits" | "image_folder" | "latents"
+    # "digits" | "mnist5k" (the extra genrep_fast[mnist]) | "image_folder" | "latents"
+    kind: str = "digits"
     root: str | None = None  # folder of class sub-folders, or of latent shards
     test_root: str | None = None  # held-out set (image_folder / latents); digits: fixed split
     image_size: int = 8
@@ -147,6 +157,10 @@ class EvalConfig:
     sample_steps: int = 0  # 0: diffusion.num_steps
     max_test_images: int = 0  # 0: the whole held-out set
     ece_bins: int = 15
+    # Diffusion Classifier trials per class on the test set, unpruned (0: not evaluated; it
+    # costs num_classes x dc_trials model rows per image, so the ImageNet configs leave it off);
+    # a non-empty loss.dc_prune adds a pruned run with loss.dc_trials (dc_pruned_* metrics).
+    dc_trials: int = 0
 
 
 @dataclasses.dataclass
@@ -185,9 +199,10 @@ CHOICES = {
     "stage2.schedule": ("constant", "cosine"),
     "align.mode": ("symmetric", "generation", "perception", "none"),
     "align.groups": ("attention_blocks", "per_tensor", "global"),
-    "data.kind": ("digits", "image_folder", "latents"),
+    "data.kind": ("digits", "mnist5k", "image_folder", "latents"),
     "runtime.ops": ("fast", "reference"),
     "runtime.autocast": ("auto", "bf16", "none"),
+    "loss.teacher": ("bank", "diffusion_classifier"),
 }
 
 
@@ -341,9 +356,21 @@ def _validate(cfg: TrainConfig) -> None:
         _fail("align.k", f"must be >= 0, got {cfg.align.k}")
     for key in ("loss.gen_distil_weight", "loss.rep_align_weight", "loss.vlb_weight"):
         positive(key, 0)
+    # the Diffusion Classifier (teacher and evaluation)
+    positive("loss.dc_trials")
+    positive("loss.dc_batch_size")
+    positive("eval.dc_trials", 0)
+    if not cfg.loss.dc_temperature > 0:
+        _fail("loss.dc_temperature", f"must be > 0, got {cfg.loss.dc_temperature}")
+    from genrep_fast.diffusion_classifier import check_prune_schedule
+
+    try:
+        check_prune_schedule(cfg.loss.dc_prune, cfg.loss.dc_trials, cfg.model.num_classes)
+    except (TypeError, ValueError) as exc:
+        _fail("loss.dc_prune", f"{exc} (loss.dc_trials={cfg.loss.dc_trials})")
     if not 0 <= cfg.loss.label_dropout < 1:
         _fail("loss.label_dropout", f"must be in [0, 1), got {cfg.loss.label_dropout}")
-    if cfg.data.kind != "digits" and not cfg.data.root:
+    if cfg.data.kind not in ("digits", "mnist5k") and not cfg.data.root:
         _fail("data.root", f"is required for data.kind={cfg.data.kind!r}")
     if (
         cfg.data.kind == "digits"
@@ -351,6 +378,14 @@ def _validate(cfg: TrainConfig) -> None:
         and (cfg.model.sample_size != 8 or cfg.model.in_channels != 1)
     ):
         _fail("model.sample_size", "the digits data are 1x8x8: set sample_size=8, in_channels=1")
+    if cfg.data.kind == "mnist5k" and (
+        cfg.model.sample_size != cfg.data.image_size or cfg.model.in_channels != 1
+    ):
+        _fail(
+            "model.sample_size",
+            f"the mnist5k data are 1 x data.image_size x data.image_size = 1x{cfg.data.image_size}"
+            f"x{cfg.data.image_size}: set sample_size={cfg.data.image_size}, in_channels=1",
+        )
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

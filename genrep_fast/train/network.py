@@ -305,18 +305,29 @@ def perception_loss(
     timer=None,
     *,
     check_values: bool = True,
+    dc_teacher=None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """L_percept = CE(logits, y) + w * KL(p(y|x) || softmax(logits)); returns (loss, logits, parts).
 
     The teacher ``p(y|x)`` is the class posterior of the chain bank's Gaussian mixture, computed
-    from ``bank.prepared()`` (a ``ChainBank``'s snapshot, taken once per refresh).
+    from ``bank.prepared()`` (a ``ChainBank``'s snapshot, taken once per refresh); with
+    ``loss.teacher: diffusion_classifier`` it is ``softmax(dc_teacher(x0))``, the Diffusion
+    Classifier's ``[B, C]`` logits (``genrep_fast.train.dc.dc_teacher_log_probs``).
     ``check_values=False``: no value check of the labels and candidate classes (no host sync).
     """
     logits, _ = net.perceive(x0, check_values=check_values)
     ce = F.cross_entropy(logits, y)
     parts = {"ce": ce.detach()}
     loss = ce
-    if cfg.loss.gen_distil and bank is not None:
+    if cfg.loss.gen_distil and cfg.loss.teacher == "diffusion_classifier":
+        if dc_teacher is None:
+            raise ValueError("loss.teacher: 'diffusion_classifier' needs dc_teacher=callable(x0)")
+        ctx = timer("posterior") if timer is not None else _null()
+        with ctx:
+            kl = posterior_kl_loss(logits, dc_teacher(x0.detach()), validate=False)
+        loss = loss + cfg.loss.gen_distil_weight * kl
+        parts["kl"] = kl.detach()
+    elif cfg.loss.gen_distil and bank is not None:
         ctx = timer("posterior") if timer is not None else _null()
         with ctx:
             k = cfg.diffusion.candidate_classes

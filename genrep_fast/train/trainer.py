@@ -446,7 +446,9 @@ class Trainer:
         rt = cfg.runtime
         window = self._profile_window(rt.profile_from, rt.profile_steps if stage == 2 else 0)
         while self.step < st.steps:
-            if (
+            if cfg.loss.teacher == "diffusion_classifier":
+                pass  # no bank: the Diffusion Classifier teacher is computed per batch
+            elif (
                 stage >= 1
                 and cfg.loss.gen_distil
                 and cfg.diffusion.bank_refresh_every
@@ -653,6 +655,7 @@ class Trainer:
                         timer,
                         check_values=False,
                         sync=sync,
+                        dc_teacher=self._dc_teacher(stage),
                     )
                 with timer("backward_p"):
                     add(acc_p, loss_p / accum)
@@ -730,6 +733,18 @@ class Trainer:
             bad = bad.to(self._dist_device)
             dist.all_reduce(bad)
         return not bool(bad)
+
+    def _dc_teacher(self, stage: int):
+        """``loss.teacher: diffusion_classifier``: ``x0 -> [B, C]`` teacher logits of the EMA
+        network (stage 2) or the network in training (stage 1), trials seeded by (seed, stage,
+        step, micro-batch) so a resumed run draws the same ones; None for the bank teacher."""
+        if self.cfg.loss.teacher != "diffusion_classifier":
+            return None
+        from genrep_fast.train.dc import dc_teacher_log_probs, teacher_seed
+
+        net = self.teacher if self.teacher is not None else self.net
+        seed = teacher_seed(self.cfg.seed, stage, self.step, len(self._step_inputs))
+        return lambda x0: dc_teacher_log_probs(net, x0, self.cfg, seed)
 
     def _teacher_tensors(self) -> list[torch.Tensor]:
         if not hasattr(self, "_ema_pairs"):
