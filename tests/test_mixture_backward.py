@@ -227,9 +227,20 @@ def test_gpu_backward_deterministic_and_matches_torch_path():
         for r in runs[1:]:
             for a, b in zip(r, runs[0]):
                 assert torch.equal(a, b)
+        # Judged against the float64 reference within twice the error of the better float32 CPU
+        # path on the same inputs (the C++ kernels, or the float32 reference). A fixed 1e-4 does
+        # not fit these inputs: log-densities thousands of nats apart make the float32 reference
+        # itself off by 5.7e-4 in x's gradient and 4e-2 in sigma's, and the C++ path's candidate
+        # gradients by 1.4e-4 and 7e-3 (measured on the CPU).
         want_grads = reference_grads(x.double(), mu.double(), sigma.double(), idx, gr.double())
-        for name, a, w_ in zip(NAMES, runs[0], want_grads):
-            torch.testing.assert_close(a.double(), w_, rtol=1e-4, atol=1e-4, msg=name)
+        ins = [a.clone().requires_grad_() for a in (x, mu, sigma)]
+        G.mixture_log_likelihood(*ins, class_index=idx, backend="torch").backward(gr)
+        cpu_paths = (reference_grads(x, mu, sigma, idx, gr), [a.grad for a in ins])
+        for i, (name, a, w_) in enumerate(zip(NAMES, runs[0], want_grads)):
+            err = (a.double() - w_).abs().max().item()
+            cpu_err = min((p[i].double() - w_).abs().max().item() for p in cpu_paths)
+            print(f"{name} candidates={idx is not None}: err {err:.3g}, float32 CPU {cpu_err:.3g}")
+            assert err <= 2 * cpu_err + _floor(w_), (name, idx is not None, err, cpu_err)
 
 
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
