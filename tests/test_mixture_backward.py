@@ -227,20 +227,20 @@ def test_gpu_backward_deterministic_and_matches_torch_path():
         for r in runs[1:]:
             for a, b in zip(r, runs[0]):
                 assert torch.equal(a, b)
-        # Judged against the float64 reference within twice the error of the better float32 CPU
-        # path on the same inputs (the C++ kernels, or the float32 reference). A fixed 1e-4 does
-        # not fit these inputs: log-densities thousands of nats apart make the float32 reference
-        # itself off by 5.7e-4 in x's gradient and 4e-2 in sigma's, and the C++ path's candidate
-        # gradients by 1.4e-4 and 7e-3 (measured on the CPU).
+        # Judged as the interpreter tests judge the Triton kernels (test_backward_matches_f64):
+        # within twice the float32 reference's own error. A fixed 1e-4 is below that error here
+        # (log-densities thousands of nats apart): the float32 reference is off by 5.7e-4 in x's
+        # gradient and 4e-2 in sigma's (CPU); the H100 kernel by 3.3e-4 in x's; the C++ kernels,
+        # which accumulate in float64, by 4.8e-7 (bench/results/gpu-h100-20261126).
         want_grads = reference_grads(x.double(), mu.double(), sigma.double(), idx, gr.double())
-        ins = [a.clone().requires_grad_() for a in (x, mu, sigma)]
-        G.mixture_log_likelihood(*ins, class_index=idx, backend="torch").backward(gr)
-        cpu_paths = (reference_grads(x, mu, sigma, idx, gr), [a.grad for a in ins])
-        for i, (name, a, w_) in enumerate(zip(NAMES, runs[0], want_grads)):
+        torch32 = reference_grads(x, mu, sigma, idx, gr)
+        for name, a, t_, w_ in zip(NAMES, runs[0], torch32, want_grads):
             err = (a.double() - w_).abs().max().item()
-            cpu_err = min((p[i].double() - w_).abs().max().item() for p in cpu_paths)
-            print(f"{name} candidates={idx is not None}: err {err:.3g}, float32 CPU {cpu_err:.3g}")
-            assert err <= 2 * cpu_err + _floor(w_), (name, idx is not None, err, cpu_err)
+            torch_err = (t_.double() - w_).abs().max().item()
+            print(
+                f"{name} candidates={idx is not None}: err {err:.3g}, float32 ref {torch_err:.3g}"
+            )
+            assert err <= 2 * torch_err + _floor(w_), (name, idx is not None, err, torch_err)
 
 
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
