@@ -185,6 +185,17 @@ class Trainer:
             self.autocast = None
         self._seed_everything(cfg.seed)
         self.train_set, self.test_set = build_datasets(cfg.data, cfg.seed)
+        # diffusion.sigma_min: auto chooses the teacher's bandwidth on a split of the training set
+        # (never the test set); the stages train on the rest.
+        self.val_set = None
+        self.teacher_val: dict = {}  # the last bandwidth choice: teacher_bandwidth, _val_nll, ...
+        if cfg.diffusion.sigma_min == "auto":
+            from genrep_fast.train.bandwidth import split_validation
+
+            d = cfg.diffusion
+            self.train_set, self.val_set = split_validation(
+                self.train_set, d.bandwidth_val_fraction, d.bandwidth_val_max, cfg.seed
+            )
         self.net: GenRepNet = build_network(cfg, self.device)
         # The noise schedule on the device once (diffusers' add_noise moves it on first use; the
         # losses index it every step): no blocking host-to-device copy inside a step.
@@ -254,10 +265,10 @@ class Trainer:
     def trainable(self, stage: int) -> list[tuple[str, torch.nn.Parameter, float]]:
         """(name, parameter, lr scale) of what a stage trains."""
         st = self.stage_config(stage)
-        out = [
-            (f"backbone.{n}", p, st.backbone_lr_scale)
-            for n, p in self.net.backbone.named_parameters()
-        ]
+        scale = st.backbone_lr_scale
+        if stage == 1 and self.cfg.loss.stage1_teacher == "freeze":
+            scale = 0.0  # the bank depends on the backbone only: frozen, the teacher stays
+        out = [(f"backbone.{n}", p, scale) for n, p in self.net.backbone.named_parameters()]
         if stage >= 1:
             out += [(f"head.{n}", p, 1.0) for n, p in self.net.head.named_parameters()]
         if stage == 2 and self.cfg.loss.semantic:
@@ -285,8 +296,10 @@ class Trainer:
             foreach=self.fast,
         )
         self.align_groups = self._alignment_groups() if stage == 2 else None
+        self.aligned_fraction = self._aligned_fraction() if stage == 2 else None
 
     def _alignment_groups(self):
+        """``align_gradients``' groups over ``self.params`` (docs/METHOD.md section 3)."""
         mode = self.cfg.align.groups
         if mode == "per_tensor":
             return None
@@ -299,7 +312,28 @@ class Trainer:
             members = [i for n, i in index.items() if n.startswith(prefix)]
             if members:
                 groups.append(members)
+                for n in [n for n in index if n.startswith(prefix)]:
+                    del index[n]
+        if mode == "all_blocks":
+            # every other parameter: one group per top-level module (head.classifier,
+            # modulation.time_embedding, backbone.conv_in) or numbered block of the backbone
+            # (backbone.down_blocks.1, less its attention blocks, which are groups of their own)
+            rest: dict[str, list[int]] = {}
+            for n, i in index.items():
+                parts = n.split(".")
+                depth = 3 if parts[0] == "backbone" and len(parts) > 3 and parts[2].isdigit() else 2
+                rest.setdefault(".".join(parts[:depth]), []).append(i)
+            groups += list(rest.values())
         return groups
+
+    def _aligned_fraction(self) -> float:
+        """The fraction of the trained parameters (values, not tensors) inside an alignment group;
+        the others get the fixed ``w_p p + w_g g``."""
+        total = sum(p.numel() for p in self.params)
+        if self.align_groups is None or self.align_groups == "global":
+            return 1.0
+        inside = sum(self.params[i].numel() for g in self.align_groups for i in g)
+        return inside / max(1, total)
 
     def _set_lr(self, stage: int, step: int) -> float:
         st = self.stage_config(stage)
@@ -310,18 +344,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ bank
 
+    def bank_network(self) -> GenRepNet:
+        """The network the bank is built from: stage 2's EMA teacher ``eps_sem`` (or the student
+        ``eps_unified``, ``diffusion.bank_network``); stage 1's only network."""
+        if self.stage == 2 and self.cfg.diffusion.bank_network == "ema":
+            return self.teacher
+        return self.net
+
     def refresh_bank(self) -> None:
         g = torch.Generator(self.device)
         g.manual_seed(self.cfg.seed * 31 + self.stage * 1_000_003 + self.step)
+        auto = self.cfg.diffusion.sigma_min == "auto"
         with self.timer("bank_refresh"):
             bank = build_chain_bank(
-                self.net, self.cfg, g, modulated=self.stage == 2 and self.cfg.loss.semantic
+                self.bank_network(),
+                self.cfg,
+                g,
+                modulated=self.stage == 2 and self.cfg.loss.semantic,
+                # auto: clamp at the smallest candidate; the chosen one is applied below
+                sigma_min=min(self.cfg.diffusion.bandwidth_grid) if auto else None,
             )
             if self.world > 1:  # every replica distils from rank 0's bank
                 dist.broadcast(bank.mu, 0)
                 dist.broadcast(bank.sigma, 0)
                 bank.mark_changed()  # written in place, after any snapshot of it
             finite = bool(torch.isfinite(bank.mu).all() & torch.isfinite(bank.sigma).all())
+            if finite and auto:
+                self._choose_bandwidth(bank)
         if finite:
             self.bank = bank
             # the posterior's snapshot, taken here rather than in the next step (its sigma check
@@ -335,6 +384,48 @@ class Trainer:
                 f"the chain bank built from the model at stage {self.stage} step {self.step} is "
                 "not finite"
             )
+
+    def _choose_bandwidth(self, bank) -> None:
+        """``diffusion.sigma_min: auto``: clamp ``bank``'s sigma at the grid value with the lowest
+        posterior NLL on the validation split (training data), record it on the networks and
+        log it (docs/METHOD.md section 5.1)."""
+        from genrep_fast.train.bandwidth import select_bandwidth
+        from genrep_fast.train.evaluation import dataset_tensors
+
+        x, y = dataset_tensors(self.val_set)
+        d = self.cfg.diffusion
+        choice = select_bandwidth(
+            bank.mu,
+            bank.sigma,
+            x.to(self.device),
+            y.to(self.device),
+            d.bandwidth_grid,
+            precision=d.precision,
+            backend=self.backend,
+        )
+        h = choice.bandwidth
+        bank.sigma = bank.sigma.clamp(min=h)
+        bank.sigma_min = h
+        bank.mark_changed()
+        for net in (self.net, self.teacher):
+            if net is not None:
+                net.teacher_bandwidth.fill_(h)
+        self.teacher_val = {
+            "teacher_bandwidth": h,
+            "teacher_val_nll": choice.val_nll,
+            "teacher_val_top1": choice.val_top1,
+            "val_images": int(x.shape[0]),
+        }
+        self.log(
+            {
+                "stage": self.stage,
+                "step": self.step,
+                "event": "bandwidth",
+                **self.teacher_val,
+                "bandwidth_grid": choice.grid,
+                "bandwidth_val_nll": choice.nll,
+            }
+        )
 
     # ------------------------------------------------------------------ running
 
@@ -430,6 +521,8 @@ class Trainer:
                     # (the step's flag read already waited for these values)
                     parts = {k: float(v) for k, v in parts.items()}
                     rec = {"stage": stage, "step": self.step, "lr": lr, **parts}
+                    if stage == 2:
+                        rec["aligned_fraction"] = self.aligned_fraction
                     if self.bad_steps:
                         rec["bad_steps"] = self.bad_steps
                     bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()})
@@ -567,6 +660,14 @@ class Trainer:
                     loss_p, logits, parts = perception_loss(
                         self.net, x0, y, self.bank, cfg, self.backend, timer, check_values=False
                     )
+                if stage == 1 and cfg.loss.stage1_teacher == "keep_diffusion":
+                    # the diffusion loss keeps the backbone, and so the bank, generative
+                    with timer("generation"), self._autocast():
+                        loss_d, dparts = generation_loss(
+                            self.net, x0, y, self.generator, cfg, check_values=False
+                        )
+                    loss_p = loss_p + cfg.loss.stage1_diffusion_weight * loss_d
+                    parts.update(dparts)
                 if stage == 2:
                     with timer("generation"), self._autocast():
                         x_sem = None
@@ -652,7 +753,9 @@ class Trainer:
         if not hasattr(self, "_ema_pairs"):
             t = dict(self.teacher.named_parameters())
             s = dict(self.net.named_parameters())
-            names = [n for n in t if not n.startswith("modulation.")]
+            # every parameter, the modulation included: the EMA network builds the stage-2 bank
+            # (diffusion.bank_network: ema), modulated with its own modulation
+            names = list(t)
             self._ema_pairs = ([t[n].data for n in names], [s[n].data for n in names])
         return self._ema_pairs[0]
 
@@ -703,6 +806,8 @@ class Trainer:
             tensors["bank/sigma"] = self.bank.sigma
             tensors["bank/timesteps"] = self.bank.timesteps
             meta["bank"] = {"sigma_min": self.bank.sigma_min}
+        if self.teacher_val:
+            meta["teacher_val"] = self.teacher_val
         tensors["rng/generator"] = self.generator.get_state()
         t, m = ckpt.rng_state()
         tensors.update(t)
@@ -761,6 +866,7 @@ class Trainer:
         self.timer.seconds = dict(meta.get("timing", {}))
         self.bad_steps = int(meta.get("bad_steps", 0))
         self.bad_streak = int(meta.get("bad_streak", 0))
+        self.teacher_val = dict(meta.get("teacher_val", {}))
         if "optimizer" in meta:
             self._make_optimizer(int(meta["optimizer_stage"]))
             self._optim_stage = int(meta["optimizer_stage"])
