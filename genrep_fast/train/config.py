@@ -351,11 +351,15 @@ def _validate(cfg: TrainConfig) -> None:
         _fail("diffusion.burn_in", f"must be < diffusion.num_steps={d.num_steps}, got {d.burn_in}")
     if isinstance(d.sigma_min, str):
         if d.sigma_min != "auto":
-            _fail("diffusion.sigma_min", f'must be a number > 0, null or "auto", got {d.sigma_min!r}')
+            _fail(
+                "diffusion.sigma_min", f'must be a number > 0, null or "auto", got {d.sigma_min!r}'
+            )
     elif d.sigma_min is not None and not d.sigma_min > 0:
         _fail("diffusion.sigma_min", f'must be > 0 (or null, or "auto"), got {d.sigma_min}')
     grid = d.bandwidth_grid
-    if not grid or any(isinstance(h, bool) or not isinstance(h, (int, float)) or not h > 0 for h in grid):
+    if not grid or any(
+        isinstance(h, bool) or not isinstance(h, (int, float)) or not h > 0 for h in grid
+    ):
         _fail("diffusion.bandwidth_grid", f"must be a non-empty list of numbers > 0, got {grid!r}")
     if not 0 < d.bandwidth_val_fraction < 1:
         _fail(

@@ -188,6 +188,7 @@ class Trainer:
         # diffusion.sigma_min: auto chooses the teacher's bandwidth on a split of the training set
         # (never the test set); the stages train on the rest.
         self.val_set = None
+        self._val_tensors = None  # (x, y) of val_set on the device, read at the first choice
         self.teacher_val: dict = {}  # the last bandwidth choice: teacher_bandwidth, _val_nll, ...
         if cfg.diffusion.sigma_min == "auto":
             from genrep_fast.train.bandwidth import split_validation
@@ -392,20 +393,26 @@ class Trainer:
         from genrep_fast.train.bandwidth import select_bandwidth
         from genrep_fast.train.evaluation import dataset_tensors
 
-        x, y = dataset_tensors(self.val_set)
+        if self._val_tensors is None:
+            x, y = dataset_tensors(self.val_set)
+            self._val_tensors = (x.to(self.device), y.to(self.device))
+        x, y = self._val_tensors
         d = self.cfg.diffusion
         choice = select_bandwidth(
             bank.mu,
             bank.sigma,
-            x.to(self.device),
-            y.to(self.device),
+            x,
+            y,
             d.bandwidth_grid,
             precision=d.precision,
             backend=self.backend,
         )
         h = choice.bandwidth
-        bank.sigma = bank.sigma.clamp(min=h)
-        bank.sigma_min = h
+        # rounded into the bank's dtype first (as ChainBank.build does): every stored sigma is then
+        # >= the recorded sigma_min exactly
+        stored = float(torch.tensor(h, dtype=torch.float64).to(bank.sigma.dtype))
+        bank.sigma = bank.sigma.clamp(min=stored)
+        bank.sigma_min = stored
         bank.mark_changed()
         for net in (self.net, self.teacher):
             if net is not None:
@@ -494,6 +501,15 @@ class Trainer:
         self.net.train()
         rt = cfg.runtime
         window = self._profile_window(rt.profile_from, rt.profile_steps if stage == 2 else 0)
+        if (
+            stage >= 1
+            and not cfg.loss.gen_distil
+            and cfg.diffusion.sigma_min == "auto"
+            and not float(self.net.teacher_bandwidth) > 0
+        ):
+            # no bank in training, but evaluation builds one: choose its bandwidth once, here
+            self.refresh_bank()
+            self.net.train()
         while self.step < st.steps:
             if (
                 stage >= 1
