@@ -110,12 +110,15 @@ class _StopAfter:
         trainer.train_step = wrapped
 
 
-@pytest.mark.parametrize("stop_stage, stop_step", [(1, 2), (2, 1)])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, stop_stage, stop_step):
-    full = Trainer(tiny_config(tmp_path / "full"))
+@pytest.mark.parametrize(
+    "stop_stage, stop_step, extra",
+    [(1, 2, ()), (2, 1, ()), (2, 1, ("diffusion.sigma_min=auto",))],
+)
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, stop_stage, stop_step, extra):
+    full = Trainer(tiny_config(tmp_path / "full", *extra))
     full.run()
 
-    cfg = tiny_config(tmp_path / "cut")
+    cfg = tiny_config(tmp_path / "cut", *extra)
     first = Trainer(cfg)
     _StopAfter(first, stop_stage, stop_step)
     with pytest.raises(TrainingInterrupted) as info:

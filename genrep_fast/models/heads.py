@@ -100,6 +100,10 @@ class PerceptionHead(nn.Module):
         latent_shape: ``(C_lat, H, W)``: ``x_sem`` gets this shape.
         hidden: width of the fused map.
         resolution: ``(h, w)`` the maps are resized to; default the latent's ``(H, W)``.
+        sem_readout: ``x_sem`` feeds the logits through a linear read-out,
+            ``logits = classifier(pool(fused)) + readout(flatten(x_sem))``, so the classification
+            loss trains the ``x_sem`` projection (docs/METHOD.md section 2: without it ``to_sem``
+            gets no gradient in stage 1 and ``x_sem`` carries no class information).
 
     ``forward(features) -> (logits [B, num_classes], x_sem [B, *latent_shape])`` in the head's dtype.
     """
@@ -111,6 +115,7 @@ class PerceptionHead(nn.Module):
         latent_shape: Sequence[int],
         hidden: int = 128,
         resolution: tuple[int, int] | None = None,
+        sem_readout: bool = True,
     ):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -124,6 +129,7 @@ class PerceptionHead(nn.Module):
         self.aggregator = FeatureAggregator(feature_channels, hidden, res)
         self.classifier = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, num_classes))
         self.to_sem = DenseHead(hidden, latent_shape[0])
+        self.sem_readout = nn.Linear(math.prod(latent_shape), num_classes) if sem_readout else None
 
     def aggregate(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """The fused map ``[B, hidden, h, w]`` shared by every head."""
@@ -133,4 +139,6 @@ class PerceptionHead(nn.Module):
         fused = self.aggregate(features)
         logits = self.classifier(fused.mean(dim=(2, 3)))
         x_sem = self.to_sem(fused, self.latent_shape[1:])
+        if self.sem_readout is not None:
+            logits = logits + self.sem_readout(x_sem.flatten(1))
         return logits, x_sem

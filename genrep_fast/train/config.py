@@ -64,9 +64,21 @@ class DiffusionConfig:
     bank_refresh_every: int = 500  # R, training steps between bank refreshes (0: never)
     precision: str = "ieee"  # mixture-likelihood arithmetic (see posterior.PRECISIONS)
     candidate_classes: int = 0  # K > 0: posterior over the head's top-K plus the label
-    # Lower clamp of the bank's sigma (docs/METHOD.md section 1); null: the scheduler's smallest
-    # non-zero std of the N-step chain (docs/METHOD.md's default).
-    sigma_min: float | None = None
+    # Lower clamp of the bank's sigma, the teacher's bandwidth (docs/METHOD.md sections 1, 5.1):
+    # a number; null: the scheduler's smallest non-zero std of the N-step chain; "auto": the
+    # bandwidth_grid value with the lowest posterior NLL on a validation split carved from the
+    # training set (bandwidth_val_fraction of it, at most bandwidth_val_max images; training then
+    # uses the rest), chosen again at every bank build and logged (teacher_bandwidth,
+    # teacher_val_nll).
+    sigma_min: float | str | None = None
+    bandwidth_grid: list = dataclasses.field(
+        default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5]
+    )
+    bandwidth_val_fraction: float = 0.1
+    bandwidth_val_max: int = 1000
+    # The network the stage-2 bank is built from: "ema" (eps_sem, the slowly moving teacher) or
+    # "student" (eps_unified, the network being trained). Stage 1 has one network.
+    bank_network: str = "ema"
 
 
 @dataclasses.dataclass
@@ -90,6 +102,15 @@ class LossConfig:
     gen_distil: bool = True  # L_gen_distil = KL(posterior || head) in L_percept
     gen_distil_weight: float = 1.0
     semantic: bool = True  # x_sem modulation + L_rep_align in L_genera
+    # The modulation's semantic input while training: "xt" (the noisy sample itself, what the
+    # sampler feeds it) or "x0" (x_sem of the clean image from eps_sem: the target leaks into the
+    # mean correction, and the sampler cannot compute it). L_rep_align always targets x_sem.
+    sem_input: str = "xt"
+    # What keeps the stage-1 teacher (the bank) a generative model: "keep_diffusion" (stage 1 adds
+    # stage1_diffusion_weight * L_DDPM to L_percept), "freeze" (the backbone is frozen in stage 1;
+    # only the head learns) or "none" (the backbone learns L_percept alone and the bank drifts).
+    stage1_teacher: str = "keep_diffusion"
+    stage1_diffusion_weight: float = 1.0
     rep_align_weight: float = 0.5
     vlb_weight: float = 1e-3  # variance term that trains f_sigma (mean detached)
     label_dropout: float = 0.1  # generation: class -> null class (CFG-style), stages 0 and 2
@@ -112,7 +133,9 @@ class AlignConfig:
     k: float = 2.0
     w_p: float = 0.7
     w_g: float = 0.3
-    groups: str = "attention_blocks"  # "attention_blocks" | "per_tensor" | "global"
+    # "attention_blocks" (the paper), "all_blocks" (the attention blocks plus one group per
+    # remaining top-level block/module: every trained parameter is aligned), "per_tensor", "global"
+    groups: str = "attention_blocks"
 
 
 @dataclasses.dataclass
@@ -198,7 +221,10 @@ CHOICES = {
     "stage1.schedule": ("constant", "cosine"),
     "stage2.schedule": ("constant", "cosine"),
     "align.mode": ("symmetric", "generation", "perception", "none"),
-    "align.groups": ("attention_blocks", "per_tensor", "global"),
+    "align.groups": ("attention_blocks", "all_blocks", "per_tensor", "global"),
+    "diffusion.bank_network": ("ema", "student"),
+    "loss.sem_input": ("xt", "x0"),
+    "loss.stage1_teacher": ("keep_diffusion", "freeze", "none"),
     "data.kind": ("digits", "mnist5k", "image_folder", "latents"),
     "runtime.ops": ("fast", "reference"),
     "runtime.autocast": ("auto", "bf16", "none"),
@@ -253,6 +279,19 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, dict):
             _fail(key, f"must be a mapping, got {value!r}")
         return dict(value)
+    if base == "float | str":  # a number or a keyword (diffusion.sigma_min: "auto")
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "3e-4" as a string
+            except ValueError:
+                return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, f"must be a number or a string, got {value!r}")
+        return float(value)
+    if base == "list":
+        if not isinstance(value, (list, tuple)):
+            _fail(key, f"must be a list, got {value!r}")
+        return list(value)
     if base == "tuple":
         if not isinstance(value, (list, tuple)):
             _fail(key, f"must be a list, got {value!r}")
@@ -326,8 +365,23 @@ def _validate(cfg: TrainConfig) -> None:
         _fail("diffusion.num_steps", f"must be <= num_train_timesteps={d.num_train_timesteps}")
     if d.burn_in >= d.num_steps:
         _fail("diffusion.burn_in", f"must be < diffusion.num_steps={d.num_steps}, got {d.burn_in}")
-    if d.sigma_min is not None and not d.sigma_min > 0:
-        _fail("diffusion.sigma_min", f"must be > 0 (or null), got {d.sigma_min}")
+    if isinstance(d.sigma_min, str):
+        if d.sigma_min != "auto":
+            _fail(
+                "diffusion.sigma_min", f'must be a number > 0, null or "auto", got {d.sigma_min!r}'
+            )
+    elif d.sigma_min is not None and not d.sigma_min > 0:
+        _fail("diffusion.sigma_min", f'must be > 0 (or null, or "auto"), got {d.sigma_min}')
+    grid = d.bandwidth_grid
+    if not grid or any(
+        isinstance(h, bool) or not isinstance(h, (int, float)) or not h > 0 for h in grid
+    ):
+        _fail("diffusion.bandwidth_grid", f"must be a non-empty list of numbers > 0, got {grid!r}")
+    if not 0 < d.bandwidth_val_fraction < 1:
+        _fail(
+            "diffusion.bandwidth_val_fraction", f"must be in (0, 1), got {d.bandwidth_val_fraction}"
+        )
+    positive("diffusion.bandwidth_val_max")
     if d.candidate_classes > cfg.model.num_classes:
         _fail(
             "diffusion.candidate_classes", f"must be <= model.num_classes={cfg.model.num_classes}"
@@ -354,7 +408,12 @@ def _validate(cfg: TrainConfig) -> None:
         _fail("ema_decay", f"must be in [0, 1), got {cfg.ema_decay}")
     if cfg.align.k < 0:
         _fail("align.k", f"must be >= 0, got {cfg.align.k}")
-    for key in ("loss.gen_distil_weight", "loss.rep_align_weight", "loss.vlb_weight"):
+    for key in (
+        "loss.gen_distil_weight",
+        "loss.rep_align_weight",
+        "loss.vlb_weight",
+        "loss.stage1_diffusion_weight",
+    ):
         positive(key, 0)
     # the Diffusion Classifier (teacher and evaluation)
     positive("loss.dc_trials")

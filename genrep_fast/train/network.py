@@ -36,6 +36,9 @@ class GenRepNet(nn.Module):
         # Names of the class ids (an image folder's sub-folders); the trainer sets them from its
         # training set, checkpoints keep them (meta "class_names").
         self.class_names: list[str] = [str(i) for i in range(num_classes)]
+        # The teacher's bandwidth chosen by the trainer (diffusion.sigma_min: auto; 0: none yet). A
+        # buffer, so it travels with the weights to evaluation, sampling and classification.
+        self.register_buffer("teacher_bandwidth", torch.zeros((), dtype=torch.float64))
 
     @property
     def scheduler(self) -> DDPMScheduler:
@@ -196,9 +199,11 @@ def generation_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_genera = L_LDM (+ L_rep_align with ``x_sem``), docs/METHOD.md section 2.
 
-    Without ``x_sem`` (stage 0, or the ablation without semantic generation) this is the plain
+    Without ``x_sem`` (stage 0, stage 1's ``keep_diffusion`` term, or the ablation without
+    semantic generation) this is the plain
     DDPM noise-prediction loss (plus the variance term of a learned-variance model). With it, the
-    modulated transition ``(mu', sigma') = modulation(mu, sigma, x_t, x_sem, t)`` is scored: its
+    modulated transition ``(mu', sigma') = modulation(mu, sigma, x_t, s, t)`` is scored (``s`` is
+    ``x_t`` or ``x_sem`` by ``loss.sem_input``): its
     mean correction in noise units, ``eps_eff = eps_hat - (mu' - mu) / s_t``, enters the MSE
     (identical to the plain loss while the modulation is zero), ``sigma'`` enters a KL to the true
     posterior with the mean detached (weight ``loss.vlb_weight``), and the generation path's
@@ -240,7 +245,10 @@ def generation_loss(
         net.scheduler, x_t, t, out.float(), prev, learned_variance=net.adapter.learned_variance
     )
     sigma = sigma.clamp_min(1e-6)
-    mu_mod, sigma_mod = net.modulation(mu, sigma, x_t, x_sem.detach().float(), t)
+    # The modulation's input: x_t, as the sampler feeds it (loss.sem_input: xt), or the clean
+    # image's x_sem (x0: what the sampler cannot compute).
+    sem_in = x_t if cfg.loss.sem_input == "xt" else x_sem.detach().float()
+    mu_mod, sigma_mod = net.modulation(mu, sigma, x_t, sem_in, t)
     scale = mean_to_eps_scale(net, t, prev, mu.dtype).view(-1, *([1] * (x0.dim() - 1)))
     eps_eff = eps_hat - (mu_mod - mu) / scale
     ldm = F.mse_loss(eps_eff, noise)
@@ -261,14 +269,18 @@ def build_chain_bank(
     progress: bool = False,
     seed: int | None = None,
     sharded: bool = False,
+    sigma_min: float | None = None,
 ):
     """The chain bank of ``net`` for every class with ``cfg.diffusion``'s settings (training's
     refresh and evaluation share this one recipe). ``modulated``: sample with the semantic
     modulation (x_sem := x_t). ``seed`` (with ``generator=None``) and ``sharded``: see
-    ``ChainBank.build`` (training builds its share of the model batches on each rank)."""
+    ``ChainBank.build`` (training builds its share of the model batches on each rank).
+    ``sigma_min``: the clamp, in place of ``bank_sigma_min``'s."""
     from genrep_fast.models import ChainBank
 
     d = cfg.diffusion
+    if sigma_min is None:
+        sigma_min = bank_sigma_min(net, cfg)
     return ChainBank.build(
         net.adapter,
         net.num_classes,
@@ -278,13 +290,28 @@ def build_chain_bank(
         d.chains_per_class,
         d.bank_batch_size,
         torch.bfloat16 if d.bank_dtype == "bfloat16" else torch.float32,
-        d.sigma_min,
+        sigma_min,
         net.modulation if modulated else None,
         generator,
         progress=progress,
         seed=seed,
         sharded=sharded,
     )
+
+
+def bank_sigma_min(net: GenRepNet, cfg: TrainConfig) -> float | None:
+    """The bank's sigma clamp: ``diffusion.sigma_min`` (None: the scheduler's default), or with
+    ``"auto"`` the bandwidth the trainer chose for ``net`` (its ``teacher_bandwidth``)."""
+    s = cfg.diffusion.sigma_min
+    if s != "auto":
+        return s
+    h = float(net.teacher_bandwidth)
+    if not h > 0:
+        raise ValueError(
+            'diffusion.sigma_min: "auto", but this network has no chosen bandwidth yet (the '
+            "trainer chooses it at each bank build of stages 1 and 2); set a number instead"
+        )
+    return h
 
 
 def candidate_classes(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:

@@ -206,6 +206,18 @@ class Trainer:
         self.latent_space = LatentSpace.from_config(cfg, self.device)
         self._seed_everything(cfg.seed)
         self.train_set, self.test_set = build_datasets(cfg.data, cfg.seed)
+        # diffusion.sigma_min: auto chooses the teacher's bandwidth on a split of the training set
+        # (never the test set); the stages train on the rest.
+        self.val_set = None
+        self._val_tensors = None  # (x, y) of val_set on the device, read at the first choice
+        self.teacher_val: dict = {}  # the last bandwidth choice: teacher_bandwidth, _val_nll, ...
+        if cfg.diffusion.sigma_min == "auto":
+            from genrep_fast.train.bandwidth import split_validation
+
+            d = cfg.diffusion
+            self.train_set, self.val_set = split_validation(
+                self.train_set, d.bandwidth_val_fraction, d.bandwidth_val_max, cfg.seed
+            )
         self.net: GenRepNet = build_network(cfg, self.device)
         self.net.class_names = class_names_for(
             getattr(self.train_set, "class_names", None), self.net.num_classes
@@ -279,10 +291,10 @@ class Trainer:
     def trainable(self, stage: int) -> list[tuple[str, torch.nn.Parameter, float]]:
         """(name, parameter, lr scale) of what a stage trains."""
         st = self.stage_config(stage)
-        out = [
-            (f"backbone.{n}", p, st.backbone_lr_scale)
-            for n, p in self.net.backbone.named_parameters()
-        ]
+        scale = st.backbone_lr_scale
+        if stage == 1 and self.cfg.loss.stage1_teacher == "freeze":
+            scale = 0.0  # the bank depends on the backbone only: frozen, the teacher stays
+        out = [(f"backbone.{n}", p, scale) for n, p in self.net.backbone.named_parameters()]
         if stage >= 1:
             out += [(f"head.{n}", p, 1.0) for n, p in self.net.head.named_parameters()]
         if stage == 2 and self.cfg.loss.semantic:
@@ -310,6 +322,7 @@ class Trainer:
             foreach=self.fast,
         )
         self.align_groups = self._alignment_groups() if stage == 2 else None
+        self.aligned_fraction = self._aligned_fraction() if stage == 2 else None
         self._wrap_ddp()
 
     def _wrap_ddp(self) -> None:
@@ -327,6 +340,7 @@ class Trainer:
             )
 
     def _alignment_groups(self):
+        """``align_gradients``' groups over ``self.params`` (docs/METHOD.md section 3)."""
         mode = self.cfg.align.groups
         if mode == "per_tensor":
             return None
@@ -339,7 +353,28 @@ class Trainer:
             members = [i for n, i in index.items() if n.startswith(prefix)]
             if members:
                 groups.append(members)
+                for n in [n for n in index if n.startswith(prefix)]:
+                    del index[n]
+        if mode == "all_blocks":
+            # every other parameter: one group per top-level module (head.classifier,
+            # modulation.time_embedding, backbone.conv_in) or numbered block of the backbone
+            # (backbone.down_blocks.1, less its attention blocks, which are groups of their own)
+            rest: dict[str, list[int]] = {}
+            for n, i in index.items():
+                parts = n.split(".")
+                depth = 3 if parts[0] == "backbone" and len(parts) > 3 and parts[2].isdigit() else 2
+                rest.setdefault(".".join(parts[:depth]), []).append(i)
+            groups += list(rest.values())
         return groups
+
+    def _aligned_fraction(self) -> float:
+        """The fraction of the trained parameters (values, not tensors) inside an alignment group;
+        the others get the fixed ``w_p p + w_g g``."""
+        total = sum(p.numel() for p in self.params)
+        if self.align_groups is None or self.align_groups == "global":
+            return 1.0
+        inside = sum(self.params[i].numel() for g in self.align_groups for i in g)
+        return inside / max(1, total)
 
     def _set_lr(self, stage: int, step: int) -> float:
         st = self.stage_config(stage)
@@ -350,20 +385,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ bank
 
+    def bank_network(self) -> GenRepNet:
+        """The network the bank is built from: stage 2's EMA teacher ``eps_sem`` (or the student
+        ``eps_unified``, ``diffusion.bank_network``); stage 1's only network."""
+        if self.stage == 2 and self.cfg.diffusion.bank_network == "ema":
+            return self.teacher
+        return self.net
+
     def refresh_bank(self) -> None:
+        auto = self.cfg.diffusion.sigma_min == "auto"
         with self.timer("bank_refresh"):
             # One generator per model batch, seeded from (run seed, stage, step, batch); with
             # world > 1 each rank builds its share of the batches and all_gathers the rest: every
             # replica holds the same bank, the one a single process builds.
             bank = build_chain_bank(
-                self.net,
+                self.bank_network(),
                 self.cfg,
                 None,
                 modulated=self.stage == 2 and self.cfg.loss.semantic,
                 seed=self.cfg.seed * 31 + self.stage * 1_000_003 + self.step,
                 sharded=self.world > 1,
+                # auto: clamp at the smallest candidate; the chosen one is applied below
+                sigma_min=min(self.cfg.diffusion.bandwidth_grid) if auto else None,
             )
             finite = bool(torch.isfinite(bank.mu).all() & torch.isfinite(bank.sigma).all())
+            if finite and auto:
+                self._choose_bandwidth(bank)
         if finite:
             self.bank = bank
             # the posterior's snapshot, taken here rather than in the next step (its sigma check
@@ -377,6 +424,54 @@ class Trainer:
                 f"the chain bank built from the model at stage {self.stage} step {self.step} is "
                 "not finite"
             )
+
+    def _choose_bandwidth(self, bank) -> None:
+        """``diffusion.sigma_min: auto``: clamp ``bank``'s sigma at the grid value with the lowest
+        posterior NLL on the validation split (training data), record it on the networks and
+        log it (docs/METHOD.md section 5.1)."""
+        from genrep_fast.train.bandwidth import select_bandwidth
+        from genrep_fast.train.evaluation import dataset_tensors
+
+        if self._val_tensors is None:
+            x, y = dataset_tensors(self.val_set)
+            self._val_tensors = (x.to(self.device), y.to(self.device))
+        x, y = self._val_tensors
+        d = self.cfg.diffusion
+        choice = select_bandwidth(
+            bank.mu,
+            bank.sigma,
+            x,
+            y,
+            d.bandwidth_grid,
+            precision=d.precision,
+            backend=self.backend,
+        )
+        h = choice.bandwidth
+        # rounded into the bank's dtype first (as ChainBank.build does): every stored sigma is then
+        # >= the recorded sigma_min exactly
+        stored = float(torch.tensor(h, dtype=torch.float64).to(bank.sigma.dtype))
+        bank.sigma = bank.sigma.clamp(min=stored)
+        bank.sigma_min = stored
+        bank.mark_changed()
+        for net in (self.net, self.teacher):
+            if net is not None:
+                net.teacher_bandwidth.fill_(h)
+        self.teacher_val = {
+            "teacher_bandwidth": h,
+            "teacher_val_nll": choice.val_nll,
+            "teacher_val_top1": choice.val_top1,
+            "val_images": int(x.shape[0]),
+        }
+        self.log(
+            {
+                "stage": self.stage,
+                "step": self.step,
+                "event": "bandwidth",
+                **self.teacher_val,
+                "bandwidth_grid": choice.grid,
+                "bandwidth_val_nll": choice.nll,
+            }
+        )
 
     # ------------------------------------------------------------------ running
 
@@ -445,6 +540,15 @@ class Trainer:
         self.net.train()
         rt = cfg.runtime
         window = self._profile_window(rt.profile_from, rt.profile_steps if stage == 2 else 0)
+        if (
+            stage >= 1
+            and not cfg.loss.gen_distil
+            and cfg.diffusion.sigma_min == "auto"
+            and not float(self.net.teacher_bandwidth) > 0
+        ):
+            # no bank in training, but evaluation builds one: choose its bandwidth once, here
+            self.refresh_bank()
+            self.net.train()
         while self.step < st.steps:
             if cfg.loss.teacher == "diffusion_classifier":
                 pass  # no bank: the Diffusion Classifier teacher is computed per batch
@@ -474,6 +578,8 @@ class Trainer:
                     # (the step's flag read already waited for these values)
                     parts = {k: float(v) for k, v in parts.items()}
                     rec = {"stage": stage, "step": self.step, "lr": lr, **parts}
+                    if stage == 2:
+                        rec["aligned_fraction"] = self.aligned_fraction
                     if self.bad_steps:
                         rec["bad_steps"] = self.bad_steps
                     bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()})
@@ -644,9 +750,10 @@ class Trainer:
                 with timer("backward_g"):
                     add(acc_g, loss_g / accum)
             else:
+                keep_diffusion = stage == 1 and cfg.loss.stage1_teacher == "keep_diffusion"
                 with timer("features"), self._autocast():
                     loss_p, logits, parts = forward(
-                        perception_loss,
+                        _perception_and_diffusion if keep_diffusion else perception_loss,
                         x0,
                         y,
                         self.bank,
@@ -656,6 +763,7 @@ class Trainer:
                         check_values=False,
                         sync=sync,
                         dc_teacher=self._dc_teacher(stage),
+                        **({"generator": self.generator} if keep_diffusion else {}),
                     )
                 with timer("backward_p"):
                     add(acc_p, loss_p / accum)
@@ -750,7 +858,9 @@ class Trainer:
         if not hasattr(self, "_ema_pairs"):
             t = dict(self.teacher.named_parameters())
             s = dict(self.net.named_parameters())
-            names = [n for n in t if not n.startswith("modulation.")]
+            # every parameter, the modulation included: the EMA network builds the stage-2 bank
+            # (diffusion.bank_network: ema), modulated with its own modulation
+            names = list(t)
             self._ema_pairs = ([t[n].data for n in names], [s[n].data for n in names])
         return self._ema_pairs[0]
 
@@ -802,6 +912,8 @@ class Trainer:
             tensors["bank/sigma"] = self.bank.sigma
             tensors["bank/timesteps"] = self.bank.timesteps
             meta["bank"] = {"sigma_min": self.bank.sigma_min}
+        if self.teacher_val:
+            meta["teacher_val"] = self.teacher_val
         tensors["rng/generator"] = self.generator.get_state()
         t, m = ckpt.rng_state()
         tensors.update(t)
@@ -860,6 +972,7 @@ class Trainer:
         self.timer.seconds = dict(meta.get("timing", {}))
         self.bad_steps = int(meta.get("bad_steps", 0))
         self.bad_streak = int(meta.get("bad_streak", 0))
+        self.teacher_val = dict(meta.get("teacher_val", {}))
         if "optimizer" in meta:
             self._make_optimizer(int(meta["optimizer_stage"]))
             self._optim_stage = int(meta["optimizer_stage"])
@@ -894,6 +1007,17 @@ class _LossOf(torch.nn.Module):
 
     def forward(self, fn, *args, **kw):
         return fn(self.net, *args, **kw)
+
+
+def _perception_and_diffusion(net, x0, y, bank, cfg, backend, timer, **kw):
+    """Stage 1's ``keep_diffusion`` loss: the perception loss plus the diffusion loss, which keeps
+    the backbone (and so the bank) generative; one forward, so DDP reduces both in one backward.
+    The generation loss draws its noise from the trainer's generator (``kw["generator"]``)."""
+    generator = kw.pop("generator")
+    loss_p, logits, parts = perception_loss(net, x0, y, bank, cfg, backend, timer, **kw)
+    loss_d, dparts = generation_loss(net, x0, y, generator, cfg, check_values=False)
+    parts.update(dparts)
+    return loss_p + cfg.loss.stage1_diffusion_weight * loss_d, logits, parts
 
 
 def load_for_inference(
