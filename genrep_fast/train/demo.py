@@ -208,6 +208,7 @@ def run_ablation(out: Path, overrides: list[str] = (), seeds: int = 1, log=print
             res = train_and_evaluate(
                 cfg, run_dir, resume=stage0_dir, allow_config_change=s != cfg0.seed
             )
+            (run_dir / "eval.json").write_text(json.dumps(res, indent=1))  # (kept if cut short)
             per_seed.setdefault(name, []).append({"seed": s, **ablation_row_metrics(res)})
             seconds.setdefault(name, []).append(res["stage1_seconds"] + res["stage2_seconds"])
             if i == 0:
