@@ -250,23 +250,39 @@ def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
+SHAPES_NOTE = {
+    "smoke": "**Smoke shapes** (`pytest bench/` without `--benchmark`): small inputs that check "
+    "the suites run; their times and ratios say nothing about performance at real sizes. "
+    "Realistic shapes: `genrep-fast bench --benchmark`.",
+    "realistic": "**Realistic shapes** (`--benchmark`): the sizes of the `params` column.",
+}
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items()).replace("|", "/")
+
+
 def markdown_table(data: dict) -> str:
     env = data["environment"]
+    mode = data.get("mode", "unknown")
     lines = [
+        SHAPES_NOTE.get(mode, f"Shapes: mode {mode}."),
+        "",
         f"Device: {env['device_name']} ({env['device']}), torch {env['torch']}, "
-        f"triton {env['triton']}, commit {env['commit']}, {env['date']}, mode {data['mode']}; "
+        f"triton {env['triton']}, commit {env['commit']}, {env['date']}, mode {mode}; "
         f"measured copy bandwidth {_fmt(env.get('copy_bandwidth_GBps'), '.1f')} GB/s.",
         f"Command: `{env.get('command', '')}`.",
         "",
-        "| suite | case | impl | time (ms) | speedup vs baseline | GB/s | of copy BW | of GEMM |"
-        " peak mem (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| suite | case | params (shapes) | impl | time (ms) | speedup vs baseline | GB/s | "
+        "of copy BW | of GEMM | peak mem (MiB) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["records"]:
         gbps = r["bytes"] / r["seconds"] / 1e9 if r["bytes"] and r["seconds"] else None
         mem = r["peak_memory_bytes"] / 2**20 if r["peak_memory_bytes"] else None
         lines.append(
-            f"| {r['suite']} | {r['case']} | {r['impl']} | {r['seconds'] * 1e3:.3f} | "
+            f"| {r['suite']} | {r['case']} | {_params(r.get('params') or {})} | {r['impl']} | "
+            f"{r['seconds'] * 1e3:.3f} | "
             f"{_fmt(r['speedup'], '.2f')}x vs {r['baseline']} | {_fmt(gbps, '.1f')} | "
             f"{_fmt(r['bandwidth_fraction'], '.0%')} | {_fmt(r['gemm_fraction'], '.0%')} | "
             f"{_fmt(mem, '.1f')} |"
@@ -294,7 +310,9 @@ def plot(data: dict, path: str | os.PathLike) -> Path:
         ax.set_yscale("log")
     env = data["environment"]
     ax.set_title(
-        f"genrep_fast benchmarks on {env['device_name']} (commit {env['commit']})", fontsize=9
+        f"genrep_fast benchmarks on {env['device_name']} (commit {env['commit']}), "
+        f"{data.get('mode', 'unknown')} shapes",
+        fontsize=9,
     )
     fig.tight_layout()
     path = Path(path)
