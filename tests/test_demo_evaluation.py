@@ -163,9 +163,12 @@ def test_demo_writes_every_metric_and_a_report_people_can_read(tmp_path):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     for text in ("Device: cpu", "Commit: ", "torch ", "diffusers ", "genrep_fast ", "chance",
-                 "| cnn_baseline_top1 | ", "| 0.100 |", "The teacher at each bank refresh",
+                 "| cnn_baseline_top1 | ", "The teacher at each bank refresh",
                  "Gradient alignment in stage 2"):
         assert text in report, text
+    rows = {line.split(" | ")[0]: line for line in report.splitlines() if line.startswith("| ")}
+    assert rows["| head_top1"].endswith("| 0.100 |")  # the chance column
+    assert rows["| head_nll"].endswith(f"| {np.log(10):.3f} |")
     for name in ("reliability.png", "samples.png", "robustness.png", "loss_curves.png",
                  "alignment.png"):
         assert f"]({name})" in report, name
