@@ -14,7 +14,13 @@ from genrep_fast import reference
 from genrep_fast.train import diagnostics, metrics
 from genrep_fast.train.baselines import cnn_outputs, linear_probe_top1, train_cnn
 from genrep_fast.train.data import load_digits_split
-from genrep_fast.train.demo import ABLATION_ROWS, CNN_ROW, run_ablation, run_demo
+from genrep_fast.train.demo import (
+    ABLATION_ROWS,
+    CNN_ROW,
+    collect_ablation,
+    run_ablation,
+    run_demo,
+)
 from genrep_fast.train.trainer import Trainer
 
 
@@ -58,9 +64,11 @@ def test_frechet_distance_matches_scipy_sqrtm():
     scipy_linalg = pytest.importorskip("scipy.linalg")
     g = torch.Generator().manual_seed(1)
     a = torch.randn(200, 6, generator=g, dtype=torch.float64)
-    b = torch.randn(150, 6, generator=g, dtype=torch.float64) @ torch.randn(
-        6, 6, generator=g, dtype=torch.float64
-    ) + 0.5
+    b = (
+        torch.randn(150, 6, generator=g, dtype=torch.float64)
+        @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+        + 0.5
+    )
     sa, sb = np.cov(a.numpy().T), np.cov(b.numpy().T)
     covmean = scipy_linalg.sqrtm(sa @ sb).real
     want = float(
@@ -80,7 +88,12 @@ def test_linear_probe_reads_labels_from_informative_features_only(digits):
 
 def test_cosine_and_alpha_of_the_alignment_sums():
     p = torch.tensor([1.0, 2.0, 0.0])
-    cases = [(p, p), (p, -p), (p, torch.tensor([0.0, 0.0, 3.0])), (p, 0.5 * p - torch.tensor([0, 0, 1.0]))]
+    cases = [
+        (p, p),
+        (p, -p),
+        (p, torch.tensor([0.0, 0.0, 3.0])),
+        (p, 0.5 * p - torch.tensor([0, 0, 1.0])),
+    ]
     sums = torch.stack(
         [torch.stack([(a * b).sum(), (a * a).sum(), (b * b).sum()]) for a, b in cases]
     ).double()
@@ -94,8 +107,9 @@ def test_cosine_and_alpha_of_the_alignment_sums():
 
 
 def test_trainer_logs_teacher_accuracy_and_alignment_cosines(tmp_path):
-    cfg = tiny_config(tmp_path, "stage0.steps=2", "stage1.steps=2", "stage2.steps=4",
-                      "runtime.log_every=2")
+    cfg = tiny_config(
+        tmp_path, "stage0.steps=2", "stage1.steps=2", "stage2.steps=4", "runtime.log_every=2"
+    )
     tr = Trainer(cfg)
     tr.run()
     refresh = [r for r in tr.history if r.get("event") == "bank_refresh"]
@@ -158,19 +172,37 @@ def test_demo_writes_every_metric_and_a_report_people_can_read(tmp_path):
     assert [r["t"] for r in saved["diffusion_noise_robustness"]] == [0, 100, 250, 500, 750]
     assert saved["diffusion_noise_robustness"][0]["head_top1"] == saved["head_top1"]
     assert res["samples_fd"] == saved["samples_fd"]
-    for name in ("reliability.png", "samples.png", "robustness.png", "loss_curves.png",
-                 "alignment.png"):
+    for name in (
+        "reliability.png",
+        "samples.png",
+        "robustness.png",
+        "loss_curves.png",
+        "alignment.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
-    for text in ("Device: cpu", "Commit: ", "torch ", "diffusers ", "genrep_fast ", "chance",
-                 "| cnn_baseline_top1 | ", "The teacher at each bank refresh",
-                 "Gradient alignment in stage 2"):
+    for text in (
+        "Device: cpu",
+        "Commit: ",
+        "torch ",
+        "diffusers ",
+        "genrep_fast ",
+        "chance",
+        "| cnn_baseline_top1 | ",
+        "The teacher at each bank refresh",
+        "Gradient alignment in stage 2",
+    ):
         assert text in report, text
     rows = {line.split(" | ")[0]: line for line in report.splitlines() if line.startswith("| ")}
     assert rows["| head_top1"].endswith("| 0.100 |")  # the chance column
     assert rows["| head_nll"].endswith(f"| {np.log(10):.3f} |")
-    for name in ("reliability.png", "samples.png", "robustness.png", "loss_curves.png",
-                 "alignment.png"):
+    for name in (
+        "reliability.png",
+        "samples.png",
+        "robustness.png",
+        "loss_curves.png",
+        "alignment.png",
+    ):
         assert f"]({name})" in report, name
 
 
@@ -215,3 +247,7 @@ def test_ablation_with_seeds_writes_every_row(tmp_path):
     assert " ± " in table and "n/a" in table
     assert (out / "ablation.png").stat().st_size > 0
     assert summary["rows"].keys() == data["rows"].keys()
+    # an ablation cut short is summarised from the runs' eval.json: the same table
+    (out / "ablation.json").unlink()
+    assert collect_ablation(out)["rows"] == data["rows"]
+    assert (out / "ablation.md").read_text() == table

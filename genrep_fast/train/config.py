@@ -313,12 +313,15 @@ def _validate(cfg: TrainConfig) -> None:
     ):
         positive(key, 0)
     e = cfg.eval
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-               for v in e.noise_sigmas):
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in e.noise_sigmas
+    ):
         _fail("eval.noise_sigmas", f"must be a list of numbers >= 0, got {list(e.noise_sigmas)}")
     n_train = cfg.diffusion.num_train_timesteps
-    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_train
-               for v in e.noise_timesteps):
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_train
+        for v in e.noise_timesteps
+    ):
         _fail(
             "eval.noise_timesteps",
             f"must be a list of integers in [0, {n_train}), got {list(e.noise_timesteps)}",

@@ -213,6 +213,13 @@ def run_ablation(out: Path, overrides: list[str] = (), seeds: int = 1, log=print
             seconds.setdefault(name, []).append(res["stage1_seconds"] + res["stage2_seconds"])
             if i == 0:
                 per_seed[CNN_ROW].append({"seed": s, **cnn_row_metrics(res)})
+    summary = summarize_ablation(per_seed, seconds, seed_list, stage0_dir, overrides)
+    summary["wall_seconds"] = time.perf_counter() - t_start
+    write_ablation(summary, out)
+    return summary
+
+
+def summarize_ablation(per_seed, seconds, seed_list, stage0_dir, overrides) -> dict:
     rows = {}
     for name, runs in per_seed.items():
         stats = {k: mean_sd([r[k] for r in runs]) for k, _ in ABLATION_COLUMNS}
@@ -222,17 +229,46 @@ def run_ablation(out: Path, overrides: list[str] = (), seeds: int = 1, log=print
             "per_seed": runs,
             "train_seconds_per_seed": seconds.get(name, []),
         }
-    summary = {
+    return {
         "seeds": seed_list,
         "stage0": str(stage0_dir),
         "overrides": list(overrides),
         "columns": dict(ABLATION_COLUMNS),
         "rows": rows,
-        "wall_seconds": time.perf_counter() - t_start,
     }
+
+
+def write_ablation(summary: dict, out: Path) -> None:
     (out / "ablation.json").write_text(json.dumps(summary, indent=1))
     (out / "ablation.md").write_text(ablation_markdown(summary))
     ablation_plot(summary, out / "ablation.png")
+
+
+def collect_ablation(out: str | Path, overrides: list[str] = ()) -> dict:
+    """The summary of an ablation cut short, from the ``eval.json`` of every row and seed that
+    finished (``out/ablation/seed<S>/<row>/``); writes the three files like ``run_ablation``."""
+    out = Path(out)
+    per_seed: dict[str, list[dict]] = {CNN_ROW: []}
+    seconds: dict[str, list[float]] = {}
+    seed_dirs = sorted((out / "ablation").glob("seed*"), key=lambda p: int(p.name[4:]))
+    seed_list = []
+    for seed_dir in seed_dirs:
+        s = int(seed_dir.name[4:])
+        for i, name in enumerate(ABLATION_ROWS):
+            slug = name.strip("+ ").replace(" ", "_").replace("(", "").replace(")", "")
+            path = seed_dir / slug / "eval.json"
+            if not path.exists():
+                continue
+            res = json.loads(path.read_text())
+            seed_list += [s] if s not in seed_list else []
+            per_seed.setdefault(name, []).append({"seed": s, **ablation_row_metrics(res)})
+            seconds.setdefault(name, []).append(res["stage1_seconds"] + res["stage2_seconds"])
+            if i == 0:
+                per_seed[CNN_ROW].append({"seed": s, **cnn_row_metrics(res)})
+    summary = summarize_ablation(
+        per_seed, seconds, seed_list, out / "ablation" / "stage0", overrides
+    )
+    write_ablation(summary, out)
     return summary
 
 
@@ -297,27 +333,57 @@ def ablation_plot(summary: dict, path: Path) -> Path:
 # and is filled in from the class count
 METRIC_EXPLANATIONS = (
     ("head_top1", "GenRep's perception head, fraction of held-out images classified right", "{c}"),
-    ("posterior_top1", "the generative classifier argmax_y p(x|y) of a freshly built chain bank "
-     "(the teacher of L_gen_distil)", "{c}"),
+    (
+        "posterior_top1",
+        "the generative classifier argmax_y p(x|y) of a freshly built chain bank "
+        "(the teacher of L_gen_distil)",
+        "{c}",
+    ),
     ("head_nll", "head's mean -log p(true class), nats", "{lnc}"),
     ("posterior_nll", "posterior's mean -log p(true class), nats", "{lnc}"),
     ("ece_head", "head's expected calibration error (15 bins; 0 is calibrated)", "-"),
     ("ece_posterior", "posterior's expected calibration error", "-"),
-    ("cnn_baseline_top1", "a small CNN trained on the same images, batch size and number of "
-     "supervised steps (no diffusion): the discriminative baseline", "{c}"),
+    (
+        "cnn_baseline_top1",
+        "a small CNN trained on the same images, batch size and number of "
+        "supervised steps (no diffusion): the discriminative baseline",
+        "{c}",
+    ),
     ("ece_cnn_baseline", "the CNN's expected calibration error", "-"),
-    ("gen_head_accuracy", "GenRep's own head on its class-conditional samples (not independent)",
-     "{c}"),
-    ("samples_classifier_top1", "the CNN (trained on real images only) on the samples: do they "
-     "look like the class they were asked for?", "{c}"),
-    ("samples_fd", "Frechet distance, samples vs held-out images, in the CNN's 64-d pooled "
-     "features (lower is closer)", "-"),
-    ("heldout_split_fd", "the same distance between the two halves of the held-out set: the "
-     "floor at this sample size", "-"),
-    ("xsem_probe_top1", "logistic regression on x_sem (the semantic output of the perception "
-     "branch), fitted on training images, scored on held-out images", "{c}"),
-    ("pixel_probe_top1", "the same probe on the raw pixels: what x_sem must beat to add anything",
-     "{c}"),
+    (
+        "gen_head_accuracy",
+        "GenRep's own head on its class-conditional samples (not independent)",
+        "{c}",
+    ),
+    (
+        "samples_classifier_top1",
+        "the CNN (trained on real images only) on the samples: do they "
+        "look like the class they were asked for?",
+        "{c}",
+    ),
+    (
+        "samples_fd",
+        "Frechet distance, samples vs held-out images, in the CNN's 64-d pooled "
+        "features (lower is closer)",
+        "-",
+    ),
+    (
+        "heldout_split_fd",
+        "the same distance between the two halves of the held-out set: the "
+        "floor at this sample size",
+        "-",
+    ),
+    (
+        "xsem_probe_top1",
+        "logistic regression on x_sem (the semantic output of the perception "
+        "branch), fitted on training images, scored on held-out images",
+        "{c}",
+    ),
+    (
+        "pixel_probe_top1",
+        "the same probe on the raw pixels: what x_sem must beat to add anything",
+        "{c}",
+    ),
     ("teacher_bandwidth", "the chain bank's sigma_min (the teacher's kernel bandwidth)", "-"),
     ("teacher_val_nll", "the teacher's mean -log p(true class) on {split}", "{lnc}"),
 )
@@ -434,8 +500,7 @@ def report_markdown(
         "| stage / section | seconds |",
         "|---|---:|",
     ]
-    for k in ("stage0_seconds", "stage1_seconds", "stage2_seconds", "eval_seconds",
-              "wall_seconds"):
+    for k in ("stage0_seconds", "stage1_seconds", "stage2_seconds", "eval_seconds", "wall_seconds"):
         if k in res:
             lines.append(f"| {k} | {res[k]:.1f} |")
     lines += [f"| eval: {k} | {v:.2f} |" for k, v in res.get("eval_timing", {}).items()]
@@ -464,18 +529,17 @@ def mechanism_lines(records: list[dict], out: Path | None) -> list[str]:
             "## The teacher at each bank refresh",
             "",
             "Top-1 of the bank posterior (the KL's teacher) on fixed subsets of the training "
-            "images and of " + ("validation" if "teacher_top1_val" in cols else "held-out")
+            "images and of "
+            + ("validation" if "teacher_top1_val" in cols else "held-out")
             + " images, each time the bank was rebuilt. A teacher below the head on the training "
             "images pulls the head towards its mistakes.",
             "",
-            "| stage | step | " + " | ".join(k[len("teacher_top1_"):] for k in cols) + " |",
+            "| stage | step | " + " | ".join(k[len("teacher_top1_") :] for k in cols) + " |",
             "|---:|---:|" + "---:|" * len(cols),
         ]
         for r in refresh:
             lines.append(
-                f"| {r['stage']} | {r['step']} | "
-                + " | ".join(f"{r[k]:.3f}" for k in cols)
-                + " |"
+                f"| {r['stage']} | {r['step']} | " + " | ".join(f"{r[k]:.3f}" for k in cols) + " |"
             )
         lines.append("")
     cos = [v for r in records for row in r.get("align_cos", []) for v in row]

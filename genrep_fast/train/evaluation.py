@@ -212,7 +212,11 @@ def independent_evaluation(
 
     steps = e.cnn_steps or (cfg.stage1.steps + cfg.stage2.steps)
     cnn = train_cnn(
-        xt, yt, net.num_classes, steps=max(1, steps), batch_size=cfg.data.batch_size,
+        xt,
+        yt,
+        net.num_classes,
+        steps=max(1, steps),
+        batch_size=cfg.data.batch_size,
         seed=cfg.seed,
     )
     p_cnn, f_real = cnn_outputs(cnn, x)
@@ -233,7 +237,9 @@ def independent_evaluation(
         from genrep_fast.models import eval_mode
 
         with eval_mode(net):
-            sem_train = torch.cat([net.perceive(xt[i : i + 256])[1] for i in range(0, len(xt), 256)])
+            sem_train = torch.cat(
+                [net.perceive(xt[i : i + 256])[1] for i in range(0, len(xt), 256)]
+            )
             sem_test = torch.cat([net.perceive(x[i : i + 256])[1] for i in range(0, len(x), 256)])
     res["xsem_probe_top1"] = linear_probe_top1(sem_train.float(), yt, sem_test.float(), y)
     res["pixel_probe_top1"] = linear_probe_top1(xt, yt, x, y)
@@ -254,8 +260,7 @@ def independent_evaluation(
     chance = 1.0 / net.num_classes
     # unclipped: the noisy image leaves [-1, 1], as the diffusion model's own inputs do
     res["noise_robustness"] = [
-        {"sigma": float(s), **top1s(x + float(s) * noise), "chance": chance}
-        for s in e.noise_sigmas
+        {"sigma": float(s), **top1s(x + float(s) * noise), "chance": chance} for s in e.noise_sigmas
     ]
     sched = net.scheduler
     res["diffusion_noise_robustness"] = [

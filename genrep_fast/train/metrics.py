@@ -86,8 +86,7 @@ def reliability_diagram(
     acc_colour, gap_colour, gap_alpha = "tab:blue", "tab:red", 0.35
     # where accuracy exceeds confidence the translucent gap bar lies over the accuracy bar
     overlap = tuple(
-        gap_alpha * r + (1 - gap_alpha) * b
-        for r, b in zip(to_rgb(gap_colour), to_rgb(acc_colour))
+        gap_alpha * r + (1 - gap_alpha) * b for r, b in zip(to_rgb(gap_colour), to_rgb(acc_colour))
     )
     fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 4.6), squeeze=False)
     edges = torch.linspace(0, 1, bins + 1)
