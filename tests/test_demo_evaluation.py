@@ -251,3 +251,18 @@ def test_ablation_with_seeds_writes_every_row(tmp_path):
     (out / "ablation.json").unlink()
     assert collect_ablation(out)["rows"] == data["rows"]
     assert (out / "ablation.md").read_text() == table
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("eval.noise_sigmas=[0.5, -1]", "eval.noise_sigmas"),
+        ("eval.noise_timesteps=[0, 1000]", "eval.noise_timesteps"),
+        ("eval.cnn_steps=-1", "eval.cnn_steps"),
+    ],
+)
+def test_bad_evaluation_settings_name_the_key(override, key):
+    from genrep_fast.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        load_config("tiny_digits", [override])
