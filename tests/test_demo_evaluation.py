@@ -144,7 +144,7 @@ def test_demo_writes_every_metric_and_a_report_people_can_read(tmp_path):
         "cnn_baseline_top1",
         "samples_classifier_top1",
         "samples_fd",
-        "heldout_split_fd",
+        "train_vs_heldout_fd",
         "xsem_probe_top1",
         "pixel_probe_top1",
         "teacher_bandwidth",
@@ -158,8 +158,8 @@ def test_demo_writes_every_metric_and_a_report_people_can_read(tmp_path):
     assert saved["cnn_baseline_top1"] > chance + 0.4  # a real classifier, not a broken one
     assert saved["pixel_probe_top1"] > 0.8
     assert 0 <= saved["xsem_probe_top1"] <= 1 and 0 <= saved["samples_classifier_top1"] <= 1
-    # three tiny training steps: the samples are far from the digits, the two held-out halves not
-    assert saved["samples_fd"] > 3 * saved["heldout_split_fd"]
+    # three tiny training steps: the samples are far from the digits, real training images not
+    assert saved["samples_fd"] > 3 * saved["train_vs_heldout_fd"]
     assert saved["teacher_bandwidth"] == pytest.approx(0.7)
     assert saved["teacher_val_nll"] > 0
     rows = saved["noise_robustness"]

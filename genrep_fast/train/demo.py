@@ -368,9 +368,9 @@ METRIC_EXPLANATIONS = (
         "-",
     ),
     (
-        "heldout_split_fd",
-        "the same distance between the two halves of the held-out set: the "
-        "floor at this sample size",
+        "train_vs_heldout_fd",
+        "the same distance for as many real training images as there are samples: what a "
+        "generator of real digits would score at this sample size",
         "-",
     ),
     (
