@@ -100,8 +100,12 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config("tiny_digits", list(overrides) + [f"out_dir={out / 'run'}"])
+    from genrep_fast.benchmarking import environment
+
+    env = environment()  # the commit of the code that runs, taken before it runs
     t0 = time.perf_counter()
     res = train_and_evaluate(cfg, out / "run", log=log)
+    res["environment"] = {**env, **environment(res["device"]), "commit": env["commit"]}
     res["wall_seconds"] = time.perf_counter() - t0
     for name in PICTURES:
         src = out / "run" / name
@@ -389,15 +393,16 @@ METRIC_EXPLANATIONS = (
 )
 
 
-def environment_lines(device: str) -> list[str]:
-    """Device, versions and commit (``unknown`` outside a git checkout)."""
+def environment_lines(device: str, env: dict | None = None) -> list[str]:
+    """Device, versions and commit (``unknown`` outside a git checkout); ``env``: the
+    ``benchmarking.environment()`` taken when the run started (else now)."""
     import diffusers
     import torch
 
     import genrep_fast
     from genrep_fast.benchmarking import environment
 
-    env = environment(device)
+    env = env or environment(device)
     return [
         f"- Device: {env['device']} ({env['device_name']}), {env['cpu_threads']} CPU thread(s)",
         f"- Versions: torch {torch.__version__}, diffusers {diffusers.__version__}, "
@@ -439,7 +444,7 @@ def report_markdown(
         f"chain bank N={cfg.diffusion.num_steps}, burn-in {cfg.diffusion.burn_in}, thin "
         f"{cfg.diffusion.thin}, {cfg.diffusion.chains_per_class} chains per class.",
         "",
-        *environment_lines(res.get("device", "cpu")),
+        *environment_lines(res.get("device", "cpu"), res.get("environment")),
         "- Files: `metrics.json` (every number here), `run/` (checkpoints, `metrics.jsonl` with "
         "the training log, `config.json`), the PNGs below",
         "",
