@@ -86,6 +86,7 @@ def test_reference_ops_give_the_same_training(tmp_path):
         )
     )
     b.run()
+
     # Adam turns tiny gradient differences into lr-sized weight changes, so the weights are no
     # test; the losses of every step (which see the updated weights) are.
     # (the fast ops' stage-2 records also carry the alignment cosines: not compared here)
