@@ -283,17 +283,32 @@ def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
+SHAPES_NOTE = {
+    "smoke": "**Smoke shapes** (`pytest bench/` without `--benchmark`): small inputs that check "
+    "the suites run; their times and ratios say nothing about performance at real sizes. "
+    "Realistic shapes: `genrep-fast bench --benchmark`.",
+    "realistic": "**Realistic shapes** (`--benchmark`): the sizes of the `params` column.",
+}
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items()).replace("|", "/")
+
+
 def markdown_table(data: dict) -> str:
     env = data["environment"]
+    mode = data.get("mode", "unknown")
     lines = [
+        SHAPES_NOTE.get(mode, f"Shapes: mode {mode}."),
+        "",
         f"Device: {env['device_name']} ({env['device']}), torch {env['torch']}, "
-        f"triton {env['triton']}, commit {env['commit']}, {env['date']}, mode {data['mode']}; "
+        f"triton {env['triton']}, commit {env['commit']}, {env['date']}, mode {mode}; "
         f"measured copy bandwidth {_fmt(env.get('copy_bandwidth_GBps'), '.1f')} GB/s.",
         f"Command: `{env.get('command', '')}`.",
         "",
-        "| suite | case | impl | time (ms) | speedup vs baseline | GB/s | of copy BW | of GEMM |"
-        " bound (ms) | of bound | peak mem (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| suite | case | params (shapes) | impl | time (ms) | speedup vs baseline | GB/s | "
+        "of copy BW | of GEMM | bound (ms) | of bound | peak mem (MiB) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     roofs = env.get("roofline")
     if roofs:
@@ -310,7 +325,8 @@ def markdown_table(data: dict) -> str:
         bound_s = r.get("bound_seconds")
         bound = f"{bound_s * 1e3:.3g} {r['bound']}" if bound_s is not None else ""
         lines.append(
-            f"| {r['suite']} | {r['case']} | {r['impl']} | {r['seconds'] * 1e3:.3f} | "
+            f"| {r['suite']} | {r['case']} | {_params(r.get('params') or {})} | {r['impl']} | "
+            f"{r['seconds'] * 1e3:.3f} | "
             f"{_fmt(r['speedup'], '.2f')}x vs {r['baseline']} | {_fmt(gbps, '.1f')} | "
             f"{_fmt(r['bandwidth_fraction'], '.0%')} | {_fmt(r['gemm_fraction'], '.0%')} | "
             f"{bound} | {_fmt(r.get('bound_fraction'), '.0%')} | {_fmt(mem, '.1f')} |"
@@ -338,7 +354,9 @@ def plot(data: dict, path: str | os.PathLike) -> Path:
         ax.set_yscale("log")
     env = data["environment"]
     ax.set_title(
-        f"genrep_fast benchmarks on {env['device_name']} (commit {env['commit']})", fontsize=9
+        f"genrep_fast benchmarks on {env['device_name']} (commit {env['commit']}), "
+        f"{data.get('mode', 'unknown')} shapes",
+        fontsize=9,
     )
     fig.tight_layout()
     path = Path(path)

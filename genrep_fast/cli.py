@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train both stages of tiny_digits and write a report")
     p.add_argument("--out", default="genrep-demo", help="output folder")
     p.add_argument("--ablation", action="store_true", help="also run the paper's ablation rows")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="ablation: seeds per row (mean +- sd), all from one shared stage-0 model",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     p = sub.add_parser("train", help="train from a config", epilog=EXIT_CODES)
@@ -206,7 +212,10 @@ def _dispatch(args) -> int:
         from genrep_fast.train.demo import run_demo
 
         try:
-            res = run_demo(args.out, args.overrides, ablation=args.ablation)
+            if args.seeds < 1:
+                print(f"genrep-fast demo: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
+                return 2
+            res = run_demo(args.out, args.overrides, ablation=args.ablation, seeds=args.seeds)
         except TrainingInterrupted as exc:
             print(f"genrep-fast: {exc}", file=sys.stderr)
             return 128 + int(exc.signum)

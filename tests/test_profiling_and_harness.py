@@ -64,7 +64,12 @@ def test_results_json_table_and_plot(tmp_path):
     assert {"device_name", "commit", "command"} <= set(data["environment"])
     md, png = benchmarking.write_report(path)
     table = md.read_text()
-    assert "| suite | case | fast |" in table and "4.00x vs reference" in table
+    assert "| suite | case |  | fast |" in table and "4.00x vs reference" in table
+    assert table.startswith("**Smoke shapes**")  # smoke ratios are not read as performance
+    res.mode = "realistic"
+    res.records[0].params = {"B": 64, "D": 4096}
+    realistic = benchmarking.markdown_table(res.to_json())
+    assert realistic.startswith("**Realistic shapes**") and "| B=64, D=4096 |" in realistic
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="baseline"):
         res.add("s", "c", {"fast": 1.0}, baseline="eager")

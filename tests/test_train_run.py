@@ -31,13 +31,14 @@ def test_all_stages_run_and_evaluate(tmp_path):
     assert tr.teacher is not None
     after = tr.net.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    stages = [r["stage"] for r in tr.history]
+    steps = [r for r in tr.history if "event" not in r]  # (bank refreshes are events)
+    stages = [r["stage"] for r in steps]
     assert stages == [0] * 3 + [1] * 3 + [2] * 3
     last = tr.history[-1]
     assert {"ce", "kl", "ldm", "vlb", "rep_align"} <= set(last)
-    assert all(torch.isfinite(torch.tensor(v)) for v in last.values())
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 9 and json.loads(lines[-1])["stage"] == 2
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in last.values())
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in lines if "event" not in r]) == 9 and lines[-1]["stage"] == 2
     for key in (
         "features",
         "bank_refresh",
@@ -85,10 +86,19 @@ def test_reference_ops_give_the_same_training(tmp_path):
         )
     )
     b.run()
+
     # Adam turns tiny gradient differences into lr-sized weight changes, so the weights are no
     # test; the losses of every step (which see the updated weights) are.
-    assert len(a.history) == len(b.history) == 5
-    for ra, rb in zip(a.history, b.history):
+    # (the fast ops' stage-2 records also carry the alignment cosines: not compared here)
+    def steps(history):
+        return [
+            {k: v for k, v in r.items() if not k.startswith("align_")}
+            for r in history
+            if "event" not in r
+        ]
+
+    assert len(steps(a.history)) == len(steps(b.history)) == 5
+    for ra, rb in zip(steps(a.history), steps(b.history)):
         assert ra.keys() == rb.keys()
         for k in ra:
             assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-5), (ra, rb)
@@ -168,7 +178,7 @@ def test_dit_backbone_runs_all_stages(tmp_path):
     tr = Trainer(cfg)
     tr.run()
     assert tr.net.adapter.learned_variance and tr.bank.diagonal
-    assert all(torch.isfinite(torch.tensor(v)) for v in tr.history[-1].values())
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in tr.history[-1].values())
 
 
 @pytest.mark.parametrize("sigma_min", [0.3, None])

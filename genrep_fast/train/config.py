@@ -184,6 +184,12 @@ class EvalConfig:
     # costs num_classes x dc_trials model rows per image, so the ImageNet configs leave it off);
     # a non-empty loss.dc_prune adds a pruned run with loss.dc_trials (dc_pruned_* metrics).
     dc_trials: int = 0
+    # the independent evaluation (needs the training set: the demo and `train`, not `eval`):
+    # a SmallCNN baseline and sample judge, the x_sem probe, noise robustness
+    independent: bool = True
+    cnn_steps: int = 0  # 0: stage1.steps + stage2.steps (GenRep's supervised budget)
+    noise_sigmas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)  # Gaussian pixel noise std, images in [-1, 1]
+    noise_timesteps: tuple = (0, 100, 250, 500, 750)  # diffusion noise: x_t = q(x_t | x_0)
 
 
 @dataclasses.dataclass
@@ -358,8 +364,23 @@ def _validate(cfg: TrainConfig) -> None:
         "eval.samples_per_class",
         "eval.sample_steps",
         "eval.max_test_images",
+        "eval.cnn_steps",
     ):
         positive(key, 0)
+    e = cfg.eval
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in e.noise_sigmas
+    ):
+        _fail("eval.noise_sigmas", f"must be a list of numbers >= 0, got {list(e.noise_sigmas)}")
+    n_train = cfg.diffusion.num_train_timesteps
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_train
+        for v in e.noise_timesteps
+    ):
+        _fail(
+            "eval.noise_timesteps",
+            f"must be a list of integers in [0, {n_train}), got {list(e.noise_timesteps)}",
+        )
     d = cfg.diffusion
     if d.num_steps > d.num_train_timesteps:
         _fail("diffusion.num_steps", f"must be <= num_train_timesteps={d.num_train_timesteps}")

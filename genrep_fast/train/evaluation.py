@@ -5,7 +5,15 @@
   NLL, ECE;
 * class-conditional samples (a grid PNG) and the head's accuracy on them (does the head recognise
   what the generator was asked to draw?);
-* a reliability diagram of both classifiers (PNG).
+* a reliability diagram of both classifiers (PNG);
+* with the training set (``train_set``; ``eval.independent``), the independent evaluation:
+  a discriminative baseline ``SmallCNN`` trained on the same images and budget
+  (``cnn_baseline_top1``); the samples judged by that CNN, which never saw a generated image
+  (``samples_classifier_top1``, and ``samples_fd``: the Frechet distance between its pooled
+  features of the samples and of the held-out images); a linear probe of x_sem
+  (``xsem_probe_top1``, beside ``pixel_probe_top1``, the same probe on the raw pixels); the
+  teacher's bandwidth and validation NLL; top-1 under Gaussian pixel noise
+  (``noise_robustness``) and diffusion noise (``diffusion_noise_robustness``), robustness.png.
 """
 
 from __future__ import annotations
@@ -96,8 +104,12 @@ def evaluate(
     bank=None,
     progress: bool = False,
     latent_space=None,
+    train_set=None,
+    history: list[dict] | None = None,
 ) -> dict:
-    """All metrics of the module docstring; writes reliability.png and samples.png to out_dir.
+    """All metrics of the module docstring; writes reliability.png and samples.png to out_dir
+    (and robustness.png with ``train_set``). ``history``: the trainer's log records, read for
+    the teacher's bandwidth and validation NLL when it logged them.
 
     With ``model.vae`` (``latent_space``: a ``LatentSpace``, loaded from ``cfg`` when None),
     held-out images are encoded to latents first and the sample grid is decoded to pixels."""
@@ -150,6 +162,7 @@ def evaluate(
 
     res.update(evaluate_diffusion_classifier(net, cfg, x, y))
 
+    xs = ys = None
     if e.samples_per_class:
         t0 = time.perf_counter()
         xs, ys = generate(net, cfg, e.samples_per_class, seed=cfg.seed + 7, progress=progress)
@@ -168,5 +181,142 @@ def evaluate(
                 row_labels=names,
             )
     res["class_names"] = list(net.class_names)
+    # (pixel models only for now: with model.vae the held-out set here is latents while the
+    # baselines and the sample judge work on images)
+    if train_set is not None and e.independent and latent_space is None:
+        t0 = time.perf_counter()
+        res.update(
+            independent_evaluation(
+                net, cfg, train_set, x, y, bank, out_dir, xs, ys, backend, history or []
+            )
+        )
+        timing["eval_independent"] = time.perf_counter() - t0
     res["eval_timing"] = timing
     return res
+
+
+CHANCE_KEYS = (
+    "head_top1",
+    "posterior_top1",
+    "gen_head_accuracy",
+    "cnn_baseline_top1",
+    "samples_classifier_top1",
+    "xsem_probe_top1",
+    "pixel_probe_top1",
+)
+
+
+def independent_evaluation(
+    net: GenRepNet,
+    cfg: TrainConfig,
+    train_set,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bank,
+    out_dir: Path,
+    samples: torch.Tensor | None,
+    sample_labels: torch.Tensor | None,
+    backend: str,
+    history: list[dict],
+) -> dict:
+    """The independent half of ``evaluate`` (module docstring) on held-out ``(x, y)``."""
+    from genrep_fast.train.baselines import cnn_outputs, linear_probe_top1, train_cnn
+
+    e, d = cfg.eval, cfg.diffusion
+    device = x.device
+    xt, yt = dataset_tensors(train_set)
+    xt, yt = xt.to(device), yt.to(device)
+    yc = y.cpu()
+    res: dict = {"chance_top1": 1.0 / net.num_classes}
+
+    steps = e.cnn_steps or (cfg.stage1.steps + cfg.stage2.steps)
+    cnn = train_cnn(
+        xt,
+        yt,
+        net.num_classes,
+        steps=max(1, steps),
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+    )
+    p_cnn, f_real = cnn_outputs(cnn, x)
+    res.update(
+        cnn_baseline_steps=max(1, steps),
+        cnn_baseline_top1=metrics.top1(p_cnn, yc),
+        ece_cnn_baseline=metrics.ece(p_cnn, yc, e.ece_bins),
+    )
+    if samples is not None:
+        p_s, f_s = cnn_outputs(cnn, samples)
+        res["samples_classifier_top1"] = metrics.top1(p_s, sample_labels.cpu())
+        res["samples_fd"] = metrics.frechet_distance(f_s, f_real)
+        # the same distance for as many real training images as there are samples: what a
+        # generator drawing real digits would score at this sample size (FD is biased by size)
+        g_sub = torch.Generator().manual_seed(cfg.seed + 17)
+        sub = torch.randperm(xt.shape[0], generator=g_sub)[: samples.shape[0]].to(device)
+        res["train_vs_heldout_fd"] = metrics.frechet_distance(cnn_outputs(cnn, xt[sub])[1], f_real)
+
+    with torch.no_grad():
+        from genrep_fast.models import eval_mode
+
+        with eval_mode(net):
+            sem_train = torch.cat(
+                [net.perceive(xt[i : i + 256])[1] for i in range(0, len(xt), 256)]
+            )
+            sem_test = torch.cat([net.perceive(x[i : i + 256])[1] for i in range(0, len(x), 256)])
+    res["xsem_probe_top1"] = linear_probe_top1(sem_train.float(), yt, sem_test.float(), y)
+    res["pixel_probe_top1"] = linear_probe_top1(xt, yt, x, y)
+
+    res.update(teacher_bandwidth_and_nll(cfg, bank, history, train_set, backend))
+
+    def top1s(images: torch.Tensor) -> dict:
+        return {
+            "head_top1": metrics.top1(head_probabilities(net, images), yc),
+            "posterior_top1": metrics.top1(
+                posterior_probabilities(bank, images, d.precision, backend), yc
+            ),
+            "cnn_baseline_top1": metrics.top1(cnn_outputs(cnn, images)[0], yc),
+        }
+
+    g = torch.Generator(device).manual_seed(cfg.seed + 4242)
+    noise = torch.randn(x.shape, generator=g, device=device)
+    chance = 1.0 / net.num_classes
+    # unclipped: the noisy image leaves [-1, 1], as the diffusion model's own inputs do
+    res["noise_robustness"] = [
+        {"sigma": float(s), **top1s(x + float(s) * noise), "chance": chance} for s in e.noise_sigmas
+    ]
+    sched = net.scheduler
+    res["diffusion_noise_robustness"] = [
+        {
+            "t": int(t),
+            **top1s(sched.add_noise(x, noise, torch.full((x.shape[0],), int(t), device=device))),
+            "chance": chance,
+        }
+        for t in e.noise_timesteps
+    ]
+    metrics.robustness_plot(
+        res["noise_robustness"], res["diffusion_noise_robustness"], out_dir / "robustness.png"
+    )
+    return res
+
+
+def teacher_bandwidth_and_nll(cfg: TrainConfig, bank, history: list[dict], train_set, backend):
+    """``teacher_bandwidth`` and ``teacher_val_nll``: the last values the trainer logged under
+    those keys (``diffusion.sigma_min: auto`` chooses and logs them), else the configured
+    ``sigma_min`` and the NLL (nats) of the bank posterior on a fixed subset of the training
+    images (the trainer has no validation split then; ``teacher_val_split`` says which)."""
+    logged = [r for r in history if "teacher_bandwidth" in r and "teacher_val_nll" in r]
+    if logged:
+        r = logged[-1]
+        return {
+            "teacher_bandwidth": float(r["teacher_bandwidth"]),
+            "teacher_val_nll": float(r["teacher_val_nll"]),
+            "teacher_val_split": "validation (logged by the trainer)",
+        }
+    from genrep_fast.train.diagnostics import probe_subset
+
+    xv, yv = probe_subset(train_set, seed=cfg.seed)
+    p = posterior_probabilities(bank, xv.to(bank.mu.device), cfg.diffusion.precision, backend)
+    return {
+        "teacher_bandwidth": float(bank.sigma_min) if bank.sigma_min is not None else None,
+        "teacher_val_nll": metrics.nll(p, yv.cpu()),
+        "teacher_val_split": f"{xv.shape[0]} training images (no validation split)",
+    }

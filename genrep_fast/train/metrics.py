@@ -48,10 +48,36 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     return float((b["count"] / n * (b["accuracy"] - b["confidence"]).abs()).sum())
 
 
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ``a [N, D]``, ``b [M, D]``:
+    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)`` in float64, the matrix
+    square roots by symmetric eigendecomposition (eigenvalues clamped at 0), so no complex
+    round-off as with a general ``sqrtm(S_a S_b)``."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"a and b must be [N, D] and [M, D] feature matrices, got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}"
+        )
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError(f"need at least 2 rows per set, got {a.shape[0]} and {b.shape[0]}")
+    a, b = a.double().cpu(), b.double().cpu()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+
+    def psd_sqrt(m):
+        w, v = torch.linalg.eigh((m + m.T) / 2)
+        return (v * w.clamp_min(0).sqrt()) @ v.T
+
+    r = psd_sqrt(s_a)
+    cross = torch.linalg.eigvalsh(r @ s_b @ r).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * cross)
+
+
 def reliability_diagram(
     curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path, bins: int = 15
 ) -> Path:
-    """One panel per classifier: accuracy per confidence bin against the diagonal, ECE in title.
+    """One panel per classifier: accuracy per confidence bin against the diagonal, the number of
+    images in each bin above its bar, ECE in the title.
 
     ``curves``: name -> (probs [N, C], labels [N]).
     """
@@ -59,8 +85,15 @@ def reliability_diagram(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 4.2), squeeze=False)
+    acc_colour, gap_colour, gap_alpha = "tab:blue", "tab:red", 0.35
+    # where accuracy exceeds confidence the translucent gap bar lies over the accuracy bar
+    overlap = tuple(
+        gap_alpha * r + (1 - gap_alpha) * b for r, b in zip(to_rgb(gap_colour), to_rgb(acc_colour))
+    )
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 4.6), squeeze=False)
     edges = torch.linspace(0, 1, bins + 1)
     width = 1.0 / bins
     for ax, (name, (probs, labels)) in zip(axes[0], curves.items()):
@@ -71,30 +104,127 @@ def reliability_diagram(
             centers,
             b["accuracy"][filled],
             width=width * 0.95,
-            color="tab:blue",
+            color=acc_colour,
             edgecolor="black",
             lw=0.5,
-            label="accuracy",
         )
         ax.bar(
             centers,
             (b["confidence"] - b["accuracy"])[filled],
             bottom=b["accuracy"][filled],
             width=width * 0.95,
-            color="tab:red",
-            alpha=0.35,
-            label="gap to confidence",
+            color=gap_colour,
+            alpha=gap_alpha,
         )
+        for x, top, n in zip(
+            centers.tolist(),
+            torch.maximum(b["accuracy"], b["confidence"])[filled].tolist(),
+            b["count"][filled].long().tolist(),
+        ):
+            ax.text(x, min(top, 0.93) + 0.015, str(n), ha="center", va="bottom", fontsize=6)
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("confidence (number above a bar: images in that bin)")
         ax.set_ylabel("accuracy")
         ax.set_title(
             f"{name}: top-1 {top1(probs, labels):.3f}, ECE {ece(probs, labels, bins):.3f}",
             fontsize=9,
         )
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(
+            handles=[
+                Patch(facecolor=acc_colour, edgecolor="black", lw=0.5, label="accuracy"),
+                Patch(facecolor=gap_colour, alpha=gap_alpha, label="over-confident gap"),
+                Patch(facecolor=overlap, label="under-confident gap (overlap)"),
+            ],
+            loc="upper left",
+            fontsize=7,
+        )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def robustness_plot(pixel_rows: list[dict], diffusion_rows: list[dict], path: str | Path) -> Path:
+    """Top-1 of every classifier column of the rows against Gaussian pixel noise sigma (left)
+    and diffusion timestep t (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 4), squeeze=False)
+    for ax, rows, x_key, xlabel in (
+        (axes[0][0], pixel_rows, "sigma", "Gaussian pixel noise sigma (images in [-1, 1])"),
+        (axes[0][1], diffusion_rows, "t", "diffusion timestep t (x_t = q(x_t | x_0))"),
+    ):
+        if not rows:
+            ax.set_visible(False)
+            continue
+        for key in [k for k in rows[0] if k.endswith("_top1")]:
+            ax.plot([r[x_key] for r in rows], [r[key] for r in rows], "o-", label=key[:-5])
+        ax.axhline(rows[0].get("chance", 0.0), color="grey", lw=0.8, ls=":", label="chance")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top-1 on held-out images")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(records: list[dict], path: str | Path) -> Path | None:
+    """One panel per stage with every loss part of the trainer's step records
+    (``metrics.jsonl``) against the step; None when there is no step record."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    skip = {"stage", "step", "time", "lr", "bad_steps"}
+    stages = sorted({r["stage"] for r in records if "event" not in r and "step" in r})
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.6), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        rows = [r for r in records if r.get("stage") == stage and "event" not in r]
+        keys = [k for k in rows[-1] if k not in skip and isinstance(rows[-1][k], (int, float))]
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"stage {stage} step")
+        ax.set_title(f"stage {stage} losses", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def alignment_histogram(cosines: list[float], alphas: list[float], path: str | Path) -> Path:
+    """Histograms of the per-group gradient cosine and of alpha over stage 2's steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
+    for ax, vals, name, rng in (
+        (axes[0][0], cosines, "cos(p, g) per group and step", (-1, 1)),
+        (axes[0][1], alphas, "alpha = ((cos + 1) / 2)^k", (0, 1)),
+    ):
+        ax.hist(vals, bins=40, range=rng, color="tab:blue")
+        mean = sum(vals) / max(1, len(vals))
+        ax.axvline(mean, color="black", lw=0.8, ls="--", label=f"mean {mean:.3f}")
+        ax.set_xlabel(name)
+        ax.set_ylabel(f"count (of {len(vals)})")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

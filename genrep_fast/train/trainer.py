@@ -246,6 +246,8 @@ class Trainer:
         # The dataset whose class ids were range-checked once (_check_labels); None: check per batch.
         self._labels_checked = None
         self._step_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # stage 2: the alignment's per-group sums of each step since the last log record
+        self._align_sums: list[torch.Tensor] = []
         self._saved: tuple[tuple[int, int], Path] | None = None
         self._tb = None
         if self.rank == 0:
@@ -416,6 +418,8 @@ class Trainer:
             # the posterior's snapshot, taken here rather than in the next step (its sigma check
             # reads a flag back: once per refresh, not inside a step)
             bank.prepared()
+            if self.rank == 0:
+                self._log_teacher_accuracy()
             return
         what = "kept the previous bank" if self.bank is not None else "no bank to fall back on"
         self.log({"stage": self.stage, "step": self.step, "event": f"non-finite bank, {what}"})
@@ -433,8 +437,7 @@ class Trainer:
         from genrep_fast.train.evaluation import dataset_tensors
 
         if self._val_tensors is None:
-            x, y = dataset_tensors(self.val_set)
-            self._val_tensors = (x.to(self.device), y.to(self.device))
+            self._val_tensors = self._model_inputs(*dataset_tensors(self.val_set))
         x, y = self._val_tensors
         d = self.cfg.diffusion
         choice = select_bandwidth(
@@ -472,6 +475,44 @@ class Trainer:
                 "bandwidth_val_nll": choice.nll,
             }
         )
+
+    def _model_inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dataset images as the model sees them, on the device: encoded with ``model.vae`` when
+        the data are pixels (the bank and the posterior live in latent space)."""
+        x, y = x.to(self.device), y.to(self.device)
+        if self.latent_space is not None and self.latent_space.encodes:
+            x = self.latent_space.encode(x, batch_size=256)
+        return x, y
+
+    def _log_teacher_accuracy(self) -> None:
+        """The new bank's posterior top-1 on fixed training and validation images (a validation
+        split when the trainer holds one, else the held-out set), logged as a bank_refresh
+        event (docs/TRAINING.md, "Diagnostics")."""
+        from genrep_fast.train import diagnostics
+
+        if not hasattr(self, "_teacher_probes"):
+            val = getattr(self, "val_set", None)
+            probes = {"train": self.train_set}
+            probes["val" if val is not None else "heldout"] = (
+                val if val is not None else self.test_set
+            )
+            self._teacher_probes = {
+                name: self._model_inputs(*diagnostics.probe_subset(ds, seed=self.cfg.seed))
+                for name, ds in probes.items()
+                if ds is not None and len(ds)
+            }
+        rec = {"stage": self.stage, "step": self.step, "event": "bank_refresh"}
+        d = self.cfg.diffusion
+        for name, (x, y) in self._teacher_probes.items():
+            rec[f"teacher_top1_{name}"] = diagnostics.teacher_top1(
+                self.bank, x, y, d.precision, self.backend
+            )
+        self.log(rec)
+
+    def _keep_align_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        # the alignment's [G, 3] sums, kept on the device for the next log record (no read here)
+        self._align_sums.append(sums.detach())
+        return sums
 
     # ------------------------------------------------------------------ running
 
@@ -580,6 +621,11 @@ class Trainer:
                     rec = {"stage": stage, "step": self.step, "lr": lr, **parts}
                     if stage == 2:
                         rec["aligned_fraction"] = self.aligned_fraction
+                    if stage == 2 and self._align_sums:
+                        from genrep_fast.train.diagnostics import alignment_record
+
+                        rec.update(alignment_record(self._align_sums, cfg.align.k))
+                    self._align_sums = []
                     if self.bad_steps:
                         rec["bad_steps"] = self.bad_steps
                     bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()})
@@ -800,6 +846,8 @@ class Trainer:
                     w_g=cfg.align.w_g,
                     mode=cfg.align.mode,
                     backend=self.backend,
+                    # fast ops only: a reduce_sums routes the reference through the two-pass path
+                    reduce_sums=self._keep_align_sums if self.fast else None,
                 )
             else:
                 update = acc_g if stage == 0 else acc_p

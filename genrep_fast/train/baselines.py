@@ -1,0 +1,103 @@
+"""Models the demo's evaluation trains beside GenRep, none of which sees a generated image.
+
+* ``SmallCNN``: the discriminative baseline (``cnn_baseline_top1``), trained on the same training
+  images with the same batch size and as many optimiser steps as GenRep's supervised stages
+  (stage 1 + stage 2). The same network, trained on real images only, is the judge of the
+  samples: its accuracy on them (``samples_classifier_top1``) and the Frechet distance of its
+  pooled features between samples and real held-out images (``samples_fd``).
+* ``linear_probe_top1``: a multinomial logistic regression (scikit-learn) on frozen features,
+  for the linear probe of x_sem.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 convolutions (32, 64 channels, the second with stride 2), global average pooling,
+    one linear layer. ``features(x) [B, 64]`` is the pooled layer (the Frechet distance's
+    space); ``forward(x) [B, num_classes]`` the logits. Inputs ``[B, C, H, W]`` in [-1, 1]."""
+
+    feature_dim = 64
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, self.feature_dim, 3, stride=2, padding=1)
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        h = F.relu(self.conv2(h))
+        return h.mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def train_cnn(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> SmallCNN:
+    """A ``SmallCNN`` trained with AdamW and cross-entropy for ``steps`` batches drawn without
+    replacement within each epoch (deterministic given ``seed``); returned in eval mode."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = SmallCNN(images.shape[1], num_classes).to(images.device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    n = images.shape[0]
+    perm, pos = torch.randperm(n, generator=g), 0
+    net.train()
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos : pos + batch_size].to(images.device)
+        pos += batch_size
+        loss = F.cross_entropy(net(images[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def cnn_outputs(
+    net: SmallCNN, images: torch.Tensor, batch_size: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probabilities [N, C], pooled features [N, 64])``, float32 on the CPU."""
+    probs, feats = [], []
+    for lo in range(0, images.shape[0], batch_size):
+        f = net.features(images[lo : lo + batch_size].float())
+        probs.append(net.fc(f).softmax(-1).cpu())
+        feats.append(f.cpu())
+    return torch.cat(probs), torch.cat(feats)
+
+
+def linear_probe_top1(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor
+) -> float:
+    """Top-1 on ``test_x`` of a multinomial logistic regression fitted on ``train_x``
+    (features flattened per row, standardised with the training rows' mean and std)."""
+    from sklearn.linear_model import LogisticRegression
+
+    a = train_x.detach().double().flatten(1).cpu()
+    b = test_x.detach().double().flatten(1).cpu()
+    mean, std = a.mean(0), a.std(0).clamp_min(1e-8)
+    clf = LogisticRegression(max_iter=500)
+    clf.fit(((a - mean) / std).numpy(), train_y.cpu().numpy())
+    pred = clf.predict(((b - mean) / std).numpy())
+    return float((torch.as_tensor(pred) == test_y.cpu()).double().mean())
