@@ -46,12 +46,24 @@ def train_and_evaluate(cfg, out_dir: Path, resume=None, log=print) -> dict:
     return res
 
 
-def run_demo(out: str | Path, overrides: list[str] = (), ablation: bool = False, log=print) -> dict:
+def demo_config(out: str | Path, overrides: list[str] = ()):
+    """The demo's config: ``tiny_digits`` with ``overrides``, its run folder ``out/run``."""
+    return load_config("tiny_digits", list(overrides) + [f"out_dir={Path(out) / 'run'}"])
+
+
+def run_demo(
+    out: str | Path,
+    overrides: list[str] = (),
+    ablation: bool = False,
+    log=print,
+    resume: bool = False,
+) -> dict:
+    """``resume``: continue the run in ``out/run`` from its latest checkpoint."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config("tiny_digits", list(overrides) + [f"out_dir={out / 'run'}"])
+    cfg = demo_config(out, overrides)
     t0 = time.perf_counter()
-    res = train_and_evaluate(cfg, out / "run", log=log)
+    res = train_and_evaluate(cfg, out / "run", resume=out / "run" if resume else None, log=log)
     res["wall_seconds"] = time.perf_counter() - t0
     for name in ("reliability.png", "samples.png"):
         src = out / "run" / name
