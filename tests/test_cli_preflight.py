@@ -4,6 +4,7 @@ non-empty output folders (--resume / --overwrite)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -322,3 +323,16 @@ def test_overwrite_refuses_a_folder_that_holds_no_run(tmp_path, capsys):
     assert code == 2
     _one_line_error(err, "--out:", "holds no run", "thesis.tex")
     assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
+
+
+def test_image_folder_starter_config_fits_a_folder(folders):
+    cfg = load_config(
+        "image_folder_32",
+        [f"data.root={folders / 'two'}", "data.test_root=null", "data.batch_size=4"],
+    )
+    assert (cfg.data.image_size, cfg.model.sample_size, cfg.model.in_channels) == (32, 32, 3)
+    preflight.check_run(cfg)
+    with pytest.raises(ConfigError, match="model.num_classes is 10"):
+        preflight.check_run(
+            dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=10))
+        )
