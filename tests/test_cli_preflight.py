@@ -336,3 +336,48 @@ def test_image_folder_starter_config_fits_a_folder(folders):
         preflight.check_run(
             dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=10))
         )
+
+
+def test_demo_overwrite_then_resume_and_it_says_where_things_are(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints" / "stage9-00000099").mkdir(parents=True)
+    (tmp_path / "report.md").write_text("old")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path), "--overwrite"] + _sets(*FAST)) == 0
+    out = capsys.readouterr().out.splitlines()
+    report = [x for x in out if x.startswith("report: ")]
+    ckpt = [x for x in out if x.startswith("checkpoint: ")]
+    assert report == [f"report: {tmp_path / 'report.md'}"]
+    assert ckpt and ckpt[0].startswith(f"checkpoint: {tmp_path / 'run' / 'checkpoints' / 'latest'}")
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+    assert (tmp_path / "report.md").read_text() != "old"
+    assert not (tmp_path / "run" / "checkpoints" / "stage9-00000099").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    # --resume continues the finished run: nothing left to train, the report is written again
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert main(["demo", "--out", str(tmp_path), "--resume"] + _sets(*FAST)) == 0
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() == lines
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["model.num_classes=9"], ["data.root:", "labels range over [0, 9]", "num_classes is 9"]),
+        (["model.in_channels=3"], ["data.root:", "are [1, 8, 8]", "[3, 8, 8]"]),
+    ],
+    ids=["labels", "shape"],
+)
+def test_latent_shards_against_the_model_one_line_exit_2(tmp_path, capsys, extra, needles):
+    from safetensors.torch import save_file
+
+    (tmp_path / "lat").mkdir()
+    save_file(
+        {"latents": torch.zeros(32, 1, 8, 8), "labels": torch.arange(32) % 10},
+        str(tmp_path / "lat" / "s0.safetensors"),
+    )
+    args = ["train", "--out", str(tmp_path / "run")] + _sets(
+        *FAST, "data.kind=latents", f"data.root={tmp_path / 'lat'}", *extra
+    )
+    code, err = _main_exit(capsys, args)
+    assert code == 2
+    _one_line_error(err, *needles)
+    assert not (tmp_path / "run").exists()
