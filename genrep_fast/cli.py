@@ -300,12 +300,15 @@ def _dispatch(args) -> int:
         preflight.check_output_file(args.out, "sample --out")
     if cmd == "eval" and args.out:
         preflight.check_writable_dir(args.out, "eval --out")
+    if cmd == "classify":
+        preflight.check_input_files(args.images, "classify")
     overrides = list(getattr(args, "overrides", [])) + ["runtime.progress=false"]
     cfg, net, ckpt_path = load_for_inference(args.checkpoint, overrides)
     if cmd == "eval":
         from genrep_fast.train.data import build_test_dataset
         from genrep_fast.train.evaluation import evaluate
 
+        preflight.check_test_root(cfg)
         test_set = build_test_dataset(cfg.data)
         if test_set is None:
             print("genrep-fast: the config has no held-out set (data.test_root)", file=sys.stderr)

@@ -381,3 +381,26 @@ def test_latent_shards_against_the_model_one_line_exit_2(tmp_path, capsys, extra
     assert code == 2
     _one_line_error(err, *needles)
     assert not (tmp_path / "run").exists()
+
+
+def test_classify_a_missing_image_one_line_exit_2(tmp_path, capsys):
+    # checked before the checkpoint is read (a checkpoint error would be exit 3)
+    code, err = _main_exit(
+        capsys, ["classify", "--checkpoint", str(tmp_path), str(tmp_path / "nope.png")]
+    )
+    assert code == 2
+    _one_line_error(err, "classify:", "nope.png", "no such file")
+
+
+def test_eval_with_a_missing_test_root_one_line_exit_2(tmp_path, folders, capsys):
+    run = tmp_path / "run"
+    assert main(_folder_args(run, folders / "two")) == 0
+    capsys.readouterr()
+    code, err = _main_exit(
+        capsys,
+        ["eval", "--checkpoint", str(run), "--out", str(tmp_path / "ev")]
+        + _sets(f"data.test_root={tmp_path / 'gone'}"),
+    )
+    assert code == 2
+    _one_line_error(err, "data.test_root:", "gone", "is not a folder")
+    assert not (tmp_path / "ev").exists()

@@ -124,6 +124,26 @@ def _what(kind: str) -> str:
     return "class sub-folders of images" if kind == "image_folder" else "latent shards"
 
 
+def check_test_root(cfg: TrainConfig) -> None:
+    """The held-out set ``eval`` reads exists (the training data are not looked at)."""
+    root = cfg.data.test_root
+    if cfg.data.kind != "digits" and root and not Path(root).is_dir():
+        raise ConfigError(
+            f"data.test_root: {root} is not a folder (the held-out set eval reads); point it "
+            "elsewhere with --set data.test_root=PATH"
+        )
+
+
+def check_input_files(paths: list[str], what: str) -> None:
+    """Every path is an existing file."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{what}: {', '.join(missing[:_NAMED_BAD_FILES])}"
+            f"{' and more' if len(missing) > _NAMED_BAD_FILES else ''}: no such file"
+        )
+
+
 def _check_image_folder(cfg: TrainConfig) -> None:
     from genrep_fast.train.data import IMAGE_SUFFIXES
 
