@@ -1,8 +1,9 @@
 """``genrep-fast``: the command line of the GenRep trainer (also ``python -m genrep_fast``).
 
-    genrep-fast demo --out DIR [--ablation]        both stages on the embedded digits + report
+    genrep-fast demo --out DIR [--ablation] [--resume | --overwrite]   both stages on the
+                                                    embedded digits + report
     genrep-fast train [--config NAME|PATH] [--set key=value ...] [--out DIR] [--resume PATH]
-                      [--allow-config-change]
+                      [--allow-config-change] [--overwrite]
     genrep-fast eval --checkpoint RUN_OR_CKPT [--out DIR]
     genrep-fast sample --checkpoint RUN_OR_CKPT --out samples.png [--per-class N] [--steps N]
                        [--guidance-scale S]
@@ -11,6 +12,8 @@
                        encode the config's images with model.vae into latent shards
     genrep-fast bench [--benchmark] [pytest args]   run bench/ and print the results table
     genrep-fast check-build [--require-cuda]        is the compiled extension there, kernels and all
+    genrep-fast config show [NAME|PATH]             every config key: value, default, help
+    genrep-fast --version
 
 Latent space: with ``model.vae`` (a local diffusers AutoencoderKL / VQModel folder) ``train``
 encodes pixel data on the fly and ``sample``/``eval`` decode samples through the VAE; ``encode``
@@ -21,7 +24,9 @@ Exit codes: 0 done, 1 check-build found the extension missing or incomplete, 2 b
 config (also a resume whose config changes the run), 3 bad checkpoint, 4 training stopped after
 ``runtime.max_bad_steps`` consecutive steps with a non-finite loss or gradient, 128+signal after
 SIGTERM/SIGINT (a checkpoint was written first). ``eval``, ``sample`` and ``classify`` only read
-the run folder.
+the run folder. Before anything is trained or written, ``genrep_fast.train.preflight`` checks the
+device, optional packages, data against the model, and output folders (one-line errors, exit 2);
+``demo`` / ``train`` refuse a non-empty ``--out`` unless ``--resume`` or ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -53,14 +58,37 @@ EXIT_CODES = (
 )
 
 
+OVERWRITE_HELP = (
+    "start over in a non-empty --out: delete the files a run writes there (checkpoints/, "
+    "metrics.jsonl, config.json, ...) first; other files stay"
+)
+
+
+def _set_arg(p: argparse.ArgumentParser, what: str = "the config") -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a value of {what}, e.g. --set runtime.device=cpu (repeatable; "
+        "`genrep-fast config show` lists the keys)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
+    from genrep_fast import __version__
+
     ap = argparse.ArgumentParser(
         prog="genrep-fast", description=__doc__.split("\n\n")[0], epilog=EXIT_CODES
     )
+    ap.add_argument("--version", action="version", version=f"genrep-fast {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train both stages of tiny_digits and write a report")
-    p.add_argument("--out", default="genrep-demo", help="output folder")
+    p.add_argument(
+        "--out", default="genrep-demo", help="output folder (the run itself goes to OUT/run)"
+    )
     p.add_argument("--ablation", action="store_true", help="also run the paper's ablation rows")
     p.add_argument(
         "--seeds",
@@ -68,7 +96,12 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="ablation: seeds per row (mean +- sd), all from one shared stage-0 model",
     )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _set_arg(p, "the tiny_digits config")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--resume", action="store_true", help="continue the run in OUT/run from its checkpoint"
+    )
+    g.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = sub.add_parser("train", help="train from a config", epilog=EXIT_CODES)
     _config_args(p)
@@ -85,20 +118,26 @@ def _parser() -> argparse.ArgumentParser:
         "or another run-defining key (refused otherwise, exit code 2)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the held-out set")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument(
         "--out",
         default=None,
-        help="folder for eval.json and the pictures (default: ./eval-<checkpoint name>)",
+        help="folder for eval.json, reliability.png and samples.png "
+        "(default: ./eval-<checkpoint name>)",
     )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _set_arg(p, "the checkpoint's config")
 
     p = sub.add_parser("sample", help="draw class-conditional samples into a grid PNG")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", default="samples.png")
-    p.add_argument("--per-class", type=int, default=10, help="samples per class (one grid row)")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument(
+        "--out", default="samples.png", help="image file of the grid (its folder must exist)"
+    )
+    p.add_argument(
+        "--per-class", type=int, default=10, help="samples per class (one grid row per class)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     p.add_argument(
         "--steps",
@@ -116,8 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "classify", help="classify image files with the head: the top 3 class names per image"
     )
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("images", nargs="+", help="image files (resized like the training data)")
 
     p = sub.add_parser(
         "encode",
@@ -140,13 +179,29 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run the benchmark suites (pytest bench/) and print the table")
     p.add_argument("--benchmark", action="store_true", help="realistic shapes, results saved")
-    p.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest (after --)")
 
     p = sub.add_parser(
         "check-build", help="list the kernels of the compiled extension; fail when it is missing"
     )
     p.add_argument("--require-cuda", action="store_true", help="fail unless CUDA kernels are built")
+
+    p = sub.add_parser("config", help="inspect configs")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser(
+        "show", help="print every config key with its value, its default and its help"
+    )
+    c.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        help="bundled config name or YAML path (default: the schema's defaults)",
+    )
+    _set_arg(c)
     return ap
+
+
+CHECKPOINT_HELP = "a checkpoint folder, or a run folder (its latest intact checkpoint)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,14 +263,42 @@ def _dispatch(args) -> int:
             + extra
         )
         return subprocess.call(cmd_line, cwd=root)
-    if cmd == "demo":
-        from genrep_fast.train.demo import run_demo
+    if cmd == "config":
+        from genrep_fast.train.config import (
+            TrainConfig,
+            apply_overrides,
+            config_from_dict,
+            load_config,
+        )
+        from genrep_fast.train.config_help import show
 
+        if args.name is None:
+            data = apply_overrides(TrainConfig().to_dict(), args.overrides)
+            cfg, name = config_from_dict(data), "defaults"
+        else:
+            cfg, name = load_config(args.name, args.overrides), args.name
+        sys.stdout.write(show(cfg, name))
+        return 0
+    if cmd == "demo":
+        from genrep_fast.train import preflight
+        from genrep_fast.train.demo import demo_config, run_demo
+
+        cfg = demo_config(args.out, args.overrides)
+        preflight.check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite, demo=True)
+        preflight.check_run(cfg)
+        if args.overwrite:
+            _report_cleared(args.out, preflight.clear_run_folder(args.out, demo=True))
         try:
             if args.seeds < 1:
                 print(f"genrep-fast demo: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
                 return 2
-            res = run_demo(args.out, args.overrides, ablation=args.ablation, seeds=args.seeds)
+            res = run_demo(
+                args.out,
+                args.overrides,
+                ablation=args.ablation,
+                seeds=args.seeds,
+                resume=args.resume,
+            )
         except TrainingInterrupted as exc:
             print(f"genrep-fast: {exc}", file=sys.stderr)
             return 128 + int(exc.signum)
@@ -231,14 +314,23 @@ def _dispatch(args) -> int:
             "wall_seconds",
         )
         print(json.dumps({k: res[k] for k in keys if k in res}, indent=1))
-        print(f"wrote {args.out}/metrics.json, reliability.png, samples.png, report.md")
+        out = Path(args.out)
+        print(f"wrote {out / 'metrics.json'}, reliability.png, samples.png, report.md")
+        print(f"report: {out / 'report.md'}")
+        print(f"checkpoint: {out / 'run' / 'checkpoints' / 'latest'} (run folder {out / 'run'})")
         return 0
     if cmd == "train":
+        from genrep_fast.train import preflight
         from genrep_fast.train.config import load_config
         from genrep_fast.train.evaluation import evaluate
         from genrep_fast.train.trainer import Trainer
 
         cfg = load_config(args.config, args.overrides)
+        out = args.out or cfg.out_dir
+        preflight.check_out_dir(out, resume=args.resume is not None, overwrite=args.overwrite)
+        preflight.check_run(cfg)
+        if args.overwrite:
+            _report_cleared(out, preflight.clear_run_folder(out))
         trainer = Trainer(
             cfg, args.out, resume=args.resume, allow_config_change=args.allow_config_change
         )
@@ -258,14 +350,22 @@ def _dispatch(args) -> int:
         return _encode(args)
     # eval / sample / classify: read the checkpoint's network only; nothing is written into the
     # run folder and no training data is read.
+    from genrep_fast.train import preflight
     from genrep_fast.train.trainer import load_for_inference
 
+    if cmd == "sample":
+        preflight.check_output_file(args.out, "sample --out")
+    if cmd == "eval" and args.out:
+        preflight.check_writable_dir(args.out, "eval --out")
+    if cmd == "classify":
+        preflight.check_input_files(args.images, "classify")
     overrides = list(getattr(args, "overrides", [])) + ["runtime.progress=false"]
     cfg, net, ckpt_path = load_for_inference(args.checkpoint, overrides)
     if cmd == "eval":
         from genrep_fast.train.data import build_test_dataset
         from genrep_fast.train.evaluation import evaluate
 
+        preflight.check_test_root(cfg)
         test_set = build_test_dataset(cfg.data)
         if test_set is None:
             print("genrep-fast: the config has no held-out set (data.test_root)", file=sys.stderr)
@@ -397,6 +497,11 @@ def _encode(args) -> int:
         sets.append(f"--set data.test_root={out / 'test'}")
     print("train from them with: " + " ".join(sets) + " --set data.latent_scale=1")
     return 0
+
+
+def _report_cleared(out, removed: list[str]) -> None:
+    if removed:
+        print(f"genrep-fast: --overwrite removed {', '.join(removed)} from {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

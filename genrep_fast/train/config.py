@@ -36,8 +36,8 @@ class ModelConfig:
 
     kind: str = "unet2d"  # "unet2d" (diffusers UNet2DModel) | "dit" (DiTTransformer2DModel)
     sample_size: int = 8  # latent (or pixel) height = width
-    in_channels: int = 1
-    num_classes: int = 10
+    in_channels: int = 1  # latent (or pixel) channels: 1 grayscale, 3 RGB, 4 an SD-VAE latent
+    num_classes: int = 10  # classes of the data (the backbone gets one more row: the null class)
     # Extra keyword arguments of the tiny factory (tiny_unet2d / tiny_dit), e.g. block widths.
     factory_kwargs: dict = dataclasses.field(default_factory=dict)
     # A diffusers model directory (from_pretrained, local only) replacing the factory model.
@@ -45,20 +45,20 @@ class ModelConfig:
     # A local diffusers AutoencoderKL / VQModel folder (save_pretrained): pixel data are encoded
     # to latents on the fly, samples are decoded through it (sample_size, in_channels: the latents).
     vae: str | None = None
-    head_kwargs: dict = dataclasses.field(default_factory=dict)
-    modulation_kwargs: dict = dataclasses.field(default_factory=dict)
+    head_kwargs: dict = dataclasses.field(default_factory=dict)  # PerceptionHead options
+    modulation_kwargs: dict = dataclasses.field(default_factory=dict)  # SemanticModulation options
 
 
 @dataclasses.dataclass
 class DiffusionConfig:
     """DDPM schedule, the reverse chain and the chain bank (docs/METHOD.md section 1)."""
 
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = 1000  # T of the DDPM noise schedule
     beta_schedule: str = "linear"  # "linear" | "scaled_linear" | "squaredcos_cap_v2"
     num_steps: int = 200  # reverse-chain (sampling) steps N
-    burn_in: int = 50
-    thin: int = 2
-    chains_per_class: int = 1  # S
+    burn_in: int = 50  # first reverse-chain steps left out of the bank
+    thin: int = 2  # keep every thin-th step after the burn-in
+    chains_per_class: int = 1  # S: reverse chains per class in the bank
     bank_batch_size: int = 256  # chains advanced together while building the bank
     bank_dtype: str = "float32"  # "float32" | "bfloat16"
     bank_refresh_every: int = 500  # R, training steps between bank refreshes (0: never)
@@ -71,11 +71,11 @@ class DiffusionConfig:
     # uses the rest), chosen again at every bank build and logged (teacher_bandwidth,
     # teacher_val_nll).
     sigma_min: float | str | None = None
-    bandwidth_grid: list = dataclasses.field(
+    bandwidth_grid: list = dataclasses.field(  # sigma_min: auto's candidate bandwidths
         default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5]
     )
-    bandwidth_val_fraction: float = 0.1
-    bandwidth_val_max: int = 1000
+    bandwidth_val_fraction: float = 0.1  # sigma_min: auto's share of the training set held out
+    bandwidth_val_max: int = 1000  # sigma_min: auto's validation images, at most
     # The network the stage-2 bank is built from: "ema" (eps_sem, the slowly moving teacher) or
     # "student" (eps_unified, the network being trained). Stage 1 has one network.
     bank_network: str = "ema"
@@ -85,12 +85,12 @@ class DiffusionConfig:
 class StageConfig:
     """One training stage: its length and optimiser settings."""
 
-    steps: int = 0
-    lr: float = 1e-4
+    steps: int = 0  # optimiser steps of the stage (0: skip it)
+    lr: float = 1e-4  # AdamW learning rate (the head's and modulation's; see backbone_lr_scale)
     backbone_lr_scale: float = 1.0  # lr of the diffusion backbone relative to ``lr``
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    warmup_steps: int = 0
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple = (0.9, 0.999)  # AdamW betas
+    warmup_steps: int = 0  # linear warm-up steps from 0 to lr
     schedule: str = "constant"  # "constant" | "cosine" (after warm-up)
     grad_clip: float = 0.0  # 0: no clipping
 
@@ -100,7 +100,7 @@ class LossConfig:
     """Which GenRep terms are on (the paper's ablation rows switch these)."""
 
     gen_distil: bool = True  # L_gen_distil = KL(posterior || head) in L_percept
-    gen_distil_weight: float = 1.0
+    gen_distil_weight: float = 1.0  # weight of L_gen_distil
     semantic: bool = True  # x_sem modulation + L_rep_align in L_genera
     # The modulation's semantic input while training: "xt" (the noisy sample itself, what the
     # sampler feeds it) or "x0" (x_sem of the clean image from eps_sem: the target leaks into the
@@ -110,8 +110,8 @@ class LossConfig:
     # stage1_diffusion_weight * L_DDPM to L_percept), "freeze" (the backbone is frozen in stage 1;
     # only the head learns) or "none" (the backbone learns L_percept alone and the bank drifts).
     stage1_teacher: str = "keep_diffusion"
-    stage1_diffusion_weight: float = 1.0
-    rep_align_weight: float = 0.5
+    stage1_diffusion_weight: float = 1.0  # weight of L_DDPM in stage 1 (keep_diffusion)
+    rep_align_weight: float = 0.5  # weight of L_rep_align
     vlb_weight: float = 1e-3  # variance term that trains f_sigma (mean detached)
     label_dropout: float = 0.1  # generation: class -> null class (CFG-style), stages 0 and 2
     # The KL teacher p(y|x) of L_gen_distil: "bank" (the chain bank's mixture posterior) or
@@ -119,9 +119,9 @@ class LossConfig:
     # dc_temperature) over dc_trials trials per class, pruned by dc_prune rounds [[after_trials,
     # keep], ...]; genrep_fast.diffusion_classifier). The DC settings also serve evaluation.
     teacher: str = "bank"
-    dc_trials: int = 10
-    dc_prune: tuple = ()
-    dc_temperature: float = 1.0
+    dc_trials: int = 10  # Diffusion Classifier teacher: (t, eps) trials per class
+    dc_prune: tuple = ()  # Diffusion Classifier pruning rounds [[after_trials, keep], ...]
+    dc_temperature: float = 1.0  # softmax temperature over the classifier's errors
     dc_batch_size: int = 2048  # model rows per forward pass of the classifier
 
 
@@ -130,9 +130,9 @@ class AlignConfig:
     """Gradient alignment of the two stage-2 gradients (docs/METHOD.md section 3)."""
 
     mode: str = "symmetric"  # "symmetric" | "generation" | "perception" | "none"
-    k: float = 2.0
-    w_p: float = 0.7
-    w_g: float = 0.3
+    k: float = 2.0  # sharpness of the alignment weights (docs/METHOD.md section 3)
+    w_p: float = 0.7  # weight of the perception gradient
+    w_g: float = 0.3  # weight of the generation gradient
     # "attention_blocks" (the paper), "all_blocks" (the attention blocks plus one group per
     # remaining top-level block/module: every trained parameter is aligned), "per_tensor", "global"
     groups: str = "attention_blocks"
@@ -140,46 +140,52 @@ class AlignConfig:
 
 @dataclasses.dataclass
 class DataConfig:
+    """The training and held-out data (genrep_fast/train/data.py)."""
+
     # "digits" | "mnist5k" (the extra genrep_fast[mnist]) | "image_folder" | "latents"
     kind: str = "digits"
     root: str | None = None  # folder of class sub-folders, or of latent shards
     test_root: str | None = None  # held-out set (image_folder / latents); digits: fixed split
-    image_size: int = 8
-    grayscale: bool = True
+    image_size: int = 8  # image_folder: images are centre-cropped and resized to this
+    grayscale: bool = True  # image_folder: read images as 1 channel (false: RGB, 3 channels)
     latent_scale: float = 1.0  # multiplied into stored latents (0.18215 for the SD VAE)
     batch_size: int = 64  # per process, per micro-batch
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
     augment: bool = False  # random horizontal flip (not for digits)
 
 
 @dataclasses.dataclass
 class RuntimeConfig:
+    """Where and how the run executes: device, kernels, threads, logging, checkpoints."""
+
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     ops: str = "fast"  # "fast" (package kernels) | "reference" (eager reference ops)
     autocast: str = "auto"  # "auto" (bf16 on CUDA, none on CPU) | "bf16" | "none"
     compile: bool = False  # torch.compile the backbone's forward
     grad_accum: int = 1  # micro-batches per optimiser step
     threads: int = 0  # torch CPU threads (0: leave torch's default)
-    log_every: int = 20
+    log_every: int = 20  # steps between metrics.jsonl lines
     ckpt_every: int = 0  # 0: only at the end of each stage (and on SIGTERM/SIGINT)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept in the run folder
     # Consecutive steps skipped for a non-finite loss or gradient before the run stops (exit
     # code 4); 0: never stop, keep skipping.
     max_bad_steps: int = 10
     # Nsight Systems window (nsys profile --capture-range=cudaProfilerApi): the CUDA profiler runs
     # for profile_steps steps of stage 2 from its step profile_from (0 steps: never started).
     profile_from: int = 5
-    profile_steps: int = 0
-    tensorboard: bool = False
-    progress: bool = True
+    profile_steps: int = 0  # stage-2 steps under the CUDA profiler (0: never started)
+    tensorboard: bool = False  # also write TensorBoard scalars to <run>/tb (needs tensorboard)
+    progress: bool = True  # tqdm progress bars
 
 
 @dataclasses.dataclass
 class EvalConfig:
+    """The evaluation after training (and of genrep-fast eval)."""
+
     samples_per_class: int = 10  # generated images per class (grid + head accuracy)
     sample_steps: int = 0  # 0: diffusion.num_steps
     max_test_images: int = 0  # 0: the whole held-out set
-    ece_bins: int = 15
+    ece_bins: int = 15  # bins of the expected calibration error and the reliability diagram
     # Diffusion Classifier trials per class on the test set, unpruned (0: not evaluated; it
     # costs num_classes x dc_trials model rows per image, so the ImageNet configs leave it off);
     # a non-empty loss.dc_prune adds a pruned run with loss.dc_trials (dc_pruned_* metrics).
@@ -194,9 +200,11 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    name: str = "tiny_digits"
-    seed: int = 0
-    out_dir: str = "runs/tiny_digits"
+    """A whole run: every section below."""
+
+    name: str = "tiny_digits"  # the run's name (reports)
+    seed: int = 0  # seeds every random stream (weights, batches, noise, bank)
+    out_dir: str = "runs/tiny_digits"  # run folder when train gets no --out
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

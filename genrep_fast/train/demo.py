@@ -90,21 +90,28 @@ def train_and_evaluate(
 PICTURES = ("reliability.png", "samples.png", "robustness.png")
 
 
+def demo_config(out: str | Path, overrides: list[str] = ()):
+    """The demo's config: ``tiny_digits`` with ``overrides``, its run folder ``out/run``."""
+    return load_config("tiny_digits", list(overrides) + [f"out_dir={Path(out) / 'run'}"])
+
+
 def run_demo(
     out: str | Path,
     overrides: list[str] = (),
     ablation: bool = False,
     seeds: int = 1,
     log=print,
+    resume: bool = False,
 ) -> dict:
+    """``resume``: continue the run in ``out/run`` from its latest checkpoint."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config("tiny_digits", list(overrides) + [f"out_dir={out / 'run'}"])
+    cfg = demo_config(out, overrides)
     from genrep_fast.benchmarking import environment
 
     env = environment()  # the commit of the code that runs, taken before it runs
     t0 = time.perf_counter()
-    res = train_and_evaluate(cfg, out / "run", log=log)
+    res = train_and_evaluate(cfg, out / "run", resume=out / "run" if resume else None, log=log)
     res["environment"] = {**env, **environment(res["device"]), "commit": env["commit"]}
     res["wall_seconds"] = time.perf_counter() - t0
     for name in PICTURES:

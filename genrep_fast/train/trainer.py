@@ -157,6 +157,9 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 def resolve_device(name: str) -> torch.device:
+    from genrep_fast.train.preflight import check_device
+
+    check_device(name)  # a ConfigError naming runtime.device, not torch's AssertionError
     if name == "auto":
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", 0))
