@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from genrep_fast.kernels.mixture import class_rows, diff_layout, row_lse, row_scores
-from genrep_fast.reference import is_per_image, sum_to_sigma_shape
+from genrep_fast.layout import is_per_image, sum_to_sigma_shape
 
 # Row kernel tile: as the forward difference kernel (32 x 128 fp32 = 16 KiB of mu per tile).
 ROWS_MAX_BLOCK_T = 32
@@ -451,7 +451,7 @@ def mixture_lse_backward(
     need_x, need_mu, need_sig = needs
     b = x.shape[0]
     per_image = is_per_image(x, mu)
-    lay = diff_layout(x, mu, sigma, class_index, per_image=per_image)
+    lay = diff_layout(x, mu, sigma, class_index)
     x2, mu_l, sig_l = lay.x, lay.mu, lay.sigma
     c, t, d, k = lay.num_classes, lay.num_steps, lay.dim, lay.num_candidates
     diagonal, acc_dtype = lay.diagonal, lay.acc_dtype

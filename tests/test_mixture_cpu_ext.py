@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import genrep_fast as G
-from genrep_fast import _ops, posterior_torch
+from genrep_fast import _ops, mixture_cpp, mixture_torch
 from genrep_fast import reference as R
 
 pytestmark = pytest.mark.skipif(
@@ -52,10 +52,9 @@ def reference_grads(x, mu, sigma, cls, grad, dtype=F64):
 
 
 def ext_grads(x, mu, sigma, cls, grad, needs=(True, True, True)):
-    """Output and gradients of the kernels, through posterior_torch's dispatch."""
-    assert posterior_torch._use_extension(x, mu, cls)
-    out = posterior_torch.forward(x, mu, sigma, cls)
-    grads = posterior_torch.backward(grad, x, mu, sigma, cls, needs)
+    """Output and gradients of the kernels, through genrep_fast.mixture_cpp."""
+    out = mixture_cpp.forward(x, mu, sigma, cls)
+    grads = mixture_cpp.backward(grad, x, mu, sigma, cls, needs)
     return (out, *grads)
 
 
@@ -180,7 +179,7 @@ def test_only_requested_gradients():
     grad = torch.randn(2, 2, dtype=F64)
     full = ext_grads(x, mu, sigma, cls, grad)
     for needs in [(True, False, False), (False, True, False), (False, False, True)]:
-        got = posterior_torch.backward(grad, x, mu, sigma, cls, needs)
+        got = mixture_cpp.backward(grad, x, mu, sigma, cls, needs)
         for want, g_, need in zip(full[1:], got, needs):
             assert (g_ is None) == (not need)
             if need:
@@ -188,7 +187,7 @@ def test_only_requested_gradients():
 
 
 def test_public_api_autograd_and_strided_bank():
-    """G.mixture_log_likelihood(backend="torch") runs the kernels, also for a non-contiguous mu."""
+    """G.mixture_log_likelihood(backend="cpp") runs the kernels, also for a non-contiguous mu."""
     b, c, t, d = 3, 4, 5, 6
     x, mu, sigma, _ = make_bank(b, c, t, d, per_image=True, sigma_kind="b_c_t", seed=5)
     mu_strided = mu.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
@@ -197,7 +196,7 @@ def test_public_api_autograd_and_strided_bank():
     want = reference_grads(x, mu, sigma, None, grad)
 
     def fn(xs, ms, ss):
-        return G.mixture_log_likelihood(xs, ms, ss, backend="torch")
+        return G.mixture_log_likelihood(xs, ms, ss, backend="cpp")
 
     xs, ms, ss = (a.detach().clone().requires_grad_() for a in (x, mu_strided, sigma))
     out = fn(xs, ms, ss)
@@ -207,25 +206,32 @@ def test_public_api_autograd_and_strided_bank():
     assert torch.autograd.gradcheck(fn, (xs, ms, ss))
 
 
-def test_torch_fallback_agrees(monkeypatch):
+def test_torch_code_agrees():
     x, mu, sigma, cls = make_bank(3, 4, 5, 33, per_image=True, sigma_kind="diag", k=2)
     grad = torch.randn(3, 2, dtype=F64)
     got = ext_grads(x, mu, sigma, cls, grad)
-    monkeypatch.setattr(posterior_torch, "USE_CPU_EXTENSION", False)
-    assert not posterior_torch._use_extension(x, mu, cls)
-    want = (posterior_torch.forward(x, mu, sigma, cls),) + posterior_torch.backward(
+    want = (mixture_torch.forward(x, mu, sigma, cls),) + mixture_torch.backward(
         grad, x, mu, sigma, cls
     )
     for w, g_ in zip(want, got):
         torch.testing.assert_close(g_, w, rtol=1e-11, atol=1e-11)
 
 
-def test_dispatch_layouts():
+def test_auto_dispatch_layouts(monkeypatch):
+    """backend="auto" on CPU: the C++ kernels for candidates and a per-image bank, the torch
+    GEMM form for a shared bank without candidates (each call counted)."""
+    calls = []
+    for mod in (mixture_cpp, mixture_torch):
+        real = mod.forward
+        monkeypatch.setattr(
+            mod, "forward", lambda *a, _r=real, _m=mod, **k: calls.append(_m) or _r(*a, **k)
+        )
     x, mu, sigma, cls = make_bank(2, 3, 4, 5, per_image=False, sigma_kind="t", k=2)
-    assert posterior_torch._use_extension(x, mu, cls)
-    assert not posterior_torch._use_extension(x, mu, None)  # shared bank: GEMM form
+    G.mixture_log_likelihood(x, mu, sigma, class_index=cls)
+    G.mixture_log_likelihood(x, mu, sigma)  # shared bank: GEMM form
     x, mu, sigma, _ = make_bank(2, 3, 4, 5, per_image=True, sigma_kind="t")
-    assert posterior_torch._use_extension(x, mu, None)
+    G.mixture_log_likelihood(x, mu, sigma)
+    assert calls == [mixture_cpp, mixture_torch, mixture_cpp]
 
 
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
@@ -251,7 +257,7 @@ def test_deterministic_across_calls_and_threads(kind):
 def test_opcheck(kind, dtype):
     x, mu, sigma, cls = make_bank(2, 3, 4, 5, per_image=True, sigma_kind=kind, k=2)
     x, mu, sigma = (a.to(dtype) for a in (x, mu, sigma))
-    args = posterior_torch._extension_args(x, mu, sigma, cls)
+    args = mixture_cpp.kernel_args(x, mu, sigma, cls)
     torch.library.opcheck(OP, args)
     torch.library.opcheck(OP, (*args[:3], None))
     grad = torch.randn(2, 2)
@@ -261,7 +267,7 @@ def test_opcheck(kind, dtype):
 
 def test_bad_class_index_raises():
     x, mu, sigma, cls = make_bank(2, 3, 4, 5, per_image=True, sigma_kind="t", k=2)
-    args = list(posterior_torch._extension_args(x, mu, sigma, cls))
+    args = list(mixture_cpp.kernel_args(x, mu, sigma, cls))
     args[3] = torch.tensor([[0, 3], [1, 2]])
     with pytest.raises(ValueError, match="class_index value 3"):
         OP(*args)
@@ -275,4 +281,4 @@ def test_log_t_offset_and_single_step():
     mu = torch.tensor([[[[1.3]]]], dtype=F64)
     sigma = torch.tensor([2.0], dtype=F64)
     want = -0.5 * (1.0 / 4.0) - math.log(2.0) - 0.5 * math.log(2 * math.pi)
-    assert posterior_torch.forward(x, mu, sigma).item() == pytest.approx(want, abs=1e-15)
+    assert mixture_cpp.forward(x, mu, sigma, None).item() == pytest.approx(want, abs=1e-15)
