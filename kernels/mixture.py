@@ -55,6 +55,29 @@ def _interpreted() -> bool:
 
 
 @triton.jit
+def mu_tile(mu_row, offs_t, offs_d, stride_mt, tile_mask, ACC_F64: tl.constexpr):
+    """``mu[t, d]`` over one ``[BLOCK_T, BLOCK_D]`` tile of a class's bank rows (``mu_row``: its
+    ``[T, D]`` block, unit stride in d), 0 in masked lanes, in the accumulation dtype. Every
+    difference-form kernel loads its bank tiles through this (inlined: the code is the same)."""
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    return tl.load(
+        mu_row + offs_t[:, None] * stride_mt + offs_d[None, :], mask=tile_mask, other=0.0
+    ).to(acc_t)
+
+
+@triton.jit
+def sigma_tile(sig_row, offs_t, offs_d, stride_st, stride_sd, tile_mask, ACC_F64: tl.constexpr):
+    """Diagonal ``sigma[t, d]`` over one tile, as ``mu_tile``; 1 in masked lanes, so that their
+    log and reciprocal stay finite."""
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    return tl.load(
+        sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
+        mask=tile_mask,
+        other=1.0,
+    ).to(acc_t)
+
+
+@triton.jit
 def row_scores(
     x_row,
     mu_row,
@@ -83,16 +106,10 @@ def row_scores(
         d_mask = offs_d < D
         tile_mask = t_mask[:, None] & d_mask[None, :]
         xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(acc_t)
-        mv = tl.load(
-            mu_row + offs_t[:, None] * stride_mt + offs_d[None, :], mask=tile_mask, other=0.0
-        ).to(acc_t)
+        mv = mu_tile(mu_row, offs_t, offs_d, stride_mt, tile_mask, ACC_F64)
         diff = xv[None, :] - mv
         if DIAG:
-            sv = tl.load(
-                sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
-                mask=tile_mask,
-                other=1.0,
-            ).to(acc_t)
+            sv = sigma_tile(sig_row, offs_t, offs_d, stride_st, stride_sd, tile_mask, ACC_F64)
             z = diff / sv
             quad += tl.sum(z * z, 1)
             log_det += tl.sum(tl.log(sv), 1)
