@@ -5,18 +5,34 @@
 * Without a CUDA device, Triton kernels run through the interpreter (TRITON_INTERPRET=1). It must
   be set before triton decorates any kernel, so it is set here, before tests import genrep_fast.
 * ``@pytest.mark.gpu`` tests are skipped with a reason when no CUDA device is present.
+* Every test starts from the same global random state (torch, NumPy, ``random``): a test that
+  draws from a global generator sees the same numbers whichever tests ran before it, alone or in
+  the whole suite (``seed_everything``, autouse).
 """
 
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+TEST_SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def seed_everything():
+    """Seed torch (CPU and CUDA), NumPy and ``random`` before every test."""
+    random.seed(TEST_SEED)
+    np.random.seed(TEST_SEED)  # noqa: NPY002  (the legacy global state is what tests draw from)
+    torch.manual_seed(TEST_SEED)  # all devices
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

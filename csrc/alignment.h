@@ -90,6 +90,12 @@ inline at::Tensor get_or_undefined(const OptionalTensorList& list, size_t i) {
   return t.has_value() ? *t : at::Tensor();
 }
 
+// A contiguous copy (or the tensor itself) of a defined tensor; an undefined one (a missing
+// gradient) stays undefined. Both devices' kernels read their lists through it.
+inline at::Tensor contiguous_or_undefined(const at::Tensor& t) {
+  return t.defined() ? t.contiguous() : at::Tensor();
+}
+
 // Checks shared by both ops and both devices. The Python layer checks the same things first with
 // friendlier messages; these guard direct calls through torch.ops.genrep_fast.
 inline void check_align_lists(const char* op, const OptionalTensorList& p,

@@ -85,10 +85,6 @@ const scalar_t* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
 }
 
-at::Tensor contiguous_or_undefined(const at::Tensor& t) {
-  return t.defined() ? t.contiguous() : at::Tensor();
-}
-
 struct Chunk {
   int64_t tensor, start;
 };

@@ -46,7 +46,7 @@ if HAS_EXTENSION:
 
 
 # The CPU kernels of the mixture likelihood's difference form (csrc/mixture_cpu.cpp). False with an
-# extension built before they existed: posterior_torch then keeps its torch code.
+# extension built before they existed: mixture_log_likelihood then keeps to its torch code (genrep_fast.mixture_torch).
 def _has_cpu_kernels(*op_names: str) -> bool:
     try:
         return all(_has_kernel(name, "CPU") for name in op_names)

@@ -95,3 +95,39 @@ def check_positive_finite(name: str, t: torch.Tensor) -> None:
             f"{name} must be finite and > 0 everywhere; {name}[{', '.join(map(str, idx))}] = "
             f"{t[idx].item()!r}"
         )
+
+
+def check_class_index(
+    class_index: torch.Tensor,
+    *,
+    num_classes: int,
+    shape: tuple[int, int] | None = None,
+    rows: int | None = None,
+    check_values: bool = True,
+) -> None:
+    """Candidate classes ``[B, K]`` (int64 or int32; already a checked tensor on the right
+    device): exactly ``shape`` when given, else ``[rows, K >= 1]``; with ``check_values`` every
+    value in ``[0, num_classes)`` (one host sync, skipped under torch.compile, where it would
+    break the graph: a compiled caller validates its indices eagerly once)."""
+    if class_index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"class_index must be int64 or int32, got {class_index.dtype}")
+    if shape is not None:
+        if tuple(class_index.shape) != tuple(shape):
+            raise ValueError(
+                f"class_index must have the shape of log_likelihood {tuple(shape)}, got "
+                f"{tuple(class_index.shape)}"
+            )
+    elif class_index.dim() != 2 or class_index.shape[0] != rows or class_index.shape[1] < 1:
+        raise ValueError(
+            f"class_index must be [B, K] = [{rows}, K >= 1], got shape {tuple(class_index.shape)}"
+        )
+    if (
+        check_values
+        and class_index.numel()
+        and not torch.compiler.is_compiling()
+        and (int(class_index.min()) < 0 or int(class_index.max()) >= num_classes)
+    ):
+        raise ValueError(
+            f"class_index values must lie in [0, {num_classes}) (C = number of classes), got "
+            f"range [{int(class_index.min())}, {int(class_index.max())}]"
+        )

@@ -1,12 +1,19 @@
 """Generative perception: the mixture likelihood of the chain bank, the class posterior and the
 distillation loss (docs/METHOD.md section 1).
 
-Public functions validate their arguments, then dispatch to a backend:
+This module is the public API and the dispatch: the functions validate their arguments, then
+run a backend, each in a module of its own named for what runs:
 
-* ``"reference"``: the eager float reference of ``genrep_fast.reference`` (materialises
-  ``[B, C, T, D]``; for tests and as the benchmark baseline);
-* ``"torch"``: chunked torch implementation (CPU default);
-* ``"triton"``: the fused Triton kernels of ``genrep_fast.kernels`` (CUDA default).
+* ``"triton"``: the fused Triton kernels of ``genrep_fast.kernels`` (the CUDA default);
+* ``"cpp"``: the C++ kernels of csrc/mixture_cpu.cpp, ``genrep_fast.mixture_cpp`` (mixture
+  likelihood only; the CPU default for a per-image bank and for candidate classes);
+* ``"torch"``: chunked torch code, ``genrep_fast.mixture_torch`` (the CPU default for a shared
+  bank without candidates; the posterior and the loss in plain torch);
+* ``"reference"``: the eager reference of ``genrep_fast.reference`` (materialises
+  ``[B, C, T, D]``; the oracle of the tests and the benchmark baseline).
+
+The custom ops (``torch.ops.genrep_fast.*``: opaque to torch.compile, differentiable through
+``register_autograd``) are registered here too.
 
 ``mixture_log_likelihood`` takes the bank as tensors (read as they are at the call; the per-bank
 operands of the fast paths are derived per call) or as a ``genrep_fast.PreparedBank`` snapshot
@@ -21,18 +28,22 @@ import os
 
 import torch
 
-from genrep_fast import posterior_torch, reference
+from genrep_fast import mixture_cpp, mixture_torch, reference
 from genrep_fast._validation import (
     check_choice,
+    check_class_index,
     check_float_tensor,
     check_positive_finite,
     check_same_device,
     check_same_dtype,
     check_tensor,
 )
+from genrep_fast.layout import compute_dtype, is_per_image, num_classes_out
 from genrep_fast.prepared_bank import PreparedBank
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
+# mixture_log_likelihood's backends; the posterior and the loss have no C++ kernels.
+MIXTURE_BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
 BACKENDS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("batchmean", "sum", "none")
 
@@ -87,21 +98,7 @@ def validate_bank(
             f"(the shape of mu, {list(mu.shape)}); got sigma of shape {list(sigma.shape)}"
         )
     if class_index is not None:
-        if class_index.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"class_index must be int64 or int32, got {class_index.dtype}")
-        if class_index.dim() != 2 or class_index.shape[0] != b or class_index.shape[1] < 1:
-            raise ValueError(
-                f"class_index must be [B, K] = [{b}, K >= 1], got shape {tuple(class_index.shape)}"
-            )
-        if (
-            check_values
-            and class_index.numel()
-            and (int(class_index.min()) < 0 or int(class_index.max()) >= c)
-        ):
-            raise ValueError(
-                f"class_index values must lie in [0, {c}) (C = number of bank classes), got range "
-                f"[{int(class_index.min())}, {int(class_index.max())}]"
-            )
+        check_class_index(class_index, num_classes=c, rows=b, check_values=check_values)
     if check_values and check_sigma:
         check_positive_finite("sigma", sigma)
 
@@ -125,17 +122,23 @@ def _triton_available(device: torch.device) -> bool:
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"``: the Triton kernels on CUDA, the chunked torch path elsewhere. The Triton
-    interpreter is for tests only, so ``"auto"`` never picks it on CPU."""
+    """``"auto"``: the Triton kernels on CUDA, the torch code elsewhere. The Triton interpreter is
+    for tests only, so ``"auto"`` never picks it on CPU."""
     if backend != "auto":
         return backend
     return "triton" if _triton_available(device) else "torch"
 
 
-def _num_classes_out(x: torch.Tensor, mu: torch.Tensor, class_index: torch.Tensor | None) -> int:
-    if class_index is not None:
-        return class_index.shape[1]
-    return mu.shape[1] if reference.is_per_image(x, mu) else mu.shape[0]
+def _resolve_mixture_backend(
+    backend: str, x: torch.Tensor, mu: torch.Tensor, class_index: torch.Tensor | None
+) -> str:
+    """``"auto"`` for the mixture likelihood: Triton on CUDA; on CPU the C++ kernels for the
+    layouts they serve best (``mixture_cpp.preferred``) where they are built, else the torch code."""
+    impl = _resolve_backend(backend, x.device)
+    if backend == "auto" and impl == "torch":
+        if mixture_cpp.available(x.device) and mixture_cpp.preferred(x, mu, class_index):
+            return "cpp"
+    return impl
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,29 +167,33 @@ def _mixture_ll_op(
         lse = mixture_kernels.mixture_lse(
             x, mu, sigma, class_index, precision=precision, operands=ops
         )
-        t = mu.shape[2] if reference.is_per_image(x, mu) else mu.shape[1]
-        return (lse - math.log(t)).to(reference.compute_dtype(x.dtype))
-    return posterior_torch.forward(x, mu, sigma, class_index, prepared=_torch_prepared(prepared))
+        t = mu.shape[2] if is_per_image(x, mu) else mu.shape[1]
+        return (lse - math.log(t)).to(compute_dtype(x.dtype))
+    if impl == "cpp":
+        return mixture_cpp.forward(x, mu, sigma, class_index)
+    return mixture_torch.forward(x, mu, sigma, class_index, prepared=_torch_prepared(prepared))
 
 
-def _torch_prepared(prepared: list[torch.Tensor]) -> posterior_torch.GemmBank | None:
-    return posterior_torch.GemmBank(*prepared) if prepared else None
+def _torch_prepared(prepared: list[torch.Tensor]) -> mixture_torch.GemmBank | None:
+    return mixture_torch.GemmBank(*prepared) if prepared else None
 
 
 def _check_ll_op_args(x, mu, sigma, class_index, precision, impl) -> None:
     """The public function's checks less the value checks (no host sync): the op is also
     reachable directly, as ``torch.ops.genrep_fast.mixture_log_likelihood``."""
     check_choice("precision", precision, PRECISIONS)
-    check_choice("impl", impl, ("torch", "triton"))
+    check_choice("impl", impl, ("torch", "cpp", "triton"))
     validate_bank(x, mu, sigma, class_index, check_values=False)
     if impl == "triton":
         _check_triton_usable(x.device)
+    elif impl == "cpp":
+        _check_cpp_usable(x.device)
 
 
 @_mixture_ll_op.register_fake
 def _(x, mu, sigma, class_index, precision, impl, prepared):
-    k = _num_classes_out(x, mu, class_index)
-    return x.new_empty((x.shape[0], k), dtype=reference.compute_dtype(x.dtype))
+    k = num_classes_out(x, mu, class_index)
+    return x.new_empty((x.shape[0], k), dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("genrep_fast::mixture_log_likelihood_backward", mutates_args=())
@@ -204,19 +211,21 @@ def _mixture_ll_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recompute-based backward: the scores, their LSE and the mixture weights are recomputed tile
     by tile (Triton, exact difference form whatever the forward precision) or chunk by chunk
-    (torch, float64 GEMM form for a shared bank), so ``[B, C, T]`` is never stored. The LSE is not
+    (torch: float64 GEMM form for a shared bank; C++: row by row), so ``[B, C, T]`` is never stored. The LSE is not
     taken from the forward's float32 output: its rounding (ulp(|ll|), 0.06 nats at -6e5) would
     scale the weights. Gradients not asked for come back as empty tensors."""
     _check_ll_op_args(x, mu, sigma, class_index, "ieee", impl)
     check_float_tensor("grad", grad)
-    k = _num_classes_out(x, mu, class_index)
+    k = num_classes_out(x, mu, class_index)
     if tuple(grad.shape) != (x.shape[0], k):
         raise ValueError(f"grad must be [B, K] = [{x.shape[0]}, {k}], got {tuple(grad.shape)}")
     needs = (need_x, need_mu, need_sigma)
     if impl == "triton":
         gx, gmu, gsig = _triton_backward(grad, x, mu, sigma, class_index, needs)
+    elif impl == "cpp":
+        gx, gmu, gsig = mixture_cpp.backward(grad, x, mu, sigma, class_index, needs)
     else:
-        gx, gmu, gsig = posterior_torch.backward(
+        gx, gmu, gsig = mixture_torch.backward(
             grad, x, mu, sigma, class_index, needs, prepared=_torch_prepared(prepared)
         )
     empty = x.new_empty(0)
@@ -294,7 +303,10 @@ def mixture_log_likelihood(
         precision: ``"ieee"`` (fp32), ``"tf32x3"``, ``"tf32"`` or ``"bf16"``: the arithmetic of the
             shared-bank GEMM form of the Triton backend (see docs/NUMERICS.md). The difference forms
             are exact fp32; the torch backend always uses a float64 GEMM form.
-        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA; on CPU ``"cpp"`` for a per-image bank or candidate
+            classes where the extension is built, else ``"torch"``), ``"triton"`` (the Triton
+            kernels), ``"cpp"`` (the C++ kernels of the difference form, CPU tensors),
+            ``"torch"`` (chunked torch code) or ``"reference"`` (the eager reference).
         validate: check ``sigma > 0`` and the class_index range (one host sync each); set False
             inside a hot loop once the inputs are known to be good.
 
@@ -310,7 +322,7 @@ def mixture_log_likelihood(
     the gradients.
     """
     check_choice("precision", precision, PRECISIONS)
-    check_choice("backend", backend, BACKENDS)
+    check_choice("backend", backend, MIXTURE_BACKENDS)
     # The value checks sync with the host; under torch.compile they would break the graph, so a
     # compiled caller gets the shape/dtype checks only (validate eagerly once, outside the loop).
     check_values = validate and not torch.compiler.is_compiling()
@@ -321,11 +333,13 @@ def mixture_log_likelihood(
         raise TypeError("sigma is required with a tensor mu (only a PreparedBank carries its own)")
     # A prepared bank's sigma was checked when it was prepared.
     validate_bank(x, mu, sigma, class_index, check_values=check_values, check_sigma=bank is None)
-    impl = _resolve_backend(backend, x.device)
+    impl = _resolve_mixture_backend(backend, x, mu, class_index)
     if impl == "reference":
         return reference.mixture_log_likelihood(x, mu, sigma, class_index=class_index)
     if impl == "triton":
         _check_triton_usable(x.device)
+    elif impl == "cpp":
+        _check_cpp_usable(x.device)
     prepared = [] if bank is None else bank._operands_for(impl, x, class_index, precision)
     return _mixture_ll_op(x, mu, sigma, class_index, precision, impl, prepared)
 
@@ -364,6 +378,19 @@ def _check_triton_usable(device: torch.device) -> None:
         raise ValueError(
             f"backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests); the "
             f"tensors are on {device}"
+        )
+
+
+def _check_cpp_usable(device: torch.device) -> None:
+    if not mixture_cpp.available(device):
+        raise ValueError(
+            "backend='cpp' needs CPU tensors and genrep_fast._C built with the mixture kernels; "
+            f"the tensors are on {device}"
+            + (
+                ""
+                if mixture_cpp.available(torch.device("cpu"))
+                else " and the kernels are not built"
+            )
         )
 
 
@@ -457,25 +484,12 @@ def posterior_kl_loss(
             f"{tuple(log_likelihood.shape)}"
         )
     if class_index is not None:
-        if class_index.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"class_index must be int64 or int32, got {class_index.dtype}")
-        if tuple(class_index.shape) != tuple(log_likelihood.shape):
-            raise ValueError(
-                f"class_index must have the shape of log_likelihood {tuple(log_likelihood.shape)}, "
-                f"got {tuple(class_index.shape)}"
-            )
-        # A value check syncs with the host: under torch.compile it is skipped (as in
-        # mixture_log_likelihood), so a compiled caller validates its indices eagerly once.
-        if (
-            validate
-            and class_index.numel()
-            and not torch.compiler.is_compiling()
-            and (int(class_index.min()) < 0 or int(class_index.max()) >= logits.shape[1])
-        ):
-            raise ValueError(
-                f"class_index values must lie in [0, {logits.shape[1]}), got range "
-                f"[{int(class_index.min())}, {int(class_index.max())}]"
-            )
+        check_class_index(
+            class_index,
+            num_classes=logits.shape[1],
+            shape=tuple(log_likelihood.shape),
+            check_values=validate,
+        )
         class_index = class_index.long()
     elif tuple(logits.shape) != tuple(log_likelihood.shape):
         raise ValueError(
@@ -519,10 +533,7 @@ class _PosteriorKL(torch.autograd.Function):
         log_p = reference.log_class_posterior(log_likelihood.detach(), log_prior)
         log_p = log_p.detach()
         log_q = torch.log_softmax(logits.detach().to(log_p.dtype), dim=-1)
-        p = log_p.exp()
-        # 0 * log 0 = 0: classes the teacher rules out contribute nothing; a NaN teacher row
-        # (p == 0 is False for NaN) gives a NaN loss, never 0 over NaN gradients.
-        per_image = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)
+        per_image, p = reference.kl_divergence(log_p, log_q)
         ctx.save_for_backward(p, log_q)
         ctx.logits_dtype = logits.dtype
         return per_image
@@ -571,9 +582,7 @@ def _check_posterior_op_args(log_likelihood, log_prior, logits=None) -> None:
 
 @_class_posterior_op.register_fake
 def _(log_likelihood, log_prior):
-    return log_likelihood.new_empty(
-        log_likelihood.shape, dtype=reference.compute_dtype(log_likelihood.dtype)
-    )
+    return log_likelihood.new_empty(log_likelihood.shape, dtype=compute_dtype(log_likelihood.dtype))
 
 
 def _class_posterior_setup(ctx, inputs, output):
@@ -617,7 +626,7 @@ def _posterior_kl_op(
 
 @_posterior_kl_op.register_fake
 def _(logits, log_likelihood, log_prior):
-    dt = reference.compute_dtype(log_likelihood.dtype)
+    dt = compute_dtype(log_likelihood.dtype)
     b = log_likelihood.shape[0]
     return log_likelihood.new_empty((b,), dtype=dt), log_likelihood.new_empty((b, 4), dtype=dt)
 

@@ -26,14 +26,14 @@ import contextlib
 
 import torch
 
-from genrep_fast import posterior_torch
+from genrep_fast import mixture_torch
 from genrep_fast._validation import (
     FLOAT_DTYPES,
     check_float_tensor,
     check_positive_finite,
     check_same_device,
 )
-from genrep_fast.reference import is_diagonal
+from genrep_fast.layout import is_diagonal
 
 
 class PreparedBank:
@@ -69,7 +69,7 @@ class PreparedBank:
             # tensors (or to their inference-mode flag), the snapshot's own stay as they are now.
             self._mu = _private_copy(mu, mu.dtype if dtype is None else dtype)
             self._sigma = _private_copy(sigma, sigma.dtype)
-        self._torch_operands: posterior_torch.GemmBank | None = None
+        self._torch_operands: mixture_torch.GemmBank | None = None
         self._triton_operands = None
 
     # ---------------------------------------------------------------- shape facts
@@ -153,10 +153,10 @@ class PreparedBank:
         """The operands that ``impl`` / ``precision`` use for this call, derived from the private
         copies on first use and kept; ``[]`` where the path reads mu and sigma directly (the
         difference forms, the C++ kernels)."""
-        if impl == "torch" and not posterior_torch._use_extension(x, self._mu, class_index):
+        if impl == "torch":
             if self._torch_operands is None:
                 with _preparing(self.device):
-                    self._torch_operands = posterior_torch.gemm_bank(self._mu, self._sigma)
+                    self._torch_operands = mixture_torch.gemm_bank(self._mu, self._sigma)
             return list(self._torch_operands)
         if impl == "triton":
             from genrep_fast.kernels import mixture as mixture_kernels

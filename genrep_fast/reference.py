@@ -4,14 +4,7 @@ These functions are the oracle of the tests and the eager baseline of the benchm
 written for clarity, not speed (``mixture_log_likelihood`` materialises ``[B, C, T, D]``). They do
 not validate their arguments; the public API in ``genrep_fast`` does that before dispatching here.
 
-Conventions (shared with the fast paths):
-
-* ``x: [B, *latent]``; ``D = prod(latent)``.
-* Shared bank ``mu: [C, T, *latent]``; per-image bank ``mu: [B, C, T, *latent]``.
-* ``sigma`` isotropic: ``[T]``, ``[C, T]`` or (per-image bank) ``[B, C, T]``; diagonal: the shape
-  of ``mu``.
-* ``class_index: [B, K]`` (int64) restricts the classes per image; the result is then ``[B, K]``.
-* Low-precision inputs are computed in float32, float64 inputs in float64.
+Conventions (shapes, dtypes): ``genrep_fast.layout``, shared with the fast paths.
 """
 
 from __future__ import annotations
@@ -21,7 +14,14 @@ from collections.abc import Sequence
 
 import torch
 
-LOG_2PI = math.log(2.0 * math.pi)
+from genrep_fast.layout import (  # noqa: F401  (re-exported: the oracle's conventions)
+    LOG_2PI,
+    bank_view,
+    compute_dtype,
+    is_diagonal,
+    is_per_image,
+    sum_to_sigma_shape,
+)
 
 ALIGN_MODES = ("symmetric", "generation", "perception", "none")
 
@@ -29,20 +29,6 @@ ALIGN_MODES = ("symmetric", "generation", "perception", "none")
 def thinned_steps(num_steps: int, burn_in: int = 50, thin: int = 2) -> list[int]:
     """0-based positions kept from an N-step reverse chain: ``burn_in, burn_in + thin, ... < N``."""
     return list(range(burn_in, num_steps, thin))
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def is_diagonal(mu: torch.Tensor, sigma: torch.Tensor) -> bool:
-    return sigma.shape == mu.shape
-
-
-def is_per_image(x: torch.Tensor, mu: torch.Tensor) -> bool:
-    """Per-image bank ``[B, C, T, *latent]`` has two more dims than ``x``; shared bank one more."""
-    return mu.dim() == x.dim() + 2
 
 
 def gaussian_log_density(
@@ -64,31 +50,17 @@ def gaussian_log_density(
     return -0.5 * quad - log_det - 0.5 * d * LOG_2PI
 
 
-def sum_to_sigma_shape(grad: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Sum the gradient of a broadcast (leading-dims-expanded) isotropic ``sigma`` back to
-    ``sigma``'s own shape; a diagonal sigma's gradient already has it."""
-    if grad.dim() > sigma.dim():
-        grad = grad.sum(tuple(range(grad.dim() - sigma.dim())))
-    return grad.reshape(sigma.shape)
-
-
 def _bank_as_bctd(
     x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, class_index: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Bring the bank to ``mu: [B or 1, C', T, D]`` and sigma to ``[B or 1, C', T(, D)]``."""
     b = x.shape[0]
-    diagonal = is_diagonal(mu, sigma)
-    if is_per_image(x, mu):
-        c, t = mu.shape[1], mu.shape[2]
-        mu4 = mu.reshape(b, c, t, -1)
-    else:
-        c, t = mu.shape[0], mu.shape[1]
-        mu4 = mu.reshape(1, c, t, -1)
-    if diagonal:
-        s4 = sigma.reshape(mu4.shape)
-    else:
-        s4 = sigma.expand(*mu4.shape[:3]) if sigma.dim() < 3 else sigma
-        s4 = s4.reshape(s4.shape[0], c, t)
+    view = bank_view(x, mu, sigma)
+    mu4, s4 = view.mu, view.sigma_expanded()
+    if not view.per_image:
+        mu4, s4 = mu4[None], s4[None]
+    diagonal = view.diagonal
+    t = view.num_steps
     if class_index is not None:
         k = class_index.shape[1]
         idx = class_index.reshape(b, k, 1)
@@ -162,6 +134,16 @@ def class_posterior(
     return log_class_posterior(log_likelihood, log_prior).exp()
 
 
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(KL(p || q) [B], p [B, C])`` from ``log p, log q: [B, C]``, summed over the classes.
+
+    0 * log 0 = 0: classes the teacher rules out contribute nothing. ``p == 0``, not ``p > 0``: a
+    NaN teacher (a NaN or +inf log-likelihood, a row of -inf) must give a NaN loss, not 0.
+    """
+    p = log_p.exp()
+    return torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1), p
+
+
 def posterior_kl_loss(
     logits: torch.Tensor,
     log_likelihood: torch.Tensor,
@@ -183,11 +165,7 @@ def posterior_kl_loss(
     if detach_teacher:
         log_p = log_p.detach()
     log_q = torch.log_softmax(logits.to(log_p.dtype), dim=-1)
-    p = log_p.exp()
-    # 0 * log 0 = 0: classes the teacher rules out contribute nothing. `p == 0`, not `p > 0`: a NaN
-    # teacher (a NaN or +inf log-likelihood, a row of -inf) must give a NaN loss, not 0.
-    per_class = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
-    per_image = per_class.sum(-1)
+    per_image, _ = kl_divergence(log_p, log_q)
     if reduction == "none":
         return per_image
     if reduction == "sum":

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from genrep_fast.reference import LOG_2PI, compute_dtype, is_diagonal
+from genrep_fast.layout import LOG_2PI, bank_view, compute_dtype, is_diagonal
 
 PRECISION_CODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 
@@ -52,6 +52,29 @@ def _interpreted() -> bool:
 # ------------------------------------------------------------------------------------------------
 # Difference form: per-image bank, candidate classes, shared bank at "ieee"
 # ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mu_tile(mu_row, offs_t, offs_d, stride_mt, tile_mask, ACC_F64: tl.constexpr):
+    """``mu[t, d]`` over one ``[BLOCK_T, BLOCK_D]`` tile of a class's bank rows (``mu_row``: its
+    ``[T, D]`` block, unit stride in d), 0 in masked lanes, in the accumulation dtype. Every
+    difference-form kernel loads its bank tiles through this (inlined: the code is the same)."""
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    return tl.load(
+        mu_row + offs_t[:, None] * stride_mt + offs_d[None, :], mask=tile_mask, other=0.0
+    ).to(acc_t)
+
+
+@triton.jit
+def sigma_tile(sig_row, offs_t, offs_d, stride_st, stride_sd, tile_mask, ACC_F64: tl.constexpr):
+    """Diagonal ``sigma[t, d]`` over one tile, as ``mu_tile``; 1 in masked lanes, so that their
+    log and reciprocal stay finite."""
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    return tl.load(
+        sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
+        mask=tile_mask,
+        other=1.0,
+    ).to(acc_t)
 
 
 @triton.jit
@@ -83,16 +106,10 @@ def row_scores(
         d_mask = offs_d < D
         tile_mask = t_mask[:, None] & d_mask[None, :]
         xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(acc_t)
-        mv = tl.load(
-            mu_row + offs_t[:, None] * stride_mt + offs_d[None, :], mask=tile_mask, other=0.0
-        ).to(acc_t)
+        mv = mu_tile(mu_row, offs_t, offs_d, stride_mt, tile_mask, ACC_F64)
         diff = xv[None, :] - mv
         if DIAG:
-            sv = tl.load(
-                sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
-                mask=tile_mask,
-                other=1.0,
-            ).to(acc_t)
+            sv = sigma_tile(sig_row, offs_t, offs_d, stride_st, stride_sd, tile_mask, ACC_F64)
             z = diff / sv
             quad += tl.sum(z * z, 1)
             log_det += tl.sum(tl.log(sv), 1)
@@ -256,27 +273,21 @@ def diff_layout(
     mu: torch.Tensor,
     sigma: torch.Tensor,
     class_index: torch.Tensor | None,
-    *,
-    per_image: bool,
 ) -> DiffLayout:
     """``DiffLayout`` of validated arguments (shapes as ``mixture_lse_diff``)."""
-    b = x.shape[0]
-    x2 = x.reshape(b, -1).contiguous()
-    d = x2.shape[1]
-    lead = 3 if per_image else 2
-    mu_l = mu.reshape(*mu.shape[:lead], d).contiguous()
-    c, t = mu_l.shape[lead - 2], mu_l.shape[lead - 1]
-    diagonal = is_diagonal(mu, sigma)
-    if diagonal:
-        sig_l = sigma.reshape(mu_l.shape).contiguous()
+    view = bank_view(x, mu, sigma)
+    x2 = view.x.contiguous()
+    mu_l = view.mu.contiguous()
+    sig_l = view.sigma.contiguous()
+    if view.diagonal:
         ss = _expand_strides(sig_l, 4)
     else:
-        sig_l = sigma.contiguous()
         ss = _expand_strides(sig_l, 3) + [0]
+    c, t, d = view.num_classes, view.num_steps, view.dim
     k = c if class_index is None else class_index.shape[1]
     idx = class_index.contiguous() if class_index is not None else x2  # dummy pointer
     return DiffLayout(
-        x2, mu_l, sig_l, idx, c, t, d, k, diagonal, compute_dtype(x.dtype),
+        x2, mu_l, sig_l, idx, c, t, d, k, view.diagonal, compute_dtype(x.dtype),
         _expand_strides(mu_l, 4), ss,
     )  # fmt: skip
 
@@ -286,15 +297,13 @@ def mixture_lse_diff(
     mu: torch.Tensor,
     sigma: torch.Tensor,
     class_index: torch.Tensor | None,
-    *,
-    per_image: bool,
 ) -> torch.Tensor:
     """Difference-form LSE ``[B, K]``: float32 (float64 for float64 inputs).
 
     ``x: [B, *latent]``; ``mu: [C, T, *latent]`` (shared) or ``[B, C, T, *latent]``; ``sigma``
     isotropic (any of ``[T]``, ``[C, T]``, ``[B, C, T]``) or diagonal (the shape of mu).
     """
-    lay = diff_layout(x, mu, sigma, class_index, per_image=per_image)
+    lay = diff_layout(x, mu, sigma, class_index)
     b, k = x.shape[0], lay.num_candidates
     out = torch.empty(b, k, dtype=lay.acc_dtype, device=x.device)
     _mixture_diff_kernel[(b * k,)](
@@ -564,7 +573,7 @@ def mixture_lse(
     """
     if uses_gemm_form(x, mu, class_index, precision):
         return mixture_lse_gemm(x, mu, sigma, precision, operands)
-    return mixture_lse_diff(x, mu, sigma, class_index, per_image=mu.dim() == x.dim() + 2)
+    return mixture_lse_diff(x, mu, sigma, class_index)
 
 
 def uses_gemm_form(
@@ -636,7 +645,7 @@ def redo_nonfinite_pairs(
     b, c = out.shape
     bad_b = (~torch.isfinite(xx)).to(torch.int8)
     bad_c = (~torch.isfinite(mm.reshape(c, -1)).all(-1)).to(torch.int8)
-    lay = diff_layout(x, mu, sigma, None, per_image=False)
+    lay = diff_layout(x, mu, sigma, None)
     _mixture_diff_redo_kernel[(b * c,)](
         lay.x,
         lay.mu,

@@ -31,8 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-from genrep_fast.kernels.mixture import class_rows, diff_layout, row_lse, row_scores
-from genrep_fast.reference import is_per_image, sum_to_sigma_shape
+from genrep_fast.kernels.mixture import (
+    class_rows,
+    diff_layout,
+    mu_tile,
+    row_lse,
+    row_scores,
+    sigma_tile,
+)
+from genrep_fast.layout import is_per_image, sum_to_sigma_shape
 
 # Row kernel tile: as the forward difference kernel (32 x 128 fp32 = 16 KiB of mu per tile).
 ROWS_MAX_BLOCK_T = 32
@@ -89,16 +96,10 @@ def _bank_scores(
         xv = tl.load(
             x_rows[:, None] + offs_d[None, :], mask=e_mask[:, None] & d_mask[None, :], other=0.0
         ).to(acc_t)
-        mv = tl.load(
-            mu_row + offs_t[:, None] * stride_mt + offs_d[None, :], mask=tile_mask, other=0.0
-        ).to(acc_t)
+        mv = mu_tile(mu_row, offs_t, offs_d, stride_mt, tile_mask, ACC_F64)
         diff = xv[:, None, :] - mv[None, :, :]
         if DIAG:
-            sv = tl.load(
-                sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
-                mask=tile_mask,
-                other=1.0,
-            ).to(acc_t)
+            sv = sigma_tile(sig_row, offs_t, offs_d, stride_st, stride_sd, tile_mask, ACC_F64)
             z = diff / sv[None, :, :]
             quad += tl.sum(z * z, 2)
         else:
@@ -203,19 +204,13 @@ def _mixture_bwd_rows_kernel(
                         d_mask = offs_d < D
                         tile_mask = t_mask[:, None] & d_mask[None, :]
                         xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(acc_t)
-                        mv = tl.load(
-                            mu_row + offs_t[:, None] * stride_mt + offs_d[None, :],
-                            mask=tile_mask,
-                            other=0.0,
-                        ).to(acc_t)
+                        mv = mu_tile(mu_row, offs_t, offs_d, stride_mt, tile_mask, ACC_F64)
                         diff = xv[None, :] - mv
                         tile_off = offs_t[:, None] * D + offs_d[None, :]
                         if DIAG:
-                            sv = tl.load(
-                                sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
-                                mask=tile_mask,
-                                other=1.0,
-                            ).to(acc_t)
+                            sv = sigma_tile(
+                                sig_row, offs_t, offs_d, stride_st, stride_sd, tile_mask, ACC_F64
+                            )
                             ivar = 1.0 / (sv * sv)
                             contrib = w[:, None] * diff * ivar  # dL/dmu = w (x - mu) / sigma^2
                             if WRITE_SIG:
@@ -338,20 +333,14 @@ def _mixture_bwd_bank_kernel(
                         mask=e_mask[:, None] & d_mask[None, :],
                         other=0.0,
                     ).to(acc_t)
-                    mv = tl.load(
-                        mu_row + offs_t[:, None] * stride_mt + offs_d[None, :],
-                        mask=tile_mask,
-                        other=0.0,
-                    ).to(acc_t)
+                    mv = mu_tile(mu_row, offs_t, offs_d, stride_mt, tile_mask, ACC_F64)
                     diff = xv[:, None, :] - mv[None, :, :]
                     diff = tl.where(valid[:, :, None], diff, 0.0)
                     out_off = out_rows[:, None] + offs_d[None, :]
                     if DIAG:
-                        sv = tl.load(
-                            sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
-                            mask=tile_mask,
-                            other=1.0,
-                        ).to(acc_t)
+                        sv = sigma_tile(
+                            sig_row, offs_t, offs_d, stride_st, stride_sd, tile_mask, ACC_F64
+                        )
                         ivar = 1.0 / (sv * sv)
                         wd = tl.sum(w[:, :, None] * diff, 0)  # sum_b w (x_b - mu)
                         if NEED_MU:
@@ -388,11 +377,7 @@ def _bank_sigma_terms(
         for d0 in range(0, D, BLOCK_D):
             offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
             tile_mask = t_mask[:, None] & (offs_d < D)[None, :]
-            sv = tl.load(
-                sig_row + offs_t[:, None] * stride_st + offs_d[None, :] * stride_sd,
-                mask=tile_mask,
-                other=1.0,
-            ).to(acc_t)
+            sv = sigma_tile(sig_row, offs_t, offs_d, stride_st, stride_sd, tile_mask, ACC_F64)
             log_det += tl.sum(tl.log(sv), 1)
         siso = tl.full([BLOCK_T], 1.0, acc_t)  # unused
     else:
@@ -451,7 +436,7 @@ def mixture_lse_backward(
     need_x, need_mu, need_sig = needs
     b = x.shape[0]
     per_image = is_per_image(x, mu)
-    lay = diff_layout(x, mu, sigma, class_index, per_image=per_image)
+    lay = diff_layout(x, mu, sigma, class_index)
     x2, mu_l, sig_l = lay.x, lay.mu, lay.sigma
     c, t, d, k = lay.num_classes, lay.num_steps, lay.dim, lay.num_candidates
     diagonal, acc_dtype = lay.diagonal, lay.acc_dtype

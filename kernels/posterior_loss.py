@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from genrep_fast.reference import compute_dtype
+from genrep_fast.layout import compute_dtype
 
 # One tile holds up to 2048 classes (ImageNet-1k in one tile: 8 KiB of fp32 per operand);
 # larger C loops over tiles with an online max / sum.

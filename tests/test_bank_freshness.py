@@ -3,7 +3,7 @@
 Every route that changes a bank's values without (or around) its version counter - ``.data``, a
 NumPy view, ``set_``, a DLPack view, a new tensor at a freed one's address, a bank made under
 ``torch.inference_mode()`` - must give the fresh answer on every backend: the reference, the torch
-path with the C++ kernels (candidate classes) and without them (``USE_CPU_EXTENSION = False``), and
+code (``backend="torch"``), the C++ kernels (``backend="cpp"``, candidate classes) and
 the Triton kernels (interpreter on CPU), at ``precision="ieee"`` and at a GEMM precision.
 
 Tolerance idiom of tests/test_mixture_triton.py: a result's error against the float64 reference is
@@ -22,7 +22,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import genrep_fast as G
-from genrep_fast import posterior_torch
+from genrep_fast import mixture_torch
 from genrep_fast import reference as R
 from genrep_fast.models import ChainBank
 from genrep_fast.posterior import _mixture_ll_op
@@ -43,21 +43,20 @@ def make_bank(seed=0, sigma_kind="c_t"):
 
 CLASS_INDEX = torch.tensor([[0, 2], [1, 1], [2, 0]])
 
-# (id, backend, C++ kernels, class_index): every code path a shared bank can take on CPU.
+# (id, backend, class_index): every code path a shared bank can take on CPU.
 PATHS = [
-    ("reference", "reference", True, None),
-    ("torch-gemm", "torch", False, None),  # float64 GEMM form (its bank copy was cached)
-    ("torch-cand", "torch", False, CLASS_INDEX),  # GEMM form over the candidate classes
-    ("torch-cpp-cand", "torch", True, CLASS_INDEX),  # C++ difference kernel
-    ("triton", "triton", True, None),  # difference kernel (ieee) / GEMM kernel (tf32x3)
+    ("reference", "reference", None),
+    ("torch-gemm", "torch", None),  # float64 GEMM form (its bank copy was cached)
+    ("torch-cand", "torch", CLASS_INDEX),  # GEMM form over the candidate classes
+    ("cpp-cand", "cpp", CLASS_INDEX),  # C++ difference kernel
+    ("triton", "triton", None),  # difference kernel (ieee) / GEMM kernel (tf32x3)
 ]
 PRECISIONS = ["ieee", "tf32x3"]
 
 
 @pytest.fixture
-def path(request, monkeypatch):
-    pid, backend, extension, ci = request.param
-    monkeypatch.setattr(posterior_torch, "USE_CPU_EXTENSION", extension)
+def path(request):
+    pid, backend, ci = request.param
     return backend, ci
 
 
@@ -282,7 +281,7 @@ def test_prepared_bank_bad_input():
 def test_opcheck_with_prepared_operands():
     x, mu, sigma = make_bank()
     x = x.double().requires_grad_()
-    ops = posterior_torch.gemm_bank(mu.double(), sigma.double())
+    ops = mixture_torch.gemm_bank(mu.double(), sigma.double())
     torch.library.opcheck(
         _mixture_ll_op, (x, mu.double(), sigma.double(), None, "ieee", "torch", list(ops))
     )

@@ -31,7 +31,9 @@ def test_train_writes_checkpoint_and_metrics(run_dir):
 def test_eval_sample_classify(run_dir, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run_dir), "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "eval.json").read_text())
-    assert 0 <= res["head_top1"] <= 1 and (tmp_path / "reliability.png").exists()
+    k = res["head_top1"] * res["test_images"]  # an accuracy is a count over the images
+    assert 0 <= k <= res["test_images"] and k == pytest.approx(round(k), abs=1e-6), res
+    assert (tmp_path / "reliability.png").exists()
     png = tmp_path / "s.png"
     assert (
         main(["sample", "--checkpoint", str(run_dir), "--out", str(png), "--per-class", "1"]) == 0

@@ -80,7 +80,7 @@ def test_difference_kernel_matches_f64(case):
     b, c, t, latent, per_image, kind, cand = case
     x, mu, sigma = make_bank(b, c, t, latent, per_image=per_image, sigma_kind=kind)
     ci = torch.randint(0, c, (b, 3), generator=torch.Generator().manual_seed(1)) if cand else None
-    got = M.mixture_lse_diff(x, mu, sigma, ci, per_image=per_image)
+    got = M.mixture_lse_diff(x, mu, sigma, ci)
     want = lse_f64(x, mu, sigma, ci)
     # torch's fp32 difference form (the reference run in fp32) is the yardstick.
     torch32 = R.mixture_log_likelihood(x, mu, sigma, class_index=ci).double() + math.log(t)
@@ -94,7 +94,7 @@ def test_difference_kernel_matches_f64(case):
 def test_difference_kernel_input_dtypes(dtype):
     x, mu, sigma = make_bank(3, 4, 5, (9,), per_image=True, sigma_kind="t")
     x, mu, sigma = x.to(dtype), mu.to(dtype), sigma.to(dtype)
-    got = M.mixture_lse_diff(x, mu, sigma, None, per_image=True)
+    got = M.mixture_lse_diff(x, mu, sigma, None)
     want = lse_f64(x, mu, sigma)  # the same rounded inputs, in float64
     assert got.dtype == (F64 if dtype == F64 else torch.float32)
     tol = 1e-12 * want.abs().max().item() if dtype == F64 else _floor(want)

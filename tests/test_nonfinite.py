@@ -19,26 +19,25 @@ import pytest
 import torch
 
 import genrep_fast as G
-from genrep_fast import _ops, posterior_torch
+from genrep_fast import _ops
 from genrep_fast import reference as R
 
 INF, NAN = math.inf, math.nan
 B, C, T, D = 3, 3, 4, 5
 CI = torch.tensor([[0, 2], [1, 1], [2, 0]])
 
-# (name, backend, precision, C++ kernels)
+# (backend, precision): every path of the likelihood on CPU.
 LL_BACKENDS = [
-    pytest.param("reference", "ieee", True, id="reference"),
+    pytest.param("reference", "ieee", id="reference"),
     pytest.param(
-        "torch",
+        "cpp",
         "ieee",
-        True,
-        id="torch-ext",
+        id="cpp",
         marks=pytest.mark.skipif(not _ops.HAS_MIXTURE_CPU_OPS, reason="no C++ mixture kernels"),
     ),
-    pytest.param("torch", "ieee", False, id="torch-no-ext"),
-    pytest.param("triton", "ieee", True, id="triton-diff"),
-    pytest.param("triton", "tf32", True, id="triton-gemm"),
+    pytest.param("torch", "ieee", id="torch"),
+    pytest.param("triton", "ieee", id="triton-diff"),
+    pytest.param("triton", "tf32", id="triton-gemm"),
 ]
 LAYOUTS = ["shared", "candidates", "per_image", "diagonal"]
 
@@ -69,8 +68,7 @@ def column(layout, c):
     return rows[:, None] & (cls == c)
 
 
-def run_ll(backend, precision, ext, monkeypatch, x, mu, sigma, ci, **kw):
-    monkeypatch.setattr(posterior_torch, "USE_CPU_EXTENSION", ext)
+def run_ll(backend, precision, x, mu, sigma, ci, **kw):
     return G.mixture_log_likelihood(
         x, mu, sigma, class_index=ci, backend=backend, precision=precision, **kw
     )
@@ -134,11 +132,11 @@ LL_CASES = [
 
 @pytest.mark.parametrize("case", LL_CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize(("backend", "precision", "ext"), LL_BACKENDS)
-def test_mixture_log_likelihood_values(backend, precision, ext, layout, case, monkeypatch):
+@pytest.mark.parametrize(("backend", "precision"), LL_BACKENDS)
+def test_mixture_log_likelihood_values(backend, precision, layout, case):
     x, mu, sigma, ci = bank(layout)
     nan, neg = poison(case, layout, x, mu, sigma)
-    got = run_ll(backend, precision, ext, monkeypatch, x, mu, sigma, ci, validate=False)
+    got = run_ll(backend, precision, x, mu, sigma, ci, validate=False)
     assert torch.equal(got.isnan(), nan), got
     assert torch.equal(got.isneginf(), neg), got
     assert not got.isposinf().any()
@@ -159,12 +157,12 @@ GRAD_CASES = ["x +inf", "x -inf", "mu inf one step", "mu inf every step", "overf
 
 @pytest.mark.parametrize("case", GRAD_CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize(("backend", "precision", "ext"), LL_BACKENDS)
-def test_gradients_at_zero_density_are_finite(backend, precision, ext, layout, case, monkeypatch):
+@pytest.mark.parametrize(("backend", "precision"), LL_BACKENDS)
+def test_gradients_at_zero_density_are_finite(backend, precision, layout, case):
     x, mu, sigma, ci = bank(layout)
     poison(case, layout, x, mu, sigma)
     leaves = [x.requires_grad_(), mu.requires_grad_(), sigma.requires_grad_()]
-    ll = run_ll(backend, precision, ext, monkeypatch, *leaves, ci)
+    ll = run_ll(backend, precision, *leaves, ci)
     got = torch.autograd.grad(finite_sum(ll), leaves)
     # Oracle: float64 reference where each non-finite value is replaced by a finite one so far
     # away that its steps' weight is exactly 0 in float64, and rows that are -inf are dropped.
@@ -183,13 +181,13 @@ def test_gradients_at_zero_density_are_finite(backend, precision, ext, layout, c
 
 @pytest.mark.parametrize("case", ["x nan", "mu nan"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize(("backend", "precision", "ext"), LL_BACKENDS)
-def test_nan_gives_nan_gradients(backend, precision, ext, layout, case, monkeypatch):
+@pytest.mark.parametrize(("backend", "precision"), LL_BACKENDS)
+def test_nan_gives_nan_gradients(backend, precision, layout, case):
     x, mu, sigma, ci = bank(layout)
     poison(case, layout, x, mu, sigma)
     x.requires_grad_()
     mu.requires_grad_()
-    ll = run_ll(backend, precision, ext, monkeypatch, x, mu, sigma, ci)
+    ll = run_ll(backend, precision, x, mu, sigma, ci)
     gx, gmu = torch.autograd.grad(ll.sum(), [x, mu])
     if case == "x nan":
         assert gx[0].isnan().all()

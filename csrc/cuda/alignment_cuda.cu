@@ -346,10 +346,6 @@ std::vector<std::pair<at::ScalarType, std::vector<Item>>> split_by_dtype(
   return out;
 }
 
-at::Tensor contiguous_or_undefined(const at::Tensor& t) {
-  return t.defined() ? t.contiguous() : at::Tensor();
-}
-
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 c10::Device common_device(const OptionalTensorList& p, const OptionalTensorList& g,

@@ -1,4 +1,6 @@
-"""Chunked torch implementation of the mixture log-likelihood (the CPU default of ``backend="auto"``).
+"""The mixture log-likelihood in chunked torch code: ``backend="torch"`` of
+``genrep_fast.mixture_log_likelihood`` and, under ``backend="auto"``, its CPU path for a shared bank
+without candidate classes (any device torch runs on; no compiled code).
 
 Same math as ``genrep_fast.reference.mixture_log_likelihood`` (docs/METHOD.md section 1) without ever
 materialising ``[B, C, T, D]``: the classes are processed in chunks whose temporaries stay under
@@ -15,16 +17,15 @@ materialising ``[B, C, T, D]``: the classes are processed in chunks whose tempor
   dtype (float32, or float64 for float64 inputs); it is memory-bound anyway.
 * Candidate classes ``class_index: [B, K]`` into a shared bank: the GEMM form over the classes
   that occur in ``class_index`` (at most ``min(C, B*K)``), then a gather.
-* With the compiled extension, the per-image bank and candidate classes (both banks) run the C++
-  kernels ``genrep_fast::mixture_ll_diff`` / ``mixture_ll_diff_backward`` instead
-  (csrc/mixture_cpu.cpp): exact difference form, mu read once per row, fp32 accumulation, several
-  times faster than the torch code above (timings: bench/bench_posterior.py, recorded under
-  bench/results/). ``USE_CPU_EXTENSION = False`` forces the torch code.
+
+On CPU, ``backend="auto"`` sends the per-image bank and candidate classes to the C++ kernels of
+``genrep_fast.mixture_cpp`` instead (several times faster, bench/bench_posterior.py).
 
 ``forward`` returns ``log p(x|y)``; ``backward`` recomputes the scores and the mixture weights
 chunk by chunk (flash-attention's trick), so ``[B, C, T]`` is never stored either. The LSE is
 recomputed from those scores (every chunk holds all T of its classes) instead of read from the
-saved float32 result, whose rounding at |ll| ~ 1e5..1e7 would scale every weight. Both run without autograd; ``genrep_fast.posterior`` wires them into a custom op.
+saved float32 result, whose rounding at |ll| ~ 1e5..1e7 would scale every weight. Both run without
+autograd; ``genrep_fast.posterior`` wires them into a custom op.
 """
 
 from __future__ import annotations
@@ -34,14 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from genrep_fast import _ops
-from genrep_fast.reference import (
-    LOG_2PI,
-    compute_dtype,
-    is_diagonal,
-    is_per_image,
-    sum_to_sigma_shape,
-)
+from genrep_fast.layout import LOG_2PI, bank_view, compute_dtype, is_diagonal, sum_to_sigma_shape
 
 # Bytes of temporaries per class chunk (scores, weights, converted bank rows). At 16 MiB the
 # realistic CPU case (B=64, C=10, T=75, D=1024; 1.4 MB per class) runs in one chunk and its
@@ -52,11 +46,6 @@ CHUNK_BYTES = 16 * 2**20
 def _classes_per_chunk(per_class_bytes: int, num_classes: int, chunk_bytes: int | None) -> int:
     budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     return max(1, min(num_classes, budget // max(per_class_bytes, 1)))
-
-
-def _iso_sigma(sigma: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
-    """Isotropic sigma ``[T]``, ``[C, T]`` or ``[B, C, T]`` as a (broadcast) view of shape ``lead``."""
-    return sigma.expand(lead)
 
 
 def _log_norm_iso(sig: torch.Tensor, d: int) -> torch.Tensor:
@@ -141,7 +130,7 @@ def gemm_bank(mu: torch.Tensor, sigma: torch.Tensor, gemm_dtype=torch.float64) -
     if is_diagonal(mu, sigma):
         sig = sigma.reshape(mu3.shape).to(gemm_dtype).contiguous()
         return GemmBank(mu3, sig, mu3.new_empty(0))
-    sig = _iso_sigma(sigma, (c, t)).to(gemm_dtype).contiguous()
+    sig = sigma.expand(c, t).to(gemm_dtype).contiguous()
     return GemmBank(mu3, sig, mu3.reshape(c * t, -1).square().sum(-1))
 
 
@@ -367,84 +356,14 @@ def _per_image_backward(grad, x2, mu4, sig4, cls, dt, chunk_bytes, needs):
 
 
 # ------------------------------------------------------------------------------------------------
-# C++ kernels of the difference form (per-image bank, candidate classes)
-# ------------------------------------------------------------------------------------------------
-
-# Tests set this to False to compare with (or to run) the torch code of the same layouts.
-USE_CPU_EXTENSION = True
-
-
-def _use_extension(x: torch.Tensor, mu: torch.Tensor, class_index: torch.Tensor | None) -> bool:
-    """The C++ kernels take the memory-bound layouts on CPU: a per-image bank, or candidate
-    classes of either bank (the difference form reads each candidate's T rows once; the GEMM form
-    is kept for a shared bank without candidates)."""
-    return (
-        USE_CPU_EXTENSION
-        and _ops.HAS_MIXTURE_CPU_OPS
-        and x.device.type == "cpu"
-        and (class_index is not None or is_per_image(x, mu))
-    )
-
-
-def _extension_args(x, mu, sigma, class_index):
-    """Arguments of ``genrep_fast::mixture_ll_diff``: ``x [B, D]``, ``mu [B, C, T, D]`` or
-    ``[C, T, D]`` (views), isotropic sigma as ``[Bs, Cs, T]`` in the accumulation dtype (a copy of
-    at most B*C*T values), diagonal sigma in mu's shape (converted to the accumulation dtype only
-    when its dtype differs from mu's), class_index as int64. The kernel calls ``.contiguous()`` on
-    each: a strided mu or diagonal sigma is copied once per call."""
-    b = x.shape[0]
-    x2 = x.reshape(b, -1)
-    d = x2.shape[1]
-    acc = compute_dtype(x.dtype)
-    lead = tuple(mu.shape[: mu.dim() - x.dim() + 1])  # (B, C, T) or (C, T)
-    mu_c = mu.reshape(*lead, d)
-    if is_diagonal(mu, sigma):
-        sig = sigma.reshape(mu_c.shape)
-        if sig.dtype != mu.dtype:
-            sig = sig.to(acc)
-    else:
-        sig = sigma.to(acc)
-        sig = sig.reshape((1,) * (3 - sig.dim()) + tuple(sig.shape))
-    cls = None if class_index is None else class_index.long()
-    return x2, mu_c, sig, cls
-
-
-def _extension_forward(x, mu, sigma, class_index):
-    return torch.ops.genrep_fast.mixture_ll_diff(*_extension_args(x, mu, sigma, class_index))
-
-
-def _extension_backward(grad, x, mu, sigma, class_index, needs):
-    x2, mu_c, sig, cls = _extension_args(x, mu, sigma, class_index)
-    gx, gmu, gsig = torch.ops.genrep_fast.mixture_ll_diff_backward(
-        grad.to(compute_dtype(x.dtype)), x2, mu_c, sig, cls, *needs
-    )
-    gx = gx.reshape(x.shape) if needs[0] else None
-    gmu = gmu.reshape(mu.shape) if needs[1] else None
-    # Isotropic: [Bs, Cs, T] -> sigma's own shape (the same number of values).
-    gsig = gsig.reshape(sigma.shape).to(sigma.dtype) if needs[2] else None
-    return gx, gmu, gsig
-
-
-# ------------------------------------------------------------------------------------------------
 # Entry points
 # ------------------------------------------------------------------------------------------------
 
 
 def _canonical(x, mu, sigma):
     """``x2: [B, D]``, ``mu`` as ``[C, T, D]`` / ``[B, C, T, D]`` and sigma broadcast to match."""
-    b = x.shape[0]
-    x2 = x.reshape(b, -1)
-    d = x2.shape[1]
-    diagonal = is_diagonal(mu, sigma)
-    if is_per_image(x, mu):
-        c, t = mu.shape[1], mu.shape[2]
-        mu_c = mu.reshape(b, c, t, d)
-        sig_c = sigma.reshape(b, c, t, d) if diagonal else _iso_sigma(sigma, (b, c, t))
-    else:
-        c, t = mu.shape[0], mu.shape[1]
-        mu_c = mu.reshape(c, t, d)
-        sig_c = sigma.reshape(c, t, d) if diagonal else _iso_sigma(sigma, (c, t))
-    return x2, mu_c, sig_c, diagonal
+    view = bank_view(x, mu, sigma)
+    return view.x, view.mu, view.sigma_expanded(), view.diagonal
 
 
 def _with_prepared(mu_c, sig_c, prepared, gemm_dtype):
@@ -472,8 +391,6 @@ def forward(
     ``genrep_fast.PreparedBank``); None converts the bank on this call.
     """
     out_dtype = compute_dtype(x.dtype)
-    if _use_extension(x, mu, class_index):
-        return _extension_forward(x, mu, sigma, class_index)
     x2, mu_c, sig_c, diagonal = _canonical(x, mu, sigma)
     mu_c, sig_c, mm = _with_prepared(mu_c, sig_c, prepared, gemm_dtype)
     t = mu_c.shape[-2]
@@ -508,9 +425,6 @@ def backward(
     gradients in the dtypes and shapes of the inputs, None where ``needs`` is False. ``prepared``
     as in ``forward``.
     """
-    if _use_extension(x, mu, class_index):
-        with torch.no_grad():
-            return _extension_backward(grad, x, mu, sigma, class_index, needs)
     x2, mu_c, sig_c, diagonal = _canonical(x, mu, sigma)
     mu_c, sig_c, _ = _with_prepared(mu_c, sig_c, prepared, gemm_dtype)
     with torch.no_grad():

@@ -1,4 +1,6 @@
-"""The chunked torch path of mixture_log_likelihood (CPU default) against the float64 reference."""
+"""The chunked torch code of mixture_log_likelihood (``backend="torch"``, genrep_fast.mixture_torch)
+against the float64 reference: the shared bank's GEMM form, the per-image bank's difference form
+(isotropic: ``cdist``; diagonal: sub/square/sum) and candidate classes of both."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 import genrep_fast as G
-from genrep_fast import posterior_torch
+from genrep_fast import _ops, mixture_torch
 from genrep_fast import reference as R
 from genrep_fast.posterior import _mixture_ll_op
 
@@ -81,12 +83,37 @@ def test_forward_backward_match_reference_f64(case, layout, candidates):
         torch.testing.assert_close(g_, w_, rtol=1e-10, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("per_image", [False, True])
-def test_chunking_does_not_change_the_result(per_image):
-    x, mu, sigma = make_bank(3, 7, 5, (4,), per_image=per_image)
-    one = posterior_torch.forward(x, mu, sigma, chunk_bytes=1)  # one class per chunk
-    whole = posterior_torch.forward(x, mu, sigma, chunk_bytes=2**40)
-    torch.testing.assert_close(one, whole, rtol=1e-13, atol=1e-13)
+@pytest.mark.parametrize("kind", ["c_t", "diag"])
+@pytest.mark.parametrize("candidates", [False, True], ids=["all", "cand"])
+@pytest.mark.parametrize("per_image", [False, True], ids=["shared", "img"])
+def test_chunking_does_not_change_the_result(per_image, candidates, kind, monkeypatch):
+    """chunk_bytes=1 runs one class (or candidate) per chunk, forward and backward; the result and
+    the gradients match the single-chunk run and the float64 reference."""
+    x, mu, sigma = make_bank(3, 7, 5, (4,), per_image=per_image, sigma_kind=kind)
+    ci = torch.tensor([[6, 0, 3], [2, 2, 5], [1, 4, 0]]) if candidates else None
+    grad = torch.randn(3, 3 if candidates else 7, dtype=F64)
+    chunk_sizes = []
+    real = mixture_torch._classes_per_chunk
+    monkeypatch.setattr(
+        mixture_torch,
+        "_classes_per_chunk",
+        lambda *a: chunk_sizes.append(real(*a)) or chunk_sizes[-1],
+    )
+    runs = {}
+    for name, budget in (("one", 1), ("whole", 2**40)):
+        chunk_sizes.clear()
+        out = mixture_torch.forward(x, mu, sigma, ci, chunk_bytes=budget)
+        grads = mixture_torch.backward(grad, x, mu, sigma, ci, chunk_bytes=budget)
+        runs[name] = (out, *grads)
+        # Forward and backward each sized their chunks: one class per chunk, or all in one.
+        assert len(chunk_sizes) == 2
+        assert set(chunk_sizes) == {1} if budget == 1 else min(chunk_sizes) > 1
+    want = ll_and_grads(
+        lambda a, m, s: R.mixture_log_likelihood(a, m, s, class_index=ci), x, mu, sigma, grad
+    )
+    for name, one, whole, ref in zip(("ll", "x", "mu", "sigma"), runs["one"], runs["whole"], want):
+        torch.testing.assert_close(one, whole, rtol=1e-13, atol=1e-13, msg=name)
+        torch.testing.assert_close(one, ref, rtol=1e-10, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("layout", [(False, "t"), (False, "diag"), (True, "b_c_t"), (True, "diag")])
@@ -194,15 +221,17 @@ def test_one_class_dominating_and_ties():
     assert torch.isfinite(xs.grad).all()
 
 
-def test_auto_on_cpu_uses_the_torch_path(monkeypatch):
-    x, mu, sigma = make_bank(2, 3, 4, (5,))
+def test_backend_torch_runs_the_torch_code(monkeypatch):
+    """backend="torch" runs mixture_torch for every layout (the C++ kernels are backend="cpp")."""
     calls = []
-    real = posterior_torch.forward
-    monkeypatch.setattr(
-        posterior_torch, "forward", lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = mixture_torch.forward
+    monkeypatch.setattr(mixture_torch, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, mu, sigma = make_bank(2, 3, 4, (5,), per_image=True)
+    G.mixture_log_likelihood(x, mu, sigma, backend="torch")
+    G.mixture_log_likelihood(
+        x, mu[0], sigma[0], class_index=torch.tensor([[0], [2]]), backend="torch"
     )
-    G.mixture_log_likelihood(x, mu, sigma)
-    assert calls
+    assert len(calls) == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,16 +239,26 @@ def test_auto_on_cpu_uses_the_torch_path(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "impl",
+    [
+        "torch",
+        pytest.param(
+            "cpp",
+            marks=pytest.mark.skipif(not _ops.HAS_MIXTURE_CPU_OPS, reason="no C++ mixture kernels"),
+        ),
+    ],
+)
 @pytest.mark.parametrize("layout", [(False, "c_t"), (False, "diag"), (True, "t")])
 @pytest.mark.parametrize("candidates", [False, True])
-def test_opcheck(layout, candidates):
+def test_opcheck(layout, candidates, impl):
     per_image, kind = layout
     x, mu, sigma = make_bank(3, 4, 5, (2, 3), per_image=per_image, sigma_kind=kind)
     ci = torch.tensor([[0, 3], [2, 2], [1, 0]]) if candidates else None
     x.requires_grad_()
     mu.requires_grad_()
     sigma.requires_grad_()
-    torch.library.opcheck(_mixture_ll_op, (x, mu, sigma, ci, "ieee", "torch", []))
+    torch.library.opcheck(_mixture_ll_op, (x, mu, sigma, ci, "ieee", impl, []))
 
 
 def test_torch_compile_fullgraph():
