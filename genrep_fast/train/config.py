@@ -190,7 +190,7 @@ class EvalConfig:
     # costs num_classes x dc_trials model rows per image, so the ImageNet configs leave it off);
     # a non-empty loss.dc_prune adds a pruned run with loss.dc_trials (dc_pruned_* metrics).
     dc_trials: int = 0
-    # the independent evaluation (needs the training set: the demo and `train`, not `eval`):
+    # the independent evaluation (reads the whole training set: the demo only, not train/eval):
     # a SmallCNN baseline and sample judge, the x_sem probe, noise robustness
     independent: bool = True
     cnn_steps: int = 0  # 0: stage1.steps + stage2.steps (GenRep's supervised budget)

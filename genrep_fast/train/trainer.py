@@ -251,6 +251,8 @@ class Trainer:
         self._step_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         # stage 2: the alignment's per-group sums of each step since the last log record
         self._align_sums: list[torch.Tensor] = []
+        # fixed (x, y) subsets the teacher's top-1 is logged on at each bank refresh (first refresh)
+        self._teacher_probes: dict | None = None
         self._saved: tuple[tuple[int, int], Path] | None = None
         self._tb = None
         if self.rank == 0:
@@ -493,7 +495,7 @@ class Trainer:
         event (docs/TRAINING.md, "Diagnostics")."""
         from genrep_fast.train import diagnostics
 
-        if not hasattr(self, "_teacher_probes"):
+        if self._teacher_probes is None:
             val = getattr(self, "val_set", None)
             probes = {"train": self.train_set}
             probes["val" if val is not None else "heldout"] = (
