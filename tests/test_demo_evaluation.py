@@ -12,7 +12,13 @@ from train_helpers import TINY, tiny_config
 
 from genrep_fast import reference
 from genrep_fast.train import diagnostics, metrics
-from genrep_fast.train.baselines import cnn_outputs, linear_probe_top1, train_cnn
+from genrep_fast.train.baselines import (
+    backbone_features,
+    cnn_outputs,
+    linear_probe_top1,
+    train_ce_head,
+    train_cnn,
+)
 from genrep_fast.train.data import load_digits_split
 from genrep_fast.train.demo import (
     ABLATION_ROWS,
@@ -86,6 +92,65 @@ def test_linear_probe_reads_labels_from_informative_features_only(digits):
     assert linear_probe_top1(noise_tr, train.labels, noise_te, test.labels) < 0.25
 
 
+def test_ce_only_head_learns_the_labels_from_frozen_features(tmp_path, digits):
+    # the CE-only head of the robustness rows: trained on the labels it scores well above
+    # chance; on shuffled labels (a head that does not learn from them) it stays near chance
+    from genrep_fast.train.network import build_network
+
+    train, test = digits
+    torch.manual_seed(0)
+    net = build_network(tiny_config(tmp_path), torch.device("cpu"))
+    f_train, f_test = backbone_features(net, train.images), backbone_features(net, test.images)
+    assert [f.shape[0] for f in f_train] == [len(train)] * len(net.adapter.feature_channels)
+
+    def top1(labels):
+        head = train_ce_head(
+            net, f_train, labels, steps=150, batch_size=64, lr=2e-3, head_kwargs={"hidden": 16}
+        )
+        with torch.no_grad():
+            return metrics.top1(head(f_test)[0].softmax(-1), test.labels)
+
+    g = torch.Generator().manual_seed(0)
+    assert top1(train.labels) > 0.6  # (an untrained tiny UNet's features: 0.8)
+    assert top1(train.labels[torch.randperm(len(train), generator=g)]) < 0.3
+
+
+def test_evaluation_cache_trains_the_cnn_once_per_seed(tmp_path, monkeypatch, digits):
+    # the ablation's rows of one seed share the baseline CNN; another seed trains its own
+    from genrep_fast.train import baselines
+    from genrep_fast.train.evaluation import evaluate
+    from genrep_fast.train.network import build_network
+
+    train, test = digits
+    calls = []
+    real = baselines.train_cnn
+
+    def counting(*a, **kw):
+        calls.append(kw["seed"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(baselines, "train_cnn", counting)
+    extra = [
+        "eval.samples_per_class=0",
+        "eval.cnn_steps=3",
+        "eval.max_test_images=40",
+        "eval.noise_timesteps=[0]",
+        "eval.dc_trials=0",
+    ]
+    cfg = tiny_config(tmp_path, *extra)
+    torch.manual_seed(0)
+    net = build_network(cfg, torch.device("cpu"))
+    cache: dict = {}
+    results = [
+        evaluate(net, c, test, tmp_path / str(i), train_set=train, cache=cache)
+        for i, c in enumerate([cfg, cfg, tiny_config(tmp_path, *extra, "seed=5")])
+    ]
+    assert calls == [0, 5]
+    plain = evaluate(net, cfg, test, tmp_path / "plain", train_set=train)
+    assert results[1]["cnn_baseline_top1"] == plain["cnn_baseline_top1"]
+    assert results[1]["noise_robustness"] == plain["noise_robustness"]
+
+
 def test_cosine_and_alpha_of_the_alignment_sums():
     p = torch.tensor([1.0, 2.0, 0.0])
     cases = [
@@ -151,6 +216,8 @@ def test_demo_writes_every_metric_and_a_report_people_can_read(tmp_path):
         "teacher_val_nll",
         "noise_robustness",
         "diffusion_noise_robustness",
+        "ce_head_top1",
+        "dc_top1",
     ):
         assert key in saved, key
     chance = saved["chance_top1"]
@@ -168,6 +235,8 @@ def test_demo_writes_every_metric_and_a_report_people_can_read(tmp_path):
     assert rows[0]["head_top1"] == saved["head_top1"]
     assert rows[0]["posterior_top1"] == saved["posterior_top1"]
     assert rows[0]["cnn_baseline_top1"] == saved["cnn_baseline_top1"]
+    assert rows[0]["ce_head_top1"] == saved["ce_head_top1"]
+    assert all("ce_head_top1" in r for r in saved["diffusion_noise_robustness"])
     assert rows[-1]["cnn_baseline_top1"] < rows[0]["cnn_baseline_top1"]  # noise hurts it
     assert [r["t"] for r in saved["diffusion_noise_robustness"]] == [0, 100, 250, 500, 750]
     assert saved["diffusion_noise_robustness"][0]["head_top1"] == saved["head_top1"]

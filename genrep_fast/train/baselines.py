@@ -5,6 +5,12 @@
   (stage 1 + stage 2). The same network, trained on real images only, is the judge of the
   samples: its accuracy on them (``samples_classifier_top1``) and the Frechet distance of its
   pooled features between samples and real held-out images (``samples_fd``).
+* ``train_ce_head``: the CE-only head (``ce_head_top1`` in the robustness rows): a fresh
+  ``PerceptionHead`` of the GenRep head's shape trained by cross-entropy alone on the trained
+  backbone's frozen features, for stage 1's steps at its learning rate. Beside the GenRep head
+  it isolates what the head's training objective (the KL to the generative posterior, with or
+  without cross-entropy) does, on the same features; the ablation's "CE-only diffusion head" row
+  is the other comparison (features trained without GenRep's losses).
 * ``linear_probe_top1``: a multinomial logistic regression (scikit-learn) on frozen features,
   for the linear probe of x_sem.
 """
@@ -101,3 +107,61 @@ def linear_probe_top1(
     clf.fit(((a - mean) / std).numpy(), train_y.cpu().numpy())
     pred = clf.predict(((b - mean) / std).numpy())
     return float((torch.as_tensor(pred) == test_y.cpu()).double().mean())
+
+
+@torch.no_grad()
+def backbone_features(net, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
+    """The backbone's attention-block feature maps of a noise-free, null-class pass over
+    ``images`` (eval mode), as the heads read them: one ``[N, C_i, H_i, W_i]`` per block."""
+    from genrep_fast.models import eval_mode
+
+    chunks = []
+    with eval_mode(net):
+        for lo in range(0, images.shape[0], batch_size):
+            x = images[lo : lo + batch_size]
+            chunks.append(net.adapter.features(x, net.null_labels(x.shape[0], x.device)))
+    return [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def train_ce_head(
+    net,
+    features: list[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    head_kwargs: dict | None = None,
+) -> nn.Module:
+    """A fresh ``PerceptionHead`` like ``net.head`` trained with AdamW and cross-entropy alone
+    on frozen ``features`` (``backbone_features``) for ``steps`` batches, drawn as ``train_cnn``
+    draws them; returned in eval mode. ``head_kwargs``: the config's ``model.head_kwargs``."""
+    from genrep_fast.models import PerceptionHead
+
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = PerceptionHead(
+            net.adapter.feature_channels,
+            net.num_classes,
+            net.adapter.latent_shape,
+            **(head_kwargs or {}),
+        ).to(labels.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    n = labels.shape[0]
+    perm, pos = torch.randperm(n, generator=g), 0
+    head.train()
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos : pos + batch_size].to(labels.device)
+        pos += batch_size
+        logits, _ = head([f[idx] for f in features])
+        loss = F.cross_entropy(logits.float(), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return head.eval()
