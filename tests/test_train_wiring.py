@@ -172,6 +172,27 @@ def test_select_bandwidth_picks_the_nll_minimum():
     assert choice.nll == pytest.approx(want, rel=1e-5)
 
 
+def test_select_bandwidth_extends_past_a_grid_whose_top_is_best():
+    # the same data as above; a grid that stops below the NLL minimum (2.0 < its top)
+    g = torch.Generator().manual_seed(0)
+    c, t = 3, 6
+    centres = torch.randn(c, 1, 1, 2, 2, generator=g)
+    mu = centres + 0.3 * torch.randn(c, t, 1, 2, 2, generator=g)
+    sigma = 0.01 + 0.02 * torch.rand(c, t, generator=g)
+    y = torch.arange(c).repeat(20)
+    x = centres[y, 0] + 0.8 * torch.randn(len(y), 1, 2, 2, generator=g)
+    grid = [0.05, 0.1, 0.2]
+    assert select_bandwidth(mu, sigma, x, y, grid).bandwidth == 0.2  # the edge, without extend
+    choice = select_bandwidth(mu, sigma, x, y, grid, extend=12)
+    want = [_nll_float64(mu, sigma, x, y, h) for h in choice.grid]
+    best = min(range(len(want)), key=lambda i: want[i])
+    assert choice.grid[:3] == grid and choice.grid[3] == pytest.approx(0.3)
+    # it stopped one value past an interior minimum, not at the edge or the extension limit
+    assert 3 <= best == len(choice.grid) - 2 and len(choice.grid) < len(grid) + 12
+    assert choice.bandwidth == choice.grid[best]
+    assert choice.nll == pytest.approx(want, rel=1e-5)
+
+
 class _ForbiddenTestSet:
     """Stands for the test split: any use of it fails the test."""
 
@@ -197,7 +218,9 @@ def test_sigma_min_auto_reads_only_the_validation_split(tmp_path):
     last = events[-1]
     # the logged choice is the grid's NLL minimum, and it is the bank's clamp and the networks'
     nll = last["bandwidth_val_nll"]
-    assert last["teacher_bandwidth"] == cfg.diffusion.bandwidth_grid[nll.index(min(nll))]
+    tried = last["bandwidth_grid"]
+    assert tried[: len(cfg.diffusion.bandwidth_grid)] == cfg.diffusion.bandwidth_grid
+    assert last["teacher_bandwidth"] == tried[nll.index(min(nll))]
     assert last["teacher_val_nll"] == min(nll)
     assert tr.bank.sigma_min == pytest.approx(last["teacher_bandwidth"], rel=1e-6)
     assert float(tr.bank.sigma.min()) >= tr.bank.sigma_min

@@ -453,6 +453,7 @@ class Trainer:
             d.bandwidth_grid,
             precision=d.precision,
             backend=self.backend,
+            extend=d.bandwidth_extend,
         )
         h = choice.bandwidth
         # rounded into the bank's dtype first (as ChainBank.build does): every stored sigma is then
