@@ -173,7 +173,7 @@ def test_bench_aligner_python_overhead(realistic, bench_device, results, dtype):
     # values finite (each is a bounded combination of p and g).
     steps = {"max_reps": 20, "min_time_s": 0.0}
     timings = {
-        "step": time_fn(lambda: aligner._align(ps, gs), device=dev, **steps),
+        "step": time_fn(lambda: aligner.align(ps, gs), device=dev, **steps),
         "ops": time_fn(ops_only, device=dev, l2_cold=dev.type == "cuda"),
     }
     assert all(bool(torch.isfinite(p).all()) for p in ps)

@@ -68,7 +68,7 @@ def test_bank_refresh_throughput(kind, realistic, bench_device, results):
         classes, steps, burn, batch = 4, 20, 4, 4
     else:
         classes, steps, burn, batch = 4, 6, 2, 4
-    bank = ChainBank.build(ad, classes, steps, burn_in=burn, thin=2, batch_size=batch)
+    bank = ChainBank.build(ad, classes, num_steps=steps, burn_in=burn, thin=2, batch_size=batch)
     assert torch.isfinite(bank.mu).all() and (bank.sigma > 0).all()
 
     y = torch.arange(batch, device=bench_device) % classes

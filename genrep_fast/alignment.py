@@ -592,7 +592,7 @@ class GradientAligner:
             else:
                 distributed.all_reduce_gradients(grads_p, group)
                 distributed.all_reduce_gradients(grads_g, group)
-        update = self._align(grads_p, grads_g, reduce_sums)
+        update = self.align(grads_p, grads_g, reduce_sums=reduce_sums)
         for param, u in zip(self.params, update):
             if u is None:
                 continue
@@ -601,9 +601,18 @@ class GradientAligner:
             else:
                 param.grad.add_(u)
 
-    def _align(self, grads_p, grads_g, reduce_sums=None) -> list[torch.Tensor | None]:
-        """The aligned update of two gradient lists of ``self.params`` (autograd's output, so
-        ``grads_p[i]`` may be reused as the output buffer), written in place where possible."""
+    def align(
+        self,
+        grads_p: Sequence[torch.Tensor | None],
+        grads_g: Sequence[torch.Tensor | None],
+        *,
+        reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[torch.Tensor | None]:
+        """The aligned update of two gradient lists of ``self.params``, for a loop that takes the
+        gradients itself (e.g. summed over micro-batches, or reduced by DDP). The lists are the
+        caller's to give up: the update is written into their buffers where no other entry
+        shares the storage (else into a fresh one), so no third list is allocated. Checks and
+        dispatch are cached per gradient layout; ``reduce_sums`` as in ``align_gradients``."""
         plan, out = self._prepare(grads_p, grads_g)
         return self._run(plan, grads_p, grads_g, out, reduce_sums)
 

@@ -45,7 +45,7 @@ def unet_bank(unet_adapter):
     return ChainBank.build(
         unet_adapter,
         3,
-        N,
+        num_steps=N,
         burn_in=BURN,
         thin=THIN,
         chains_per_class=2,
@@ -71,7 +71,7 @@ def test_bank_layout_is_class_major_chain_then_step(iso_adapter):
     bank = ChainBank.build(
         iso_adapter,
         2,
-        N,
+        num_steps=N,
         burn_in=BURN,
         thin=THIN,
         chains_per_class=2,
@@ -91,15 +91,15 @@ def test_bank_layout_is_class_major_chain_then_step(iso_adapter):
 def test_sigma_clamped_at_sigma_min(iso_adapter):
     ad = iso_adapter
     # the chain's last step (position N-1) has sigma 0: keep it with burn_in = N - 1
-    bank = ChainBank.build(ad, 2, N, burn_in=N - 1, thin=1, batch_size=8)
+    bank = ChainBank.build(ad, 2, num_steps=N, burn_in=N - 1, thin=1, batch_size=8)
     smin = min_nonzero_std(ad.scheduler, N)
     assert bank.sigma_min == pytest.approx(smin, rel=1e-7)  # rounded to the float32 storage
     assert torch.equal(bank.sigma, torch.full_like(bank.sigma, bank.sigma_min))
-    big = ChainBank.build(ad, 2, N, burn_in=0, thin=4, batch_size=8, sigma_min=0.5)
+    big = ChainBank.build(ad, 2, num_steps=N, burn_in=0, thin=4, batch_size=8, sigma_min=0.5)
     assert float(big.sigma.min()) == 0.5
     assert float(big.sigma.max()) > 0.5  # early steps are above the clamp
     with pytest.raises(ValueError, match="sigma_min"):
-        ChainBank.build(ad, 2, N, burn_in=0, sigma_min=0.0)
+        ChainBank.build(ad, 2, num_steps=N, burn_in=0, sigma_min=0.0)
 
 
 def test_log_likelihood_matches_reference(unet_bank):
@@ -122,7 +122,7 @@ def test_diagonal_bank_from_learned_variance(dit_adapter):
     bank = ChainBank.build(
         dit_adapter,
         2,
-        N,
+        num_steps=N,
         burn_in=BURN,
         thin=THIN,
         batch_size=2,
@@ -140,7 +140,7 @@ def test_save_load_bit_identical(tmp_path, dit_adapter, dtype):
     bank = ChainBank.build(
         dit_adapter,
         2,
-        N,
+        num_steps=N,
         burn_in=BURN,
         thin=THIN,
         chains_per_class=2,
@@ -161,7 +161,9 @@ def test_save_load_bit_identical(tmp_path, dit_adapter, dtype):
 
 
 def test_bf16_bank_is_widened_for_fp32_x(iso_adapter):
-    bank = ChainBank.build(iso_adapter, 2, N, burn_in=BURN, batch_size=8, dtype=torch.bfloat16)
+    bank = ChainBank.build(
+        iso_adapter, 2, num_steps=N, burn_in=BURN, batch_size=8, dtype=torch.bfloat16
+    )
     assert bank.sigma.dtype == torch.float32  # isotropic sigma stays float32
     x = torch.randn(2, *iso_adapter.latent_shape)
     ref = reference.mixture_log_likelihood(x.double(), bank.mu.double(), bank.sigma.double())
@@ -193,7 +195,7 @@ def test_refresh_follows_the_model():
     torch.manual_seed(0)
     ad = make_adapter(tiny_dit(learned_variance=False), tiny_scheduler())
     bank = ChainBank.build(
-        ad, 3, N, burn_in=BURN, batch_size=8, generator=torch.Generator().manual_seed(0)
+        ad, 3, num_steps=N, burn_in=BURN, batch_size=8, generator=torch.Generator().manual_seed(0)
     )
     old = bank.mu.clone()
     # same weights + same generator -> same bank
@@ -212,11 +214,13 @@ def test_refresh_follows_the_model():
 
 def test_modulated_bank_zero_init_equals_plain(dit_adapter):
     kw = dict(burn_in=BURN, thin=THIN, batch_size=4)
-    plain = ChainBank.build(dit_adapter, 2, N, generator=torch.Generator().manual_seed(2), **kw)
+    plain = ChainBank.build(
+        dit_adapter, 2, num_steps=N, generator=torch.Generator().manual_seed(2), **kw
+    )
     mod = ChainBank.build(
         dit_adapter,
         2,
-        N,
+        num_steps=N,
         generator=torch.Generator().manual_seed(2),
         modulation=SemanticModulation(4),
         **kw,
@@ -226,28 +230,31 @@ def test_modulated_bank_zero_init_equals_plain(dit_adapter):
 
 def test_build_restores_train_mode(unet_adapter):  # noqa: D103
     unet_adapter.model.train()
-    ChainBank.build(unet_adapter, 1, 3, burn_in=1, batch_size=2)
+    ChainBank.build(unet_adapter, 1, num_steps=3, burn_in=1, batch_size=2)
     assert all(m.training for m in unet_adapter.model.modules())
 
 
 def test_build_bad_arguments(unet_adapter):
     ad = unet_adapter
+    # the ints after num_classes travel by name only: (N, burn-in, thin, S) cannot be swapped
+    with pytest.raises(TypeError, match="positional argument"):
+        ChainBank.build(ad, 2, 10, 2)
     with pytest.raises(ValueError, match="burn_in must be < num_steps"):
-        ChainBank.build(ad, 2, 10, burn_in=10)
+        ChainBank.build(ad, 2, num_steps=10, burn_in=10)
     with pytest.raises(ValueError, match="thin"):
-        ChainBank.build(ad, 2, 10, burn_in=2, thin=0)
+        ChainBank.build(ad, 2, num_steps=10, burn_in=2, thin=0)
     with pytest.raises(ValueError, match="num_train_timesteps=1000"):
-        ChainBank.build(ad, 2, 1001, burn_in=2)
+        ChainBank.build(ad, 2, num_steps=1001, burn_in=2)
     with pytest.raises(ValueError, match="num_classes=11 exceeds"):
-        ChainBank.build(ad, 11, 10, burn_in=2)
+        ChainBank.build(ad, 11, num_steps=10, burn_in=2)
     with pytest.raises(ValueError, match="chains_per_class"):
-        ChainBank.build(ad, 2, 10, burn_in=2, chains_per_class=0)
+        ChainBank.build(ad, 2, num_steps=10, burn_in=2, chains_per_class=0)
     with pytest.raises(TypeError, match="dtype"):
-        ChainBank.build(ad, 2, 10, burn_in=2, dtype=torch.int8)
+        ChainBank.build(ad, 2, num_steps=10, burn_in=2, dtype=torch.int8)
     with pytest.raises(TypeError, match="adapter"):
-        ChainBank.build(ad.model, 2, 10, burn_in=2)
+        ChainBank.build(ad.model, 2, num_steps=10, burn_in=2)
     with pytest.raises(ValueError, match="guidance_scale"):
-        ChainBank.build(ad, 2, 10, burn_in=2, guidance_scale=2.0)
+        ChainBank.build(ad, 2, num_steps=10, burn_in=2, guidance_scale=2.0)
 
 
 def test_seeded_build_draws_each_model_batch_from_its_own_generator(iso_adapter):
@@ -257,7 +264,14 @@ def test_seeded_build_draws_each_model_batch_from_its_own_generator(iso_adapter)
     from genrep_fast.models.chain_bank import batch_seed
 
     bank = ChainBank.build(
-        iso_adapter, 3, N, burn_in=BURN, thin=THIN, chains_per_class=2, batch_size=4, seed=11
+        iso_adapter,
+        3,
+        num_steps=N,
+        burn_in=BURN,
+        thin=THIN,
+        chains_per_class=2,
+        batch_size=4,
+        seed=11,
     )  # 6 chains: batches of 4 and 2
     sampler = DDPMSampler(iso_adapter, N)
     t = len(bank.steps)
@@ -274,10 +288,10 @@ def test_seeded_build_draws_each_model_batch_from_its_own_generator(iso_adapter)
 def test_seeded_and_sharded_bad_arguments(iso_adapter):
     kw = dict(burn_in=BURN, thin=THIN, batch_size=4)
     with pytest.raises(ValueError, match="generator or seed"):
-        ChainBank.build(iso_adapter, 2, N, generator=torch.Generator(), seed=1, **kw)
+        ChainBank.build(iso_adapter, 2, num_steps=N, generator=torch.Generator(), seed=1, **kw)
     with pytest.raises(TypeError, match="seed must be an int"):
-        ChainBank.build(iso_adapter, 2, N, seed=1.5, **kw)
+        ChainBank.build(iso_adapter, 2, num_steps=N, seed=1.5, **kw)
     with pytest.raises(ValueError, match="sharded=True needs seed"):
-        ChainBank.build(iso_adapter, 2, N, sharded=True, **kw)
+        ChainBank.build(iso_adapter, 2, num_steps=N, sharded=True, **kw)
     with pytest.raises(RuntimeError, match="initialised torch.distributed"):
-        ChainBank.build(iso_adapter, 2, N, seed=1, sharded=True, **kw)
+        ChainBank.build(iso_adapter, 2, num_steps=N, seed=1, sharded=True, **kw)

@@ -357,7 +357,7 @@ def test_nvtx_ranges_around_features_steps_and_refresh(monkeypatch):
     ad.features(torch.randn(1, *ad.latent_shape), torch.tensor([0]))
     assert names == ["genrep.features"]
     names.clear()
-    ChainBank.build(ad, 1, 4, burn_in=1, batch_size=1)
+    ChainBank.build(ad, 1, num_steps=4, burn_in=1, batch_size=1)
     assert names[0] == "genrep.bank_refresh" and names.count("genrep.sampling_step") == 4
 
 

@@ -18,6 +18,7 @@ from genrep_fast.models.ddpm import (
     ddpm_transition,
     inference_timesteps,
     min_nonzero_std,
+    posterior_coefficients,
     previous_timesteps,
 )
 
@@ -105,6 +106,21 @@ def test_transition_equals_scheduler_step_with_same_noise(vtype):
         s = sigma if sigma.dim() > 1 else sigma.view(b, 1, 1, 1)
         expected = mu + s * noise if t > 0 else mu
         torch.testing.assert_close(expected, step, rtol=1e-5, atol=1e-5)
+
+
+def test_eps_scale_converts_a_noise_error_into_the_mean_error():
+    """``mu(eps_a) - mu(eps_b) = eps_scale * (eps_b - eps_a)`` for an epsilon model (the
+    generation loss's mean correction in noise units), per sample, the last step included."""
+    sched = DDPMScheduler(clip_sample=False)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([999, 503, 7, 3, 0])
+    prev = torch.tensor([979, 498, 2, 0, -1])
+    x = torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64)
+    eps_a, eps_b = torch.randn(2, 5, 2, 3, 3, generator=g, dtype=torch.float64)
+    mu_a, _ = ddpm_transition(sched, x, t, eps_a, prev)
+    mu_b, _ = ddpm_transition(sched, x, t, eps_b, prev)
+    scale = posterior_coefficients(sched, t, prev, torch.float64).eps_scale.view(-1, 1, 1, 1)
+    torch.testing.assert_close(mu_a - mu_b, scale * (eps_b - eps_a), rtol=1e-9, atol=1e-12)
 
 
 def test_previous_timesteps_follows_scheduler_state():

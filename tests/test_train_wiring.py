@@ -129,6 +129,37 @@ def test_alignment_groups_and_the_logged_fraction(tmp_path, groups):
     assert rec and rec[-1]["aligned_fraction"] == pytest.approx(want, rel=1e-12)
 
 
+def test_stage2_update_is_the_aligned_sums_written_into_the_perception_buffers(tmp_path):
+    """The stage-2 update is the alignment of the step's two gradient sums with the configured
+    groups and weights (GradientAligner), written into the perception sums' own buffers: no
+    third list of gradients."""
+    from genrep_fast import align_gradients
+    from genrep_fast.train.trainer import _TaskGradients
+
+    cfg = tiny_config(tmp_path, "stage0.steps=0", "stage1.steps=0", "stage2.steps=1")
+    tr = Trainer(cfg)
+    tr.run()
+    g = torch.Generator().manual_seed(0)
+    sums = _TaskGradients(len(tr.params))
+    sums.perception = [torch.randn(p.shape, generator=g) for p in tr.params]
+    sums.generation = [torch.randn(p.shape, generator=g) for p in tr.params]
+    a = cfg.align
+    want = align_gradients(
+        sums.perception,
+        sums.generation,
+        groups=tr.align_groups,
+        k=a.k,
+        w_p=a.w_p,
+        w_g=a.w_g,
+        mode=a.mode,
+        backend=tr.backend,
+    )
+    buffers = list(sums.perception)
+    got = tr._update(2, sums)
+    assert all(u is b for u, b in zip(got, buffers, strict=True))
+    assert all(torch.equal(u, w) for u, w in zip(got, want, strict=True))
+
+
 # --------------------------------------------------------------- the teacher's bandwidth
 
 

@@ -186,6 +186,7 @@ class ChainBank:
         cls,
         adapter: BackboneAdapter,
         num_classes: int,
+        *,
         num_steps: int,
         burn_in: int = 50,
         thin: int = 2,
@@ -197,7 +198,6 @@ class ChainBank:
         generator: torch.Generator | None = None,
         progress: bool = False,
         guidance_scale: float = 1.0,
-        *,
         seed: int | None = None,
         sharded: bool = False,
         process_group=None,
@@ -205,7 +205,9 @@ class ChainBank:
         """Run ``chains_per_class`` DDPM chains for each class ``0..num_classes-1``.
 
         Chains of all classes are batched together, ``batch_size`` chains per model call (the
-        memory bound; classifier-free guidance doubles the model batch).
+        memory bound; classifier-free guidance doubles the model batch). Everything after
+        ``num_classes`` is keyword-only: its several ints (N, burn-in, thin, S, batch size) cannot
+        be passed in the wrong order.
 
         Args:
             adapter: the backbone (run in eval mode, without gradients).

@@ -9,6 +9,8 @@ timesteps. The tests check it against ``DDPMScheduler.step`` with the same noise
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from diffusers import DDPMScheduler
 
@@ -89,14 +91,54 @@ def previous_timesteps(scheduler: DDPMScheduler, timestep: torch.Tensor) -> torc
     return timestep - 1
 
 
-def _coefficients(
+@dataclasses.dataclass(frozen=True)
+class PosteriorCoefficients:
+    """DDPM's step ``t -> prev_t`` and its true posterior ``q(x_prev | x_t, x0) = N(coef_x0 x0 +
+    coef_xt x_t, variance)`` (DDPM eq. 7), one value per sample: ``[B]`` tensors of one dtype.
+    ``prev_t < 0`` (past the last step) has ``alpha_prod_prev = 1``. The one home of these
+    formulas: the reverse transition (``ddpm_transition``), the bank's default ``sigma_min`` and the
+    trainer's losses (``genrep_fast.train.network``) all read them from here."""
+
+    alpha_prod_t: torch.Tensor  # alphas_cumprod[t]
+    alpha_prod_prev: torch.Tensor  # alphas_cumprod[prev_t], 1 for prev_t < 0
+    beta: torch.Tensor  # the step's beta: 1 - alpha_prod_t / alpha_prod_prev
+    coef_x0: torch.Tensor  # the posterior mean's weight of x0
+    coef_xt: torch.Tensor  # ... and of x_t
+    variance: torch.Tensor  # the posterior variance, clamped below at diffusers' 1e-20
+
+    def mean(self, x0: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """The posterior mean ``coef_x0 * x0 + coef_xt * x_t`` of ``[B, ...]`` tensors."""
+        view = (-1,) + (1,) * (x_t.dim() - 1)
+        return self.coef_x0.view(view) * x0 + self.coef_xt.view(view) * x_t
+
+    @property
+    def eps_scale(self) -> torch.Tensor:
+        """``s_t`` with ``mu - mu_true = s_t (eps - eps_hat)`` for an epsilon model: the posterior
+        mean's error in noise units."""
+        a_t, a_prev = self.alpha_prod_t, self.alpha_prod_prev
+        return a_prev.sqrt() * self.beta / ((1 - a_t).sqrt() * a_t.sqrt())
+
+
+def posterior_coefficients(
     scheduler: DDPMScheduler, t: torch.Tensor, prev_t: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``alpha_prod_t`` and ``alpha_prod_t_prev`` as ``[B]`` tensors (1 for prev_t < 0)."""
+) -> PosteriorCoefficients:
+    """The ``PosteriorCoefficients`` of ``[B]`` int64 timesteps ``t`` and ``prev_t`` (-1 past the
+    last step), computed in ``dtype`` on ``t``'s device from ``scheduler.alphas_cumprod``."""
     ac = scheduler.alphas_cumprod.to(device=t.device, dtype=dtype)
     a_t = ac[t]
     a_prev = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], torch.ones_like(a_t))
-    return a_t, a_prev
+    beta_prod_t = 1 - a_t
+    beta_prod_prev = 1 - a_prev
+    cur_alpha = a_t / a_prev
+    cur_beta = 1 - cur_alpha
+    return PosteriorCoefficients(
+        alpha_prod_t=a_t,
+        alpha_prod_prev=a_prev,
+        beta=cur_beta,
+        coef_x0=a_prev.sqrt() * cur_beta / beta_prod_t,
+        coef_xt=cur_alpha.sqrt() * beta_prod_prev / beta_prod_t,
+        variance=(beta_prod_prev / beta_prod_t * cur_beta).clamp(min=_MIN_VARIANCE),
+    )
 
 
 def base_std(
@@ -104,11 +146,10 @@ def base_std(
 ) -> torch.Tensor:
     """The fixed (not learned) std of a step, ``[B]``: sqrt of the DDPM posterior variance
     (``fixed_small``, and the lower end of ``learned_range``) or sqrt(beta_t) (``fixed_large``)."""
-    a_t, a_prev = _coefficients(scheduler, t, prev_t, dtype)
-    beta = 1 - a_t / a_prev
+    q = posterior_coefficients(scheduler, t, prev_t, dtype)
     if scheduler.config.variance_type == "fixed_large":
-        return beta.sqrt()
-    return ((1 - a_prev) / (1 - a_t) * beta).clamp(min=_MIN_VARIANCE).sqrt()
+        return q.beta.sqrt()
+    return q.variance.sqrt()
 
 
 def min_nonzero_std(scheduler: DDPMScheduler, num_steps: int) -> float:
@@ -160,12 +201,10 @@ def ddpm_transition(
     x = sample.to(dt)
     out = model_output.to(dt)
 
-    a_t, a_prev = _coefficients(scheduler, t, prev, dt)
+    q = posterior_coefficients(scheduler, t, prev, dt)
+    a_t, cur_beta = q.alpha_prod_t, q.beta
     view = (-1,) + (1,) * (sample.dim() - 1)
     beta_prod_t = 1 - a_t
-    beta_prod_prev = 1 - a_prev
-    cur_alpha = a_t / a_prev
-    cur_beta = 1 - cur_alpha
 
     ptype = scheduler.config.prediction_type
     if ptype == "epsilon":
@@ -180,12 +219,10 @@ def ddpm_transition(
         r = scheduler.config.clip_sample_range
         x0 = x0.clamp(-r, r)
 
-    coef_x0 = a_prev.sqrt() * cur_beta / beta_prod_t
-    coef_xt = cur_alpha.sqrt() * beta_prod_prev / beta_prod_t
-    mu = coef_x0.view(view) * x0 + coef_xt.view(view) * x
+    mu = q.mean(x0, x)
 
     vtype = scheduler.config.variance_type
-    post_var = (beta_prod_prev / beta_prod_t * cur_beta).clamp(min=_MIN_VARIANCE)
+    post_var = q.variance
     if vtype == "learned_range":
         if pred_var is None:
             raise ValueError(

@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from genrep_fast import mixture_log_likelihood, posterior_kl_loss
-from genrep_fast.models.ddpm import ddpm_transition
+from genrep_fast.models.ddpm import ddpm_transition, posterior_coefficients
 from genrep_fast.train.config import TrainConfig
 
 
@@ -162,29 +162,15 @@ def _posterior_vlb(net, x0, x_t, t, prev, mu_p, sigma_p):
     """Mean KL(q(x_prev | x_t, x0) || N(mu_p, sigma_p^2)) per value over the noisy transitions
     (prev_t >= 0; the step to x_0 has no variance to score). q is DDPM's true posterior (eq. 7)."""
     shape = (-1,) + (1,) * (x0.dim() - 1)
-    ac = net.scheduler.alphas_cumprod.to(device=x_t.device, dtype=torch.float32)
-    a_t = ac[t]
-    a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(a_t))
-    beta = 1 - a_t / a_prev
-    coef_x0 = (a_prev.sqrt() * beta / (1 - a_t)).view(shape)
-    coef_xt = ((a_t / a_prev).sqrt() * (1 - a_prev) / (1 - a_t)).view(shape)
-    mu_q = coef_x0 * x0.float() + coef_xt * x_t.float()
+    q = posterior_coefficients(net.scheduler, t, prev, torch.float32)
+    mu_q = q.mean(x0.float(), x_t.float())
     keep = (prev >= 0).view(shape).float()
-    sq = ((1 - a_prev) / (1 - a_t) * beta).clamp_min(1e-20).sqrt().view(shape)
+    sq = q.variance.sqrt().view(shape)
     sq = torch.where(keep > 0, sq, torch.ones_like(sq))
     sp = sigma_p.view(shape) if sigma_p.dim() == 1 else sigma_p
     sp = torch.where(keep > 0, sp, torch.ones_like(sp))
     kl = torch.log(sp / sq) + (sq.square() + (mu_q - mu_p).square()) / (2 * sp.square()) - 0.5
     return (kl * keep).sum() / (keep.sum() * x0[0].numel()).clamp_min(1)
-
-
-def mean_to_eps_scale(net, t, prev, dtype) -> torch.Tensor:
-    """``s_t`` with ``mu - mu_true = s_t (eps - eps_hat)`` for an epsilon model, ``[B]``."""
-    ac = net.scheduler.alphas_cumprod.to(device=t.device, dtype=dtype)
-    a_t = ac[t]
-    a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(a_t))
-    beta = 1 - a_t / a_prev
-    return a_prev.sqrt() * beta / ((1 - a_t).sqrt() * a_t.sqrt())
 
 
 def generation_loss(
@@ -249,7 +235,8 @@ def generation_loss(
     # image's x_sem (x0: what the sampler cannot compute).
     sem_in = x_t if cfg.loss.sem_input == "xt" else x_sem.detach().float()
     mu_mod, sigma_mod = net.modulation(mu, sigma, x_t, sem_in, t)
-    scale = mean_to_eps_scale(net, t, prev, mu.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    scale = posterior_coefficients(net.scheduler, t, prev, mu.dtype).eps_scale
+    scale = scale.view(-1, *([1] * (x0.dim() - 1)))
     eps_eff = eps_hat - (mu_mod - mu) / scale
     ldm = F.mse_loss(eps_eff, noise)
     vlb = _posterior_vlb(net, x0, x_t, t, prev, mu_mod.detach(), sigma_mod)
@@ -284,15 +271,15 @@ def build_chain_bank(
     return ChainBank.build(
         net.adapter,
         net.num_classes,
-        d.num_steps,
-        d.burn_in,
-        d.thin,
-        d.chains_per_class,
-        d.bank_batch_size,
-        torch.bfloat16 if d.bank_dtype == "bfloat16" else torch.float32,
-        sigma_min,
-        net.modulation if modulated else None,
-        generator,
+        num_steps=d.num_steps,
+        burn_in=d.burn_in,
+        thin=d.thin,
+        chains_per_class=d.chains_per_class,
+        batch_size=d.bank_batch_size,
+        dtype=torch.bfloat16 if d.bank_dtype == "bfloat16" else torch.float32,
+        sigma_min=sigma_min,
+        modulation=net.modulation if modulated else None,
+        generator=generator,
         progress=progress,
         seed=seed,
         sharded=sharded,

@@ -6,8 +6,11 @@
   is the class posterior of the chain bank, refreshed from the current model every R steps.
 * Stage 2: ``eps_unified`` starts as a copy of ``eps_sem``. Every step, on one batch: L_percept
   and L_genera (with ``x_sem`` from the EMA teacher ``eps_sem``), their two gradients (two
-  backward passes), aligned per attention block, one optimiser step, then
-  ``theta_sem <- m theta_sem + (1 - m) theta_unified`` with one fused ``torch._foreach_lerp_``.
+  backward passes), aligned per attention block (``GradientAligner.align``), one optimiser step,
+  then ``theta_sem <- m theta_sem + (1 - m) theta_unified`` with one fused ``torch._foreach_lerp_``.
+
+``Trainer.train_step`` composes one step from named pieces (docs/ARCHITECTURE.md, "The trainer"):
+``_micro_batch``, ``_task_losses`` (what each stage runs), ``_update``, ``_optimizer_step``.
 
 ``runtime.ops = "reference"`` swaps the posterior, the alignment and the EMA for the eager
 reference implementations, so the end-to-end speedup of the package's ops can be measured.
@@ -54,7 +57,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from genrep_fast import align_gradients
+from genrep_fast import GradientAligner
 from genrep_fast.profiling import ProfileWindow, nvtx_range
 from genrep_fast.train import checkpoint as ckpt
 from genrep_fast.train.config import ConfigError, TrainConfig, run_defining_changes
@@ -192,7 +195,7 @@ class Trainer:
     ):
         self.cfg = cfg
         self.out_dir = Path(out_dir or cfg.out_dir)
-        self._init_distributed()
+        self.world, self.rank, self._dist_device = self._init_distributed()
         rt = cfg.runtime
         if rt.threads:
             torch.set_num_threads(rt.threads)
@@ -231,11 +234,24 @@ class Trainer:
         sched.alphas_cumprod = sched.alphas_cumprod.to(self.device)
         if rt.compile:
             self.net.backbone.compile()
+        # stage 2's EMA teacher eps_sem (self.net is then the student eps_unified) and the
+        # parameter tensors ema_update blends, teacher's and student's in the same order
         self.teacher: GenRepNet | None = None
+        self._ema_teacher: list[torch.Tensor] = []
+        self._ema_student: list[torch.Tensor] = []
         self.bank = None
         self.stage = 0 if cfg.stage0.steps > 0 else 1
         self.step = 0
+        # What the current stage trains, set up by _make_optimizer: the trained parameters (and
+        # their names), the optimiser and the stage it was made for, stage 2's alignment groups
+        # (indices into params), the fraction of values inside one and the GradientAligner.
+        self.params: list[torch.nn.Parameter] = []
+        self.param_names: list[str] = []
         self.optimizer: torch.optim.Optimizer | None = None
+        self._optim_stage: int | None = None
+        self.align_groups: str | list[list[int]] | None = None
+        self.aligned_fraction: float | None = None
+        self.aligner: GradientAligner | None = None
         self.ddp = None  # DistributedDataParallel over what the stage trains (world > 1)
         self.generator = self._new_generator(self.stage)
         self.timer = Timer(self.device)
@@ -268,18 +284,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _init_distributed(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        self._dist_device = torch.device("cpu")
-        if self.world > 1:
+    def _init_distributed(self) -> tuple[int, int, torch.device]:
+        """``(world size, rank, device of the collectives)`` of ``torchrun``'s environment; with
+        world > 1 the process group is initialised (and the rank's GPU selected)."""
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        rank = int(os.environ.get("RANK", 0))
+        dist_device = torch.device("cpu")
+        if world > 1:
             if not dist.is_initialized():
                 use_cuda = torch.cuda.is_available() and self.cfg.runtime.device != "cpu"
                 dist.init_process_group("nccl" if use_cuda else "gloo")
             if torch.cuda.is_available() and self.cfg.runtime.device != "cpu":
                 local = int(os.environ.get("LOCAL_RANK", 0))
                 torch.cuda.set_device(local)
-                self._dist_device = torch.device("cuda", local)
+                dist_device = torch.device("cuda", local)
+        return world, rank, dist_device
 
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
@@ -328,9 +347,25 @@ class Trainer:
             weight_decay=st.weight_decay,
             foreach=self.fast,
         )
+        self._optim_stage = stage
         self.align_groups = self._alignment_groups() if stage == 2 else None
         self.aligned_fraction = self._aligned_fraction() if stage == 2 else None
+        self.aligner = self._make_aligner() if stage == 2 and self.params else None
         self._wrap_ddp()
+
+    def _make_aligner(self) -> GradientAligner:
+        """Stage 2's ``GradientAligner`` over ``self.params``: ``align`` turns the step's two
+        gradient sums into the update, written into the perception sum's buffers."""
+        a = self.cfg.align
+        return GradientAligner(
+            self.params,
+            self.align_groups,
+            k=a.k,
+            w_p=a.w_p,
+            w_g=a.w_g,
+            mode=a.mode,
+            backend=self.backend,
+        )
 
     def _wrap_ddp(self) -> None:
         """``self.ddp``: DistributedDataParallel over the parameters the stage trains (world > 1
@@ -347,28 +382,28 @@ class Trainer:
             )
 
     def _alignment_groups(self):
-        """``align_gradients``' groups over ``self.params`` (docs/METHOD.md section 3)."""
+        """The alignment groups (``GradientAligner``'s, indices into ``self.params``) of
+        ``align.groups`` (docs/METHOD.md section 3)."""
         mode = self.cfg.align.groups
         if mode == "per_tensor":
             return None
         if mode == "global":
             return "global"
-        index = {n: i for i, n in enumerate(self.param_names)}
+        # the attention blocks, as the adapter finds them (their trained parameters; a
+        # parameter shared by two blocks belongs to the first)
+        index = {id(p): i for i, p in enumerate(self.params)}
         groups = []
-        for block in self.net.adapter.attention_block_names:
-            prefix = f"backbone.{block}."
-            members = [i for n, i in index.items() if n.startswith(prefix)]
+        for block_params in self.net.adapter.parameter_groups().values():
+            members = [index.pop(id(p)) for p in block_params if id(p) in index]
             if members:
                 groups.append(members)
-                for n in [n for n in index if n.startswith(prefix)]:
-                    del index[n]
         if mode == "all_blocks":
             # every other parameter: one group per top-level module (head.classifier,
             # modulation.time_embedding, backbone.conv_in) or numbered block of the backbone
             # (backbone.down_blocks.1, less its attention blocks, which are groups of their own)
             rest: dict[str, list[int]] = {}
-            for n, i in index.items():
-                parts = n.split(".")
+            for i in index.values():
+                parts = self.param_names[i].split(".")
                 depth = 3 if parts[0] == "backbone" and len(parts) > 3 and parts[2].isdigit() else 2
                 rest.setdefault(".".join(parts[:depth]), []).append(i)
             groups += list(rest.values())
@@ -545,16 +580,27 @@ class Trainer:
 
     def _enter_stage(self, stage: int) -> None:
         if stage == 2 and self.teacher is None:
-            self.teacher = self.net  # eps_sem, updated only by the EMA from now on
-            self.net = self.teacher.copy()  # eps_unified
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+            self._split_teacher()
         if self.stage != stage:
             self.stage, self.step = stage, 0
             self.generator = self._new_generator(stage)
-        if self.optimizer is None or getattr(self, "_optim_stage", None) != stage:
+        if self.optimizer is None or self._optim_stage != stage:
             self._make_optimizer(stage)
-            self._optim_stage = stage
+
+    def _split_teacher(self) -> None:
+        """Stage 2's two networks from the one trained so far: it becomes the EMA teacher
+        ``eps_sem`` (frozen, updated only by ``ema_update`` from now on), its copy the student
+        ``eps_unified`` that the optimiser trains."""
+        self.teacher = self.net
+        self.net = self.teacher.copy()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        # every parameter, the modulation included: the EMA network builds the stage-2 bank
+        # (diffusion.bank_network: ema), modulated with its own modulation
+        t = dict(self.teacher.named_parameters())
+        s = dict(self.net.named_parameters())
+        self._ema_teacher = [t[n].data for n in t]
+        self._ema_student = [s[n].data for n in t]
 
     def _run_stage(self, stage: int) -> None:
         from tqdm.auto import tqdm
@@ -739,27 +785,132 @@ class Trainer:
 
     def train_step(self, stage: int, batches: Batches, accum: int) -> dict[str, torch.Tensor]:
         """One optimiser step of ``stage`` over ``accum`` micro-batches; returns the loss parts as
-        detached 0-d tensors (no host sync)."""
-        cfg, timer = self.cfg, self.timer
-        n = len(self.params)
-        acc_p: list[torch.Tensor | None] = [None] * n
-        acc_g: list[torch.Tensor | None] = [None] * n
+        detached 0-d tensors (no host sync).
+
+        Per micro-batch: ``_micro_batch`` (data), ``_task_losses`` (the stage's losses, each
+        forward followed by its backward into the step's gradient sums); then ``_update`` (the
+        task's gradient, or stage 2's aligned one), ``_optimizer_step`` (skipped when not finite)
+        and stage 2's EMA of the teacher."""
+        grads = _TaskGradients(len(self.params))
         totals: dict[str, torch.Tensor] = {}
+        self._step_inputs = []  # (sample indices, x0) per micro-batch, reported if skipped
+        for micro in range(accum):
+            # Stage 2 reduces every micro-batch (each loss's .grad already holds its running sum,
+            # identical on the ranks, so the average only adds the mean of the new part): its two
+            # losses share DDP's reducer, whose record of used parameters would carry one loss's
+            # no_sync backward into the other's synchronised one (a DDP error).
+            sync = micro == accum - 1 or stage == 2
+            x0, y = self._micro_batch(batches)
+            for k, v in self._task_losses(stage, x0, y, grads, accum, sync).items():
+                totals[k] = totals.get(k, 0.0) + v / accum
+        with self.timer("alignment"):
+            update = self._update(stage, grads)
+        with self.timer("optimizer"):
+            self._step_ok = self._optimizer_step(stage, update, totals)
+        if stage == 2 and self._step_ok:
+            with self.timer("ema"):
+                ema_update(
+                    self._ema_teacher, self._ema_student, self.cfg.ema_decay, fused=self.fast
+                )
+        return totals
 
-        ddp = self.ddp
+    def _micro_batch(self, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(x0, y)`` on the device (encoded by ``model.vae`` for pixel data)."""
+        with self.timer("data"):
+            x0, y = next(batches)
+            if self._labels_checked is not batches.dataset:
+                self._check_batch_labels(y)
+            x0 = x0.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.latent_space is not None and self.latent_space.encodes:
+                x0 = self.latent_space.encode(x0)
+            self._step_inputs.append((batches.last_indices, x0))
+        return x0, y
 
-        def forward(fn, *args, sync: bool, **kw):
-            # world > 1: through DDP, which readies its reducer for this loss's backward
-            # (no_sync: the earlier micro-batches of an accumulated step only accumulate)
-            if ddp is None:
-                return fn(self.net, *args, **kw)
-            with nullcontext() if sync else ddp.no_sync():
-                return ddp(fn, *args, **kw)
+    def _task_losses(
+        self,
+        stage: int,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        grads: _TaskGradients,
+        accum: int,
+        sync: bool,
+    ) -> dict[str, torch.Tensor]:
+        """A micro-batch's losses of ``stage``, each forward followed by its backward (DDP
+        prepares one backward per forward): stage 0 the generation loss (plain DDPM), stage 1
+        the perception loss, stage 2 both, the generation loss with ``x_sem`` of the EMA teacher
+        (the generation forward does not depend on the perception backward). Returns the parts."""
+        if stage == 0:
+            with self._autocast():
+                loss_g, parts = self._generation_forward(x0, y, None, sync)
+            self._backward(grads.generation, loss_g, accum, "backward_g")
+            return parts
+        parts = self._perception_pass(stage, x0, y, grads.perception, accum, sync)
+        if stage == 2:
+            with self.timer("generation"):
+                x_sem = self._semantic_target(x0)
+                with self._autocast():
+                    loss_g, gparts = self._generation_forward(x0, y, x_sem, sync)
+            parts.update(gparts)
+            self._backward(grads.generation, loss_g, accum, "backward_g")
+        return parts
 
-        def add(acc, loss):
+    def _perception_pass(self, stage, x0, y, acc, accum, sync) -> dict[str, torch.Tensor]:
+        """L_percept's forward (with the diffusion loss in stage 1's ``keep_diffusion``) and its
+        backward into ``acc``; returns its parts."""
+        cfg = self.cfg
+        keep_diffusion = stage == 1 and cfg.loss.stage1_teacher == "keep_diffusion"
+        with self.timer("features"), self._autocast():
+            loss_p, _, parts = self._loss(
+                _perception_and_diffusion if keep_diffusion else perception_loss,
+                x0,
+                y,
+                self.bank,
+                cfg,
+                self.backend,
+                self.timer,
+                check_values=False,
+                sync=sync,
+                dc_teacher=self._dc_teacher(stage),
+                **({"generator": self.generator} if keep_diffusion else {}),
+            )
+        self._backward(acc, loss_p, accum, "backward_p")
+        return parts
+
+    def _generation_forward(self, x0, y, x_sem, sync) -> tuple[torch.Tensor, dict]:
+        """L_genera of a micro-batch (``x_sem=None``: the plain DDPM loss), noise from the
+        stage's generator."""
+        return self._loss(
+            generation_loss, x0, y, self.generator, self.cfg, x_sem, check_values=False, sync=sync
+        )
+
+    def _semantic_target(self, x0: torch.Tensor) -> torch.Tensor | None:
+        """Stage 2's ``x_sem`` of the EMA teacher (no gradient), or None without
+        ``loss.semantic``."""
+        if not self.cfg.loss.semantic:
+            return None
+        with torch.no_grad(), self._autocast():
+            return self.teacher.perceive(x0, check_values=False)[1]
+
+    def _loss(self, fn, *args, sync: bool, **kw):
+        """``fn(self.net, *args, **kw)``, a task loss; with world > 1 through DDP, which readies
+        its reducer for this loss's backward (``sync=False``: under ``no_sync``, the earlier
+        micro-batches of an accumulated step only accumulate)."""
+        if self.ddp is None:
+            return fn(self.net, *args, **kw)
+        with nullcontext() if sync else self.ddp.no_sync():
+            return self.ddp(fn, *args, **kw)
+
+    def _backward(
+        self, acc: list[torch.Tensor | None], loss: torch.Tensor, accum: int, section: str
+    ) -> None:
+        """Add the gradient of ``loss / accum`` (a micro-batch's share) of ``self.params`` to the
+        running sums ``acc``, timed as ``section``."""
+        with self.timer(section):
+            loss = loss / accum
             if not loss.requires_grad:  # no trained parameter feeds it (e.g. a frozen backbone)
                 return
-            if ddp is None:
+            if self.ddp is None:
                 for i, gr in enumerate(torch.autograd.grad(loss, self.params, allow_unused=True)):
                     if gr is None:
                         continue
@@ -776,118 +927,51 @@ class Trainer:
             for i, p in enumerate(self.params):
                 acc[i], p.grad = p.grad, None
 
-        self._step_inputs = []  # (sample indices, x0) per micro-batch, reported if skipped
-        for micro in range(accum):
-            # Stage 2 reduces every micro-batch (each loss's .grad already holds its running sum,
-            # identical on the ranks, so the average only adds the mean of the new part): its two
-            # losses share DDP's reducer, whose record of used parameters would carry one loss's
-            # no_sync backward into the other's synchronised one (a DDP error).
-            sync = micro == accum - 1 or stage == 2
-            with timer("data"):
-                x0, y = next(batches)
-                if self._labels_checked is not batches.dataset:
-                    self._check_batch_labels(y)
-                x0 = x0.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
-                if self.latent_space is not None and self.latent_space.encodes:
-                    x0 = self.latent_space.encode(x0)
-                self._step_inputs.append((batches.last_indices, x0))
-            # Each loss's forward is followed by its backward (DDP prepares one backward per
-            # forward); the generation forward does not depend on the perception backward.
-            if stage == 0:
-                with self._autocast():
-                    loss_g, parts = forward(
-                        generation_loss, x0, y, self.generator, cfg, check_values=False, sync=sync
-                    )
-                with timer("backward_g"):
-                    add(acc_g, loss_g / accum)
-            else:
-                keep_diffusion = stage == 1 and cfg.loss.stage1_teacher == "keep_diffusion"
-                with timer("features"), self._autocast():
-                    loss_p, logits, parts = forward(
-                        _perception_and_diffusion if keep_diffusion else perception_loss,
-                        x0,
-                        y,
-                        self.bank,
-                        cfg,
-                        self.backend,
-                        timer,
-                        check_values=False,
-                        sync=sync,
-                        dc_teacher=self._dc_teacher(stage),
-                        **({"generator": self.generator} if keep_diffusion else {}),
-                    )
-                with timer("backward_p"):
-                    add(acc_p, loss_p / accum)
-                if stage == 2:
-                    with timer("generation"), self._autocast():
-                        x_sem = None
-                        if cfg.loss.semantic:
-                            with torch.no_grad():
-                                _, x_sem = self.teacher.perceive(x0, check_values=False)
-                        loss_g, gparts = forward(
-                            generation_loss,
-                            x0,
-                            y,
-                            self.generator,
-                            cfg,
-                            x_sem,
-                            check_values=False,
-                            sync=sync,
-                        )
-                    parts.update(gparts)
-                    with timer("backward_g"):
-                        add(acc_g, loss_g / accum)
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v / accum
+    def _update(self, stage: int, grads: _TaskGradients) -> list[torch.Tensor | None]:
+        """The step's update of ``self.params``: stage 0's generation gradient, stage 1's
+        perception gradient, stage 2's two aligned per group by ``self.aligner`` (written into
+        the perception sums' buffers)."""
+        if stage == 0:
+            return grads.generation
+        if stage == 1:
+            return grads.perception
+        if self.aligner is None:  # nothing trained
+            return grads.perception
+        # fast ops only: a reduce_sums routes the reference through the two-pass path
+        return self.aligner.align(
+            grads.perception,
+            grads.generation,
+            reduce_sums=self._keep_align_sums if self.fast else None,
+        )
 
-        with timer("alignment"):
-            if stage == 2:
-                update = align_gradients(
-                    acc_p,
-                    acc_g,
-                    groups=self.align_groups,
-                    k=cfg.align.k,
-                    w_p=cfg.align.w_p,
-                    w_g=cfg.align.w_g,
-                    mode=cfg.align.mode,
-                    backend=self.backend,
-                    # fast ops only: a reduce_sums routes the reference through the two-pass path
-                    reduce_sums=self._keep_align_sums if self.fast else None,
-                )
-            else:
-                update = acc_g if stage == 0 else acc_p
-        with timer("optimizer"):
-            grads = [u for u in update if u is not None]
-            norm = (
-                torch.nn.utils.get_total_norm(grads, foreach=self.fast)
-                if grads
-                else torch.zeros((), device=self.device)
-            )
-            self._step_ok = self._finite_step(norm, totals)
-            if self._step_ok:
-                for p, u in zip(self.params, update):
-                    p.grad = u
-                st = self.stage_config(stage)
-                if st.grad_clip > 0:
-                    with_grad = [p for p in self.params if p.grad is not None]
-                    torch.nn.utils.clip_grads_with_norm_(
-                        with_grad, st.grad_clip, norm, foreach=self.fast
-                    )
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        if stage == 2 and self._step_ok:
-            with timer("ema"):
-                ema_update(
-                    self._teacher_tensors(), self._student_tensors(), cfg.ema_decay, fused=self.fast
-                )
-        return totals
+    def _optimizer_step(
+        self, stage: int, update: list[torch.Tensor | None], losses: dict[str, torch.Tensor]
+    ) -> bool:
+        """Hand ``update`` to the parameters' ``.grad``, clip (``grad_clip``) and step, unless
+        the update norm or a loss is not finite (``_finite_step``); returns whether it stepped."""
+        grads = [u for u in update if u is not None]
+        norm = (
+            torch.nn.utils.get_total_norm(grads, foreach=self.fast)
+            if grads
+            else torch.zeros((), device=self.device)
+        )
+        if not self._finite_step(norm, losses):
+            return False
+        for p, u in zip(self.params, update):
+            p.grad = u
+        st = self.stage_config(stage)
+        if st.grad_clip > 0:
+            with_grad = [p for p in self.params if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(with_grad, st.grad_clip, norm, foreach=self.fast)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def _finite_step(self, grad_norm: torch.Tensor, losses: dict[str, torch.Tensor]) -> bool:
         """Whether the step's update norm and every loss part are finite: one flag computed on
         the device and read once, the step's only host sync. With world > 1 no collective: the
         update is computed from DDP-averaged gradients, identical on every rank, and a rank with
-        a non-finite loss made its gradient NaN (``train_step``), so every rank decides alike.
+        a non-finite loss made its gradient NaN (``_backward``), so every rank decides alike.
         Only without a DDP wrapper (nothing trained) is the flag all-reduced."""
         vals = [grad_norm.float().reshape(1)] + [v.float().reshape(1) for v in losses.values()]
         bad = (~torch.isfinite(torch.cat(vals))).any().float()
@@ -907,20 +991,6 @@ class Trainer:
         net = self.teacher if self.teacher is not None else self.net
         seed = teacher_seed(self.cfg.seed, stage, self.step, len(self._step_inputs))
         return lambda x0: dc_teacher_log_probs(net, x0, self.cfg, seed)
-
-    def _teacher_tensors(self) -> list[torch.Tensor]:
-        if not hasattr(self, "_ema_pairs"):
-            t = dict(self.teacher.named_parameters())
-            s = dict(self.net.named_parameters())
-            # every parameter, the modulation included: the EMA network builds the stage-2 bank
-            # (diffusion.bank_network: ema), modulated with its own modulation
-            names = list(t)
-            self._ema_pairs = ([t[n].data for n in names], [s[n].data for n in names])
-        return self._ema_pairs[0]
-
-    def _student_tensors(self) -> list[torch.Tensor]:
-        self._teacher_tensors()
-        return self._ema_pairs[1]
 
     # ------------------------------------------------------------------ logging
 
@@ -1015,10 +1085,7 @@ class Trainer:
         keep_bank = not any(c.startswith("diffusion.") for c in changes)
         stage, step = int(meta["stage"]), int(meta["step"])
         if any(k.startswith("teacher/") for k in tensors):
-            self.teacher = self.net
-            self.net = self.teacher.copy()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+            self._split_teacher()
             _load_module(self.teacher, ckpt.unprefixed("teacher", tensors), "teacher")
         _load_module(self.net, ckpt.unprefixed("net", tensors), "net")
         self.stage, self.step = stage, step
@@ -1029,7 +1096,6 @@ class Trainer:
         self.teacher_val = dict(meta.get("teacher_val", {}))
         if "optimizer" in meta:
             self._make_optimizer(int(meta["optimizer_stage"]))
-            self._optim_stage = int(meta["optimizer_stage"])
             ckpt.optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
         if "bank/mu" in tensors and keep_bank:  # (a changed diffusion.* rebuilds the bank)
             from genrep_fast.models import ChainBank
@@ -1049,6 +1115,15 @@ class Trainer:
         self.generator = self._new_generator(stage)
         self.generator.set_state(tensors["rng/generator"])
         ckpt.set_rng_state(tensors, meta["rng"])
+
+
+class _TaskGradients:
+    """The two task gradients of a step, each summed over its micro-batches: one entry per
+    trained parameter (``Trainer.params``), None until a loss reaches it."""
+
+    def __init__(self, n: int):
+        self.perception: list[torch.Tensor | None] = [None] * n
+        self.generation: list[torch.Tensor | None] = [None] * n
 
 
 class _LossOf(torch.nn.Module):
