@@ -136,10 +136,10 @@ def test_every_gemm_config_compiles_without_spills_and_uses_wgmma_on_sm90(report
             names = {v.name for v in compile_gate.VARIANTS if v.gemm_config == i}
             entries = [e for e in s["kernels"] if names & set(e["variants"])]
             assert names and names <= {n for e in entries for n in e["variants"]}, (s["arch"], i)
-            for e in entries:
+            for e in entries:  # the GEMM kernel and the launcher's non-finite redo kernel
                 assert not compile_gate.spills(e), (s["arch"], i, e["constexprs"])
                 assert not compile_gate.shared_memory_too_large(e), (s["arch"], i, e["shared"])
-                if s["arch"] >= 90:
+                if s["arch"] >= 90 and e["kernel"] == "_mixture_gemm_kernel":
                     assert e["mma"] == "wgmma", (s["arch"], i, e["constexprs"], e["mma"])
 
 
