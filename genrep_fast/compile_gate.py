@@ -16,9 +16,10 @@ The interpreter (TRITON_INTERPRET=1, how the tests run on CPU) checks none of th
 changes a loop variable's shape, or spills registers at BLOCK sizes the tests never use, passes
 every interpreter test. Hence this gate, run by ``tests/test_triton_compile.py``.
 
-Fails on: any compile error (Triton front end, LLVM, ptxas), and any register spill (ptxas
-``-v``: spill stores or loads) of a kernel without float64 pointers that is pressure: at the
-register ceiling, or of more than MINOR_SPILL_BYTES. Reported, not failed: spills of float64
+Fails on: any compile error (Triton front end, LLVM, ptxas), shared memory past the
+architecture's per-block limit (``SHARED_MEMORY_LIMIT``: the launch would fail), and any register
+spill (ptxas ``-v``: spill stores or loads) of a kernel without float64 pointers that is pressure:
+at the register ceiling, or of more than MINOR_SPILL_BYTES. Reported, not failed: spills of float64
 kernels, and minor ones (a few bytes below the ceiling: ptxas's own trade, see
 ``spill_kind``).
 Without a device Triton's ``n_regs`` / ``n_spills`` stay unset (the driver fills them when it
@@ -29,7 +30,12 @@ Command (one worker process per architecture, in parallel)::
 
     python -m genrep_fast.compile_gate --arch 80 90 --out bench/results/
 
-``VARIANTS`` below is the one list of launches. To check a tuning config, append a ``Variant``
+``VARIANTS`` below is the one list of launches. Every entry of ``kernels/mixture.py``'s
+``GEMM_CONFIGS`` gets its own variants (``gemm_config``: launched through ``mixture_lse_gemm(...,
+config=...)`` at the ImageNet shapes, every GEMM precision, isotropic and diagonal sigma), and the
+report's "GEMM configs" table lists, per config, its registers, shared memory, spills, tensor-core
+instruction (``wgmma`` on sm_90) and the modelled bytes / FLOPs at B = 256, C = 1000, T = 100,
+D = 4096 (``genrep_fast.roofline``). To check another tuning config, append a ``Variant``
 whose ``config`` overrides launch keywords per kernel, e.g.
 ``replace(v, config={"_mixture_gemm_kernel": {"BLOCK_D": 64, "num_warps": 8, "num_stages": 3}})``;
 a kernel under ``@triton.autotune`` is compiled at each of its configs without that.
@@ -113,6 +119,8 @@ class Variant:
     ``[B, C]`` log-likelihoods (``[B, K]`` with ``layout="candidates"``) with an optional
     ``prior`` (``"C"`` or ``"BC"``), logits in ``logits_dtype`` (default: ``dtype``) and, for
     ``kl_backward``, an incoming gradient of stride ``grad_stride`` (0: a mean's or sum's).
+    ``gemm_config``: an index into ``kernels.mixture.GEMM_CONFIGS`` (op ``"mixture"``, a GEMM
+    precision): the forward goes through ``mixture_lse_gemm(..., config=GEMM_CONFIGS[i])``.
     ``config``: per kernel name, launch keywords to override (BLOCK sizes, ``num_warps``, ...).
     """
 
@@ -128,6 +136,7 @@ class Variant:
     prior: str = "none"
     logits_dtype: str | None = None
     grad_stride: int = 1
+    gemm_config: int | None = None
     config: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
     @property
@@ -141,6 +150,8 @@ class Variant:
                 parts.append(f"index={self.index_dtype}")
         if self.op == "mixture":
             parts.append(self.precision)
+        if self.gemm_config is not None:
+            parts.append(f"gemm_config={self.gemm_config}")
         if self.op == "mixture_backward":
             grads = ",".join(n for n, on in zip(("x", "mu", "sigma"), self.needs) if on)
             parts.append(f"d={grads}")
@@ -243,9 +254,30 @@ def _posterior_variants() -> list[Variant]:
     return out
 
 
+# The shape at which the GEMM configs are compiled and their bytes / FLOPs modelled: the issue's
+# ImageNet case (a batch of 256: every config's own BLOCK_B).
+GEMM_CONFIG_SHAPE = Shape("gemm-b256", batch=256, classes=1000, steps=100, dim=4096, candidates=0)
+
+
+def _gemm_config_variants() -> list[Variant]:
+    """Every entry of ``GEMM_CONFIGS`` at every GEMM precision, isotropic sigma at T = 75
+    (LDM-8's, classes straddle the N tiles) and diagonal at T = 100, fp32 inputs; bf16 inputs
+    (the configs' bank dtype) at the bf16 precision."""
+    from genrep_fast.kernels.mixture import GEMM_CONFIGS
+
+    iso = replace(GEMM_CONFIG_SHAPE, name="gemm-b256-t75", steps=75)
+    out = []
+    for i in range(len(GEMM_CONFIGS)):
+        for p in GEMM_PRECISIONS:
+            out.append(Variant("mixture", iso, "fp32", sigma="CT", precision=p, gemm_config=i))
+            out.append(Variant("mixture", GEMM_CONFIG_SHAPE, "fp32", sigma="diagonal", precision=p, gemm_config=i))  # fmt: skip
+        out.append(Variant("mixture", iso, "bf16", sigma="CT", sigma_dtype="fp32", precision="bf16", gemm_config=i))  # fmt: skip
+    return out
+
+
 # The launches the gate compiles. Append here (a new layout, a tuning config): the test fails
 # when a kernel of genrep_fast.kernels is launched by no variant.
-VARIANTS: list[Variant] = _mixture_variants() + _posterior_variants()
+VARIANTS: list[Variant] = _mixture_variants() + _gemm_config_variants() + _posterior_variants()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,7 +303,10 @@ def launch(v: Variant) -> None:
         sigma_shape = {"T": (t,), "CT": (c, t), "BCT": (b, c, t), "diagonal": (*bank, d)}[v.sigma]
         sigma = _meta(*sigma_shape, dtype=v.sigma_dtype or v.dtype)
         index = _meta(b, k, dtype=v.index_dtype) if "candidates" in v.layout else None
-        if v.op == "mixture":
+        if v.op == "mixture" and v.gemm_config is not None:
+            cfg = mixture.GEMM_CONFIGS[v.gemm_config]
+            mixture.mixture_lse_gemm(x, mu, sigma, v.precision, config=cfg)
+        elif v.op == "mixture":
             mixture.mixture_lse(x, mu, sigma, index, precision=v.precision)
         else:
             out_dtype = "fp64" if v.dtype == "fp64" else "fp32"
@@ -544,6 +579,16 @@ def compile_variants(arch: int, variants: list[Variant], dry_run: bool = False) 
 MINOR_SPILL_BYTES = 32
 
 
+# Shared memory one block may use (bytes, the opt-in maximum): sm_80 (A100) 163 KiB, sm_90
+# (H100/H200) 227 KiB. Past it the launch fails with OutOfResources: a compile-time finding.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def shared_memory_too_large(entry: dict) -> bool:
+    limit = SHARED_MEMORY_LIMIT.get(entry["arch"])
+    return limit is not None and (entry["shared"] or 0) > limit
+
+
 def spills(entry: dict) -> bool:
     return bool(entry["spill_stores"] or entry["spill_loads"])
 
@@ -577,6 +622,11 @@ def verdict(report: dict) -> list[str]:
         for f in arch["failures"]:
             problems.append(f"{sm}: {f['kernel']} {_constexpr_text(f)}: {f['summary']}")
         for e in arch["kernels"]:
+            if shared_memory_too_large(e):
+                problems.append(
+                    f"{sm}: {e['kernel']} {_constexpr_text(e)} needs {e['shared']} B of shared "
+                    f"memory (limit {SHARED_MEMORY_LIMIT[arch['arch']]} B)"
+                )
             if spill_kind(e) == "FAIL":
                 problems.append(
                     f"{sm}: {e['kernel']} {_constexpr_text(e)} spills "
@@ -671,6 +721,25 @@ def markdown(report: dict) -> str:
                 f"{e['stack_frame']} | {e['shared']} | {e['mma'] or '-'} | {e['tf32_rounds']} | "
                 f"{spill_kind(e) or '-'} | {len(e['variants'])}: {e['variants'][0]} |"
             )
+        gemm_rows = _gemm_config_rows(a)
+        if gemm_rows:
+            lines += [
+                "",
+                f"### GEMM configs on sm_{a['arch']}",
+                "",
+                "`GEMM_CONFIGS` of `kernels/mixture.py` (index, tile BLOCK_B x BLOCK_N x BLOCK_D),"
+                " fp32 inputs, compiled at B = 256, C = 1000, D = 4096; the model "
+                "(`compile_gate.gemm_config_model`) at B = 256, C = 1000, T = 100, D = 4096 on a "
+                "132-SM H100: classes per program, programs, DRAM GB and TFLOP (useful; "
+                "`genrep_fast.roofline`, a prepared bank), MMA work launched / useful, L2 -> SM GB "
+                "of the tiles, and the roofline bound at 3.0 TB/s and the nominal peaks.",
+                "",
+                "| cfg | precision | sigma | tile | warps | stages | regs | smem B | spill st/ld B "
+                "| mma | classes/prog | programs | DRAM GB | TFLOP | launched/useful | L2 GB "
+                "| bound us |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                *gemm_rows,
+            ]
         if a["failures"]:
             lines += [
                 "",
@@ -687,6 +756,91 @@ def markdown(report: dict) -> str:
                     summary = f["summary"].replace("|", "\\|")
                     lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {summary} | {f['variant']} |")
     return "\n".join(lines) + "\n"
+
+
+def gemm_config_model(
+    index: int, precision: str, diagonal: bool, arch: int = 90, shape: Shape | None = None
+) -> dict:
+    """Modelled cost of ``GEMM_CONFIGS[index]`` on ``sm_<arch>`` at ``shape`` (default
+    ``GEMM_CONFIG_SHAPE``):
+    the launch the launcher makes (BLOCK_B, classes per program, grid on a 132-SM H100), DRAM
+    bytes and useful FLOPs (``roofline.shared_bank_gemm``, a prepared bank; diagonal: two bank
+    operands and two image operands, twice the FLOPs), the MMA work launched over the useful
+    (masked rows of each program's last tile, images past B), the L2 -> SM bytes of the tiles
+    (x re-read for every N tile, the bank for every image block) and the roofline bound at the
+    nominal H100 peaks and 3.0 TB/s (``roofline.NOMINAL_GPU_PEAKS``)."""
+    import triton
+
+    from genrep_fast import roofline
+    from genrep_fast.kernels import mixture
+
+    sh = shape or GEMM_CONFIG_SHAPE
+    cfg = mixture.GEMM_CONFIGS[index]
+    b, c, t, d = sh.batch, sh.classes, sh.steps, sh.dim
+    size = mixture.GEMM_OPERAND_DTYPES[precision].itemsize
+    max_block_b, _ = mixture.gemm_tile(cfg, precision, arch)
+    block_b = max(mixture.GEMM_MIN_BLOCK, min(max_block_b, triton.next_power_of_2(b)))
+    batch_blocks = triton.cdiv(b, block_b)
+    k = mixture.gemm_classes_per_program(c, t, cfg.BLOCK_N, batch_blocks, mixture.DEFAULT_SM_COUNT)
+    groups = triton.cdiv(c, k)
+    rows_launched = 0
+    for g in range(groups):
+        rows_launched += triton.cdiv(min(k, c - g * k) * t, cfg.BLOCK_N) * cfg.BLOCK_N
+    n_tiles = rows_launched // cfg.BLOCK_N
+    operands = 2 if diagonal else 1
+    cost = roofline.shared_bank_gemm(
+        b, c, t, d, precision=precision, s_bank=size, s_x=size, prepared=True
+    )
+    dram = cost.bytes + (operands - 1) * (b * d + c * t * d) * size
+    flops = cost.flops * operands
+    roofs = roofline.Roofs("H100 nominal", 3.0e12, dict(roofline.NOMINAL_GPU_PEAKS))
+    bnd = roofline.bound(roofline.Cost(dram, flops, precision), roofs)
+    l2 = operands * size * d * (batch_blocks * n_tiles * block_b + batch_blocks * rows_launched)
+    return {
+        "block_b": block_b,
+        "classes_per_program": k,
+        "programs": batch_blocks * groups,
+        "dram_bytes": dram,
+        "flops": flops,
+        "launched_over_useful": (batch_blocks * block_b * rows_launched) / (b * c * t),
+        "l2_bytes": l2,
+        "bound_us": bnd.seconds * 1e6,
+        "bound_kind": bnd.kind,
+    }
+
+
+def _gemm_config_rows(arch: dict) -> list[str]:
+    """One row per (GEMM config, precision, sigma) of ``arch``'s section: the compiled kernel's
+    resources and ``gemm_config_model``."""
+    from genrep_fast.kernels.mixture import GEMM_CONFIGS, gemm_tile
+
+    by_variant = {n: e for e in arch["kernels"] for n in e["variants"]}
+    rows = []
+    for v in VARIANTS:
+        if v.gemm_config is None or v.dtype != "fp32":
+            continue
+        e = by_variant.get(v.name)
+        cfg = GEMM_CONFIGS[v.gemm_config]
+        diagonal = v.sigma == "diagonal"
+        mdl = gemm_config_model(v.gemm_config, v.precision, diagonal, arch["arch"])
+        block_b, block_d = gemm_tile(cfg, v.precision, arch["arch"])
+        tile = f"{block_b}x{cfg.BLOCK_N}x{block_d}"
+        res = (
+            "| compile error | | | |"
+            if e is None
+            else (
+                f"| {e['registers']} | {e['shared']} | {e['spill_stores']}/{e['spill_loads']} "
+                f"| {e['mma'] or '-'} |"
+            )
+        )
+        rows.append(
+            f"| {v.gemm_config} | {v.precision} | {'diagonal' if diagonal else 'isotropic'} "
+            f"(T={v.shape.steps}) | {tile} | {cfg.num_warps} | {cfg.num_stages} {res} "
+            f"{mdl['classes_per_program']} | {mdl['programs']} | {mdl['dram_bytes'] / 1e9:.2f} | "
+            f"{mdl['flops'] / 1e12:.2f} | {mdl['launched_over_useful']:.3f} | "
+            f"{mdl['l2_bytes'] / 1e9:.1f} | {mdl['bound_us']:.0f} {mdl['bound_kind']} |"
+        )
+    return rows
 
 
 def write_report(report: dict, out: Path) -> tuple[Path, Path]:

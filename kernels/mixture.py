@@ -8,18 +8,25 @@ and never write the ``[B, C, T]`` scores: the log-sum-exp over T runs online in 
   bank, candidate classes (``class_index`` gathers rows of a shared bank) and the shared bank at
   ``precision="ieee"``. Memory-bound: reads each mu row once.
 * ``_mixture_gemm_kernel``: the shared bank as a GEMM ``[B, D] x [D, C*T]``; one program per
-  (block of images, class) loops over T in ``BLOCK_T`` tiles (masked, the bank is not padded) and
-  folds each tile into a running max / sum. ``precision`` picks the dot's arithmetic: ``"tf32x3"``,
-  ``"tf32"`` or ``"bf16"``. The GEMM form ``|x|^2 - 2 x.mu + |mu|^2`` cancels when x is near a
-  mean and sigma is small (docs/NUMERICS.md), which is why ``"ieee"`` uses the difference form.
+  (block of images, range of consecutive classes) walks the range's flattened bank rows in
+  ``BLOCK_N``-row tiles (>= 128; a tile straddles classes where T is not a multiple of it),
+  accumulates each tile's dot in place and finishes the per-class log-sum-exps in the epilogue,
+  carrying the running (max, sum) of the class still open at a tile's end into the next tile.
+  ``precision`` picks the dot's arithmetic: ``"tf32x3"``, ``"tf32"`` or ``"bf16"``; the bank's
+  operand copy in that arithmetic (bf16, or fp32 rounded to nearest tf32) is made once per bank
+  (``gemm_operands``; ``genrep_fast.PreparedBank`` keeps it). The GEMM form
+  ``|x|^2 - 2 x.mu + |mu|^2`` cancels when x is near a mean and sigma is small
+  (docs/NUMERICS.md), which is why ``"ieee"`` uses the difference form.
 
 Under ``TRITON_INTERPRET=1`` the interpreter computes every ``tl.dot`` in exact fp32 (and cannot do
-a bf16 dot), so the launcher sets ``EMULATE`` and the kernel rounds the operands itself (tf32:
-10-bit mantissa; tf32x3: hi/lo split; bf16: a cast) so that the tests measure each mode's error.
+a bf16 dot), so the launcher sets ``EMULATE`` and the kernel dots the prepared operands in fp32
+(bf16 and tf32 values and their products are exact in fp32) and splits tf32x3's into hi/lo itself,
+so that the tests measure each mode's error.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -32,17 +39,10 @@ from genrep_fast.layout import LOG_2PI, bank_view, compute_dtype, is_diagonal
 PRECISION_CODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 
 # Tile limits. The difference kernel's tile is [BLOCK_T, BLOCK_D]; 32 x 128 fp32 values keep a
-# program's registers (mu tile + diff) at 32 KiB. The GEMM kernel's tiles are the usual tensor-core
-# shapes (>= 16 on every side for tl.dot). A single config: autotuning is owed on the GPU machine.
+# program's registers (mu tile + diff) at 32 KiB. The GEMM kernel's launch parameters are
+# GEMM_CONFIGS (below, with the kernel).
 DIFF_MAX_BLOCK_T = 32
 DIFF_MAX_BLOCK_D = 128
-GEMM_MAX_BLOCK_B = 64
-GEMM_BLOCK_T = 32
-GEMM_BLOCK_D = 32
-# Diagonal sigma: two dots per tile (x.m1 and x^2.m2; tf32x3 makes each three). At BLOCK_D = 32
-# ptxas spills (sm_90, BLOCK_B = 32, tf32x3: 255 registers + 32 B; sm_80, BLOCK_B = 64, bf16:
-# 8 B); at 16 the most is 126 registers (python -m genrep_fast.compile_gate, ptxas 12.9 / 13.4).
-GEMM_BLOCK_D_DIAG = 16
 
 
 def _interpreted() -> bool:
@@ -331,6 +331,40 @@ def mixture_lse_diff(
 # ------------------------------------------------------------------------------------------------
 
 
+class GemmConfig(NamedTuple):
+    """Launch parameters of ``_mixture_gemm_kernel``: the output tile, ``BLOCK_B`` images x
+    ``BLOCK_N`` flattened bank rows ``c * T + t``, the reduction step ``BLOCK_D`` (both capped for
+    tf32x3: ``gemm_tile``), ``num_warps`` and ``num_stages``. ``BLOCK_B`` is a maximum: a
+    batch smaller than it gets ``max(16, next_power_of_2(B))``."""
+
+    BLOCK_B: int
+    BLOCK_N: int
+    BLOCK_D: int
+    num_warps: int
+    num_stages: int
+
+
+# The configs an autotuner may choose from (every one compiled for sm_80 and sm_90 by the compile
+# gate, registers / shared memory / wgmma in bench/results/triton-compile-report.md). The first is
+# the default, the only one under the interpreter. Every N tile spans >= 128 bank rows: at T = 75
+# or 100 a tile holds parts of 2-3 classes, whose log-sum-exps the epilogue finishes in turn.
+# Measured with the compile gate (ptxas 12.9, sm_80 / sm_90): 128 x 128 tiles spill at 8 warps
+# in every precision, 64 x 256 and a 4-warp 32 x 128 tile spill in tf32x3; these fit.
+GEMM_CONFIGS: list[GemmConfig] = [
+    GemmConfig(BLOCK_B=64, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=3),
+    GemmConfig(BLOCK_B=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    GemmConfig(BLOCK_B=64, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=4),
+    GemmConfig(BLOCK_B=32, BLOCK_N=256, BLOCK_D=32, num_warps=8, num_stages=3),
+]
+GEMM_MIN_BLOCK = 16  # tl.dot needs >= 16 on every side
+# Streaming multiprocessors assumed when the launch does not run on a CUDA device (interpreter,
+# compile gate): an H100 SXM's 132.
+DEFAULT_SM_COUNT = 132
+# The dtype each precision's dot reads: bf16 operands for "bf16", fp32 for the tf32 modes ("tf32"
+# with its operands already rounded to nearest tf32).
+GEMM_OPERAND_DTYPES = {"tf32x3": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+
+
 @triton.jit
 def _round_tf32(a):
     # Round-to-nearest onto tf32's 10-bit mantissa: add half an ulp of tf32, clear 13 low bits.
@@ -340,51 +374,45 @@ def _round_tf32(a):
 
 
 @triton.jit
-def _round_bf16(a):
-    # Round-to-nearest onto bf16's 7-bit mantissa, kept in fp32. The interpreter's own fp32->bf16
-    # cast truncates (measured: 7x the error of torch's bf16 rounding at D=37), so emulate it here.
-    bits = a.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x8000) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 ``a @ b`` in the arithmetic of PRECISION (0 ieee, 1 tf32, 2 tf32x3, 3 bf16)."""
-    if PRECISION == 3:
-        if EMULATE:
-            # bf16 x bf16 products are exact in fp32: rounding the operands is the whole mode.
-            return tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    if PRECISION == 1:
-        # Round both operands to nearest tf32 first, on hardware too: the tensor cores read the
-        # top 19 bits of an fp32 operand, i.e. truncate (the PTX of a plain tf32 tl.dot has no
-        # cvt.rna before its mma, on sm_80 and sm_90; tf32x3's has). Rounded operands pass exactly.
-        a_tf32 = _round_tf32(a)
-        b_tf32 = _round_tf32(b)
-        if EMULATE:
-            return tl.dot(a_tf32, b_tf32, input_precision="ieee")
-        return tl.dot(a_tf32, b_tf32, input_precision="tf32")
+def _gemm_dot(a, b, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+    """``acc + a @ b`` in the arithmetic of PRECISION (1 tf32, 2 tf32x3, 3 bf16), accumulated in
+    place (the MMA chain never waits on a scaling of its result). The operands come prepared
+    (``gemm_operand``): bf16 for bf16, fp32 already rounded to nearest tf32 for tf32 (the tensor
+    cores read the top 19 bits of an fp32 operand, i.e. truncate: exact on a rounded operand),
+    plain fp32 for tf32x3 (Triton splits it into hi + lo with cvt.rna)."""
     if EMULATE:
+        # The interpreter computes every dot in exact fp32 and has no bf16 dot: bf16 and tf32
+        # operands are exact in fp32 and their products too, so an fp32 dot of the prepared
+        # operands is the mode; tf32x3 is emulated by its three hi/lo products.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        if PRECISION == 1:
+            # What the tensor cores do with an fp32 operand: keep its top 19 bits. Exact on the
+            # prepared (rounded) operands; an unrounded one is truncated here as on hardware.
+            a = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            b = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
         if PRECISION == 2:
+            # Triton's tf32x3 (its F32DotTC pass): the two small products into a zero tile, the
+            # big one on top, then one add into the accumulator: the small terms never meet
+            # the (large) running sum alone. Measured (docs/NUMERICS.md's script, BLOCK_D = 16):
+            # accumulating all three in place, 5.9 instead of 2.3 nats at sigma = 1e-2.
             a_hi = _round_tf32(a)
             b_hi = _round_tf32(b)
-            a_lo = _round_tf32(a - a_hi)
-            b_lo = _round_tf32(b - b_hi)
-            acc = tl.dot(a_hi, b_lo, input_precision="ieee")
-            acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
-            return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
-        return tl.dot(a, b, input_precision="ieee")
-    if PRECISION == 2:
-        return tl.dot(a, b, input_precision="tf32x3")
-    return tl.dot(a, b, input_precision="ieee")
+            part = tl.dot(_round_tf32(a - a_hi), b_hi, input_precision="ieee")
+            part = tl.dot(a_hi, _round_tf32(b - b_hi), part, input_precision="ieee")
+            return acc + tl.dot(a_hi, b_hi, part, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee")
+    if PRECISION == 3:
+        return tl.dot(a, b, acc)
+    if PRECISION == 1:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    return tl.dot(a, b, acc, input_precision="tf32x3")
 
 
 @triton.jit
 def _mixture_gemm_kernel(
     x_ptr,
-    m1_ptr,
-    m2_ptr,
+    bank_ptr,
     xx_ptr,
     mm_ptr,
     scale_ptr,
@@ -393,77 +421,109 @@ def _mixture_gemm_kernel(
     B,
     C,
     T,
-    D,
-    DIAG: tl.constexpr,
+    K,
+    CLASSES_PER_PROGRAM,
     PRECISION: tl.constexpr,
     EMULATE: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Scores of one (image block, class) tile by tile over T:
+    """``out[b, c] = logsumexp_t s[b, c*T + t]`` for one block of images and a contiguous range
+    of ``CLASSES_PER_PROGRAM`` classes, whose bank rows ``[c_begin*T, c_end*T)`` it walks in
+    ``BLOCK_N``-row tiles (a tile may straddle classes: T = 75, 100 are not powers of two):
 
-    ``s = -0.5 * scale_t * (xx_b + mm_t - 2 x_b.m1_t + [x_b^2].m2_t) + log_norm_t``
+    ``acc[n, b] = bank_n . x_b`` over the K operand columns (one accumulator, in place), then in
+    the epilogue ``s = -0.5 * scale_n * max(xx_b - 2 acc + mm_n, 0) + log_norm_n``.
 
-    Isotropic: ``m1 = mu``, ``mm = |mu|^2``, ``scale = 1/sigma^2``, ``xx = |x|^2`` (no m2).
-    Diagonal: ``m1 = mu/sigma^2``, ``m2 = 1/sigma^2``, ``mm = sum mu^2/sigma^2``, ``scale = 1``,
-    ``xx = 0``. All bank rows ``[C*T, D]`` contiguous.
+    Operands (``GemmOperands``; x made by ``mixture_lse_gemm``): ``x [B, K]``, ``bank [C*T, K]``
+    contiguous in the dot's operand dtype. Isotropic: ``K = D``, ``x``, ``bank = mu``,
+    ``xx = |x|^2``, ``mm = |mu|^2``, ``scale = 1/sigma^2``. Diagonal: ``K = 2D``,
+    ``x = [x, -x^2/2]``, ``bank = [mu/sigma^2, 1/sigma^2]``, ``xx = 0``,
+    ``mm = sum mu^2/sigma^2``, ``scale = 1``: one dot either way.
+
+    The tile is ``[BLOCK_N, BLOCK_B]``: bank rows are the MMA's M side (64 rows per warpgroup on
+    sm_90), so the per-row vectors of the epilogue (``mm``, ``scale``, ``log_norm``, the class of
+    each row) take a few registers per thread; with rows on the N side they took 32 each at 128
+    rows and the kernel spilled (compile gate, sm_90).
+
+    The per-class log-sum-exp is one running ``(m, l)`` per image: the tile's classes are folded
+    in order, a class is stored (and the state reset) when its last row has been seen, and the
+    class still open at a tile's end carries its state into the next tile.
     """
+    # Row and image indices are int32 (the launcher checks C*T, B*C and BLOCK*K < 2^31); the
+    # int64 offset of a tile's first row or image goes into its base offset. int64 index tensors
+    # in the accumulator's layout cost registers: the epilogue spilled with them.
     pid_b = tl.program_id(0)
-    c = tl.program_id(1).to(tl.int64)
-    offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    c_begin = tl.program_id(1) * CLASSES_PER_PROGRAM
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
-    if DIAG:
-        xx = tl.zeros([BLOCK_B], tl.float32)
-    else:
-        xx = tl.load(xx_ptr + offs_b, mask=b_mask, other=0.0)
+    offs_k = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    x_cols = (pid_b * BLOCK_B).to(tl.int64) * K + tl.arange(0, BLOCK_B)[None, :] * K
+    row_end = tl.minimum(c_begin + CLASSES_PER_PROGRAM, C) * T
     m = tl.full([BLOCK_B], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_B], tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        t_mask = offs_t < T
-        rows = c * T + offs_t  # int64: C*T*D passes 2^31 at ImageNet scale
-        cross = tl.zeros([BLOCK_B, BLOCK_T], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-            d_mask = offs_d < D
-            xa = tl.load(
-                x_ptr + offs_b[:, None] * D + offs_d[None, :],
-                mask=b_mask[:, None] & d_mask[None, :],
+    tile_base = c_begin.to(tl.int64) * T * K  # offset of the tile's first bank row
+    for n0 in range(c_begin * T, row_end, BLOCK_N):
+        rows = n0 + offs_n
+        n_mask = rows < row_end
+        bank_rows = tile_base + offs_n[:, None] * K  # [BLOCK_N, 1]
+        tile_base += BLOCK_N * K
+        acc = tl.zeros([BLOCK_N, BLOCK_B], tl.float32)
+        for k0 in range(0, K, BLOCK_D):
+            k_mask = offs_k < K - k0
+            bank = tl.load(
+                bank_ptr + (bank_rows + (k0 + offs_k)[None, :]),
+                mask=n_mask[:, None] & k_mask[None, :],
                 other=0.0,
-            ).to(tl.float32)
-            bank_off = rows[None, :] * D + offs_d[:, None]  # [BLOCK_D, BLOCK_T]: mu^T tile
-            bank_mask = d_mask[:, None] & t_mask[None, :]
-            m1 = tl.load(m1_ptr + bank_off, mask=bank_mask, other=0.0).to(tl.float32)
-            cross += -2.0 * _dot(xa, m1, PRECISION, EMULATE)
-            if DIAG:
-                m2 = tl.load(m2_ptr + bank_off, mask=bank_mask, other=0.0).to(tl.float32)
-                cross += _dot(xa * xa, m2, PRECISION, EMULATE)
-        mm = tl.load(mm_ptr + rows, mask=t_mask, other=0.0)
-        scale = tl.load(scale_ptr + rows, mask=t_mask, other=0.0)
-        log_norm = tl.load(log_norm_ptr + rows, mask=t_mask, other=0.0)
+            )
+            xt = tl.load(
+                x_ptr + (x_cols + (k0 + offs_k)[:, None]),  # [BLOCK_D, BLOCK_B]: x^T, K-major
+                mask=k_mask[:, None] & b_mask[None, :],
+                other=0.0,
+            )
+            acc = _gemm_dot(bank, xt, acc, PRECISION, EMULATE)
+        xx = tl.load(xx_ptr + offs_b, mask=b_mask, other=0.0)
+        mm = tl.load(mm_ptr + rows, mask=n_mask, other=0.0)
+        scale = tl.load(scale_ptr + rows, mask=n_mask, other=0.0)
+        log_norm = tl.load(log_norm_ptr + rows, mask=n_mask, other=0.0)
         # Rounding can make |x - mu|^2 slightly negative when x sits on a mean: clamp at 0.
-        quad = tl.maximum(cross + xx[:, None] + mm[None, :], 0.0)
-        s = -0.5 * quad * scale[None, :] + log_norm[None, :]
-        s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in row_lse
-        l = l * tl.exp(m - m_shift) + tl.sum(tl.exp(s - m_shift[:, None]), 1)
-        m = m_new
-    tl.store(out_ptr + offs_b * C + c, m + tl.log(l), mask=b_mask)
+        # -2 x.mu + |x|^2 first (~ -|mu|^2), then |mu|^2: each sum rounds at the size of its
+        # result, and |mu|^2 + |x|^2 (~2 |mu|^2) first rounds more coarsely near a mean
+        # (docs/NUMERICS.md's script, tf32x3 at BLOCK_D = 16: 270 instead of 240 nats).
+        quad = tl.maximum((xx[None, :] - 2.0 * acc) + mm[:, None], 0.0)
+        s = -0.5 * quad * scale[:, None] + log_norm[:, None]
+        # The classes of this tile, in order; rows past row_end (masked) belong to none of them.
+        cls = rows // T
+        tile_end = tl.minimum(n0 + BLOCK_N, row_end)
+        for c in range(n0 // T, (tile_end - 1) // T + 1):
+            s_c = tl.where((cls == c)[:, None], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s_c, 0))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in row_lse
+            l = l * tl.exp(m - m_shift) + tl.sum(tl.exp(s_c - m_shift[None, :]), 0)
+            m = m_new
+            # Its last row is in this tile: finish the class.
+            done = tl.full([BLOCK_B], (c + 1) * T, tl.int32) <= tile_end
+            tl.store(out_ptr + offs_b * C + c, m + tl.log(l), mask=b_mask & done)
+            m = tl.where(done, float("-inf"), m)
+            l = tl.where(done, 0.0, l)
 
 
 class GemmOperands(NamedTuple):
-    """Per-bank operands of the GEMM kernel (see ``_mixture_gemm_kernel``), all fp32 on mu's device.
+    """Per-bank operands of the GEMM kernel (see ``_mixture_gemm_kernel``) for one precision, on
+    mu's device.
 
-    ``m1, m2: [C*T, D]`` contiguous (isotropic: ``m2`` is ``m1``, unused), ``mm, scale,
-    log_norm: [C*T]``. ``|mu|^2`` and ``sum mu^2/sigma^2`` are summed in float64 (exact
+    ``bank``: the bank rows ``[C*T, K]`` contiguous in the precision's operand dtype
+    (``GEMM_OPERAND_DTYPES``; tf32: rounded to nearest tf32): ``mu`` (isotropic, ``K = D``) or
+    ``[mu/sigma^2, 1/sigma^2]`` (diagonal, ``K = 2D``). ``mm, scale, log_norm: [C*T]`` fp32.
+    ``|mu|^2`` and ``sum mu^2/sigma^2`` are summed in float64 from the bank itself (exact
     difference-free terms). They depend on the bank only: ``genrep_fast.PreparedBank`` computes
-    them once per snapshot; a raw ``(mu, sigma)`` gets them recomputed on every call.
+    them once per snapshot and precision; a raw ``(mu, sigma)`` gets them recomputed on every
+    call.
     """
 
-    m1: torch.Tensor
-    m2: torch.Tensor
+    bank: torch.Tensor
     mm: torch.Tensor
     scale: torch.Tensor
     log_norm: torch.Tensor
@@ -474,12 +534,43 @@ class GemmOperands(NamedTuple):
 PREP_CHUNK_VALUES = 2**25
 
 
-def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor) -> GemmOperands:
-    """``GemmOperands`` of a shared bank ``mu: [C, T, *latent]``, sigma isotropic or diagonal.
+def round_tf32_(a: torch.Tensor) -> torch.Tensor:
+    """Round a contiguous fp32 tensor to nearest tf32 in place (ties away from zero, as PTX's
+    ``cvt.rna.tf32.f32``: add half a tf32 ulp, clear the 13 low mantissa bits); returns it.
+    inf stays inf, the largest floats round to inf, a NaN stays NaN except the negative ones
+    whose bits wrap to +0: the GEMM launcher flags non-finite rows from the unrounded inputs
+    (``redo_nonfinite_pairs``) and redoes them."""
+    bits = a.view(torch.int32)
+    bits.add_(0x1000).bitwise_and_(~0x1FFF)
+    return a
 
-    An fp32 ``mu`` that is already contiguous becomes ``m1`` itself (a view, no copy). The float64
-    sums run over chunks of rows (``PREP_CHUNK_VALUES``).
+
+def gemm_operand(a: torch.Tensor, precision: str) -> torch.Tensor:
+    """``a`` as the dot of ``precision`` reads it: contiguous bf16 (round to nearest) for
+    ``"bf16"``, fp32 rounded to nearest tf32 for ``"tf32"``, fp32 for ``"tf32x3"``. A tensor
+    already in that form is returned as is (no copy) for bf16 / tf32x3; tf32 always copies
+    (the rounding must not write into the caller's tensor)."""
+    out = a.to(GEMM_OPERAND_DTYPES[precision]).contiguous()
+    if precision == "tf32":
+        if out is a:
+            out = out.clone()
+        round_tf32_(out)
+    return out
+
+
+def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor, precision: str) -> GemmOperands:
+    """``GemmOperands`` of a shared bank ``mu: [C, T, *latent]``, sigma isotropic or diagonal, for
+    ``precision`` (``"tf32x3"``, ``"tf32"`` or ``"bf16"``).
+
+    A contiguous isotropic ``mu`` already in the operand dtype (fp32 for tf32x3, bf16 for bf16)
+    becomes ``bank`` itself (a view, no copy). The float64 sums run over chunks of rows
+    (``PREP_CHUNK_VALUES``).
     """
+    if precision not in GEMM_OPERAND_DTYPES:
+        raise ValueError(
+            f"precision must be one of {sorted(GEMM_OPERAND_DTYPES)} for the GEMM form, got "
+            f"{precision!r}"
+        )
     c, t = mu.shape[0], mu.shape[1]
     d = mu[0, 0].numel()
     rows = c * t
@@ -490,23 +581,77 @@ def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor) -> GemmOperands:
     mm = torch.empty(rows, **f32)
     if is_diagonal(mu, sigma):
         sig2 = sigma.reshape(rows, d)
-        m1, m2, log_norm = torch.empty(rows, d, **f32), torch.empty(rows, d, **f32), mm.clone()
+        bank = torch.empty(rows, 2 * d, dtype=GEMM_OPERAND_DTYPES[precision], device=mu.device)
+        log_norm = mm.clone()
         for r0 in range(0, rows, step):
             sig = sig2[r0 : r0 + step].double()
             ivar = sig.square().reciprocal()
             mud = mu2[r0 : r0 + step].double()
-            m1[r0 : r0 + step] = mud * ivar
-            m2[r0 : r0 + step] = ivar
+            # Rounded from fp32 (as the fp32 operands are), chunk by chunk.
+            bank[r0 : r0 + step, :d] = gemm_operand((mud * ivar).float(), precision)
+            bank[r0 : r0 + step, d:] = gemm_operand(ivar.float(), precision)
             mm[r0 : r0 + step] = (mud.square() * ivar).sum(-1)
             log_norm[r0 : r0 + step] = const - torch.log(sig).sum(-1)
-        return GemmOperands(m1, m2, mm, torch.ones(rows, **f32), log_norm)
+        return GemmOperands(bank, mm, torch.ones(rows, **f32), log_norm)
     sig = sigma.expand(c, t).reshape(rows).double()
-    m1 = mu2.float().contiguous()
+    if precision == "bf16":
+        bank = gemm_operand(mu2, precision)  # straight to bf16: one rounding, no fp32 copy
+    else:
+        bank = gemm_operand(mu2.float(), precision)
     for r0 in range(0, rows, step):
         mm[r0 : r0 + step] = mu2[r0 : r0 + step].double().square().sum(-1)
     return GemmOperands(
-        m1, m1, mm, sig.square().reciprocal().float(), (const - d * torch.log(sig)).float()
+        bank, mm, sig.square().reciprocal().float(), (const - d * torch.log(sig)).float()
     )
+
+
+def gemm_tile(config: GemmConfig, precision: str, arch: int | None) -> tuple[int, int]:
+    """``(largest BLOCK_B, BLOCK_D)`` the kernel runs ``config`` at for ``precision`` on
+    ``sm_<arch>`` (None: the interpreter). tf32x3 splits every operand into hi and lo in
+    registers and keeps a second accumulator tile for the small products: BLOCK_D at most 32
+    (64 spills), and before sm_90 (mma.sync, operands in registers) BLOCK_B at most 32 (64 x 128
+    tiles spill 8-16 B at 255 registers on sm_80; compile gate, ptxas 12.9)."""
+    if precision != "tf32x3":
+        return config.BLOCK_B, config.BLOCK_D
+    block_b = config.BLOCK_B if arch is None or arch >= 90 else min(config.BLOCK_B, 32)
+    return block_b, min(config.BLOCK_D, 32)
+
+
+def _target_arch() -> int | None:
+    """The compute capability Triton compiles for now (e.g. 90), None under the interpreter."""
+    if _interpreted():
+        return None
+    target = triton.runtime.driver.active.get_current_target()
+    return target.arch if isinstance(target.arch, int) else None
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+@functools.lru_cache(maxsize=256)
+def gemm_classes_per_program(
+    classes: int, steps: int, block_n: int, batch_blocks: int, sm_count: int
+) -> int:
+    """How many consecutive classes one program of ``_mixture_gemm_kernel`` owns: the count that
+    minimises the modelled time in N tiles, ``waves * tiles per program`` (``waves =
+    ceil(programs / sm_count)``; all tiles cost alike), then the tiles launched in all (the
+    masked rows of each program's last tile), then the count itself. E.g. C = 1000, T = 100,
+    BLOCK_N = 128, 4 batch blocks, 132 SMs: 32 classes (128 programs of 25 full tiles, one wave;
+    1 class per program: 4000 programs of 1 tile, 22% of it masked, 31 waves)."""
+    best = (0, 0, 0)
+    for k in range(1, classes + 1):
+        groups = -(-classes // k)
+        tiles = -(-(k * steps) // block_n)
+        waves = -(-(batch_blocks * groups) // sm_count)
+        rest = classes - (groups - 1) * k  # the last group's classes
+        launched = batch_blocks * ((groups - 1) * tiles + -(-(rest * steps) // block_n))
+        key = (waves * tiles, launched, k)
+        if k == 1 or key < best:
+            best = key
+    return best[2]
 
 
 def mixture_lse_gemm(
@@ -515,28 +660,55 @@ def mixture_lse_gemm(
     sigma: torch.Tensor,
     precision: str,
     operands: GemmOperands | None = None,
+    *,
+    config: GemmConfig | None = None,
+    classes_per_program: int | None = None,
 ) -> torch.Tensor:
     """GEMM-form LSE ``[B, C]`` float32 of a shared bank; ``x: [B, *latent]``.
 
-    ``operands``: ``gemm_operands(mu, sigma)`` computed earlier (a prepared bank); None computes
-    them here, from the tensors as they are now. Pairs with a non-finite image or bank row are
-    then redone in the difference form (``redo_nonfinite_pairs``).
+    ``operands``: ``gemm_operands(mu, sigma, precision)`` computed earlier (a prepared bank), for
+    this very precision; None computes them here, from the tensors as they are now. ``config``:
+    one of ``GEMM_CONFIGS`` (default the first). ``classes_per_program``: classes per program
+    (default ``gemm_classes_per_program``). Pairs with a non-finite image or bank row are then
+    redone in the difference form (``redo_nonfinite_pairs``).
     """
     if operands is None:
-        operands = gemm_operands(mu, sigma)
+        operands = gemm_operands(mu, sigma, precision)
+    elif operands.bank.dtype != GEMM_OPERAND_DTYPES[precision]:
+        raise ValueError(
+            f"operands: bank is {operands.bank.dtype}, precision {precision!r} reads "
+            f"{GEMM_OPERAND_DTYPES[precision]} (use gemm_operands(mu, sigma, {precision!r}))"
+        )
+    cfg = GEMM_CONFIGS[0] if config is None else config
     b = x.shape[0]
     c, t = mu.shape[0], mu.shape[1]
-    x2 = x.reshape(b, -1).float().contiguous()
-    xx = x2.double().square().sum(-1).float()
-    out = torch.empty(b, c, dtype=torch.float32, device=x.device)
-    block_b = max(16, min(GEMM_MAX_BLOCK_B, triton.next_power_of_2(b)))
-    grid = (triton.cdiv(b, block_b), c)
     diagonal = is_diagonal(mu, sigma)
-    _mixture_gemm_kernel[grid](
-        x2,
-        operands.m1,
-        operands.m2,
-        xx,
+    x32 = x.reshape(b, -1).float()
+    xx = x32.double().square().sum(-1).float()
+    if diagonal:  # [x, -x^2/2] against [mu/sigma^2, 1/sigma^2]; |x|^2 is not a term
+        xa = gemm_operand(torch.cat([x32, -0.5 * x32.square()], 1), precision)
+        xx_term = torch.zeros_like(xx)
+    else:
+        xa = gemm_operand(x32, precision)
+        xx_term = xx
+    k = xa.shape[1]
+    max_block_b, block_d = gemm_tile(cfg, precision, _target_arch())
+    block_b = max(GEMM_MIN_BLOCK, min(max_block_b, triton.next_power_of_2(b)))
+    if max(c * t + cfg.BLOCK_N, b * c, max(cfg.BLOCK_N, block_b) * k) >= 2**31:
+        raise ValueError(
+            f"the GEMM kernel indexes bank rows, outputs and in-tile offsets in int32: need "
+            f"C*T, B*C and {max(cfg.BLOCK_N, block_b)}*K (K = D, 2D for a diagonal sigma) "
+            f"below 2^31, got B={b}, C={c}, T={t}, K={k} (precision='ieee' has no such limit)"
+        )
+    batch_blocks = triton.cdiv(b, block_b)
+    if classes_per_program is None:
+        sms = _sm_count(x.device)
+        classes_per_program = gemm_classes_per_program(c, t, cfg.BLOCK_N, batch_blocks, sms)
+    out = torch.empty(b, c, dtype=torch.float32, device=x.device)
+    _mixture_gemm_kernel[(batch_blocks, triton.cdiv(c, classes_per_program))](
+        xa,
+        operands.bank,
+        xx_term,
         operands.mm,
         operands.scale,
         operands.log_norm,
@@ -544,13 +716,15 @@ def mixture_lse_gemm(
         b,
         c,
         t,
-        x2.shape[1],
-        DIAG=diagonal,
+        k,
+        classes_per_program,
         PRECISION=PRECISION_CODES[precision],
         EMULATE=_interpreted(),
         BLOCK_B=block_b,
-        BLOCK_T=GEMM_BLOCK_T,
-        BLOCK_D=GEMM_BLOCK_D_DIAG if diagonal else GEMM_BLOCK_D,
+        BLOCK_N=cfg.BLOCK_N,
+        BLOCK_D=block_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     redo_nonfinite_pairs(out, x, mu, sigma, xx, operands.mm)
     return out

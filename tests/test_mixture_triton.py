@@ -126,9 +126,11 @@ def test_gemm_precision_modes_are_distinct():
     # A test that cannot fail is a defect: the modes must actually change the arithmetic.
     x, mu, sigma = make_bank(5, 3, 20, (64,))
     want = lse_f64(x, mu, sigma)
-    ops = M.gemm_operands(mu, sigma)
     errs = {
-        p: (M.mixture_lse_gemm(x, mu, sigma, p, ops).double() - want).abs().max().item()
+        p: (M.mixture_lse_gemm(x, mu, sigma, p, M.gemm_operands(mu, sigma, p)).double() - want)
+        .abs()
+        .max()
+        .item()
         for p in ("tf32x3", "tf32", "bf16")
     }
     assert errs["tf32x3"] < errs["tf32"] / 10 < errs["bf16"] / 10, errs
@@ -182,13 +184,118 @@ def test_public_api_triton_backend_forward_and_backward(layout):
 # The large-shape GPU checks (past 2^31 values, every row) are in tests/test_gpu_large.py.
 
 
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32", "bf16"])
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
-def test_gemm_operands_prepared_in_row_chunks(monkeypatch, kind):
+def test_gemm_operands_prepared_in_row_chunks(monkeypatch, kind, precision):
     # The float64 preparation runs over chunks of rows (bounded temporaries at ImageNet scale):
     # 2-row chunks of a 15-row bank give the one-chunk operands bitwise.
     _, mu, sigma = make_bank(2, 3, 5, (7,), sigma_kind=kind)
-    whole = M.gemm_operands(mu, sigma)
+    whole = M.gemm_operands(mu, sigma, precision)
     monkeypatch.setattr(M, "PREP_CHUNK_VALUES", 14)
-    chunked = M.gemm_operands(mu, sigma)
+    chunked = M.gemm_operands(mu, sigma, precision)
     for name, a, b in zip(whole._fields, whole, chunked):
         assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------------------------------------
+# The GEMM kernel's N tiles: classes straddling tile edges, the carried log-sum-exp state
+# ------------------------------------------------------------------------------------------------
+
+
+def _flat_bank(b, c, t, d, seed=0):
+    """Means close together and sigma ~ 2: every step of a class carries weight, so a row left
+    out of (or counted twice in) a class's log-sum-exp moves it by >= ~1/T nats."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g)
+    mu = 0.3 * torch.randn(c, t, d, generator=g)
+    sigma = 2.0 + torch.rand(c, t, generator=g)
+    return x, mu, sigma
+
+
+TILE = M.GEMM_CONFIGS[0]  # BLOCK_N = 128
+STRADDLE_CASES = [
+    # (C, T, classes per program, config): what the tile edges cut
+    pytest.param(5, 75, 5, TILE, id="T75-classes-straddle-128-row-tiles"),
+    pytest.param(3, 128, 3, TILE, id="one-class-per-tile"),
+    pytest.param(2, 300, 2, TILE, id="a-class-spans-3-tiles"),
+    pytest.param(50, 3, 50, TILE, id="43-classes-in-a-tile"),
+    pytest.param(7, 75, 3, TILE, id="last-program-holds-fewer-classes"),
+    pytest.param(4, 40, 4, TILE._replace(BLOCK_N=16, BLOCK_D=16), id="T40-over-16-row-tiles"),
+]
+
+
+@pytest.mark.parametrize("c, t, per_program, config", STRADDLE_CASES)
+def test_gemm_kernel_classes_across_tile_edges(c, t, per_program, config):
+    x, mu, sigma = _flat_bank(3, c, t, 8)
+    want = lse_f64(x, mu, sigma)
+    torch_err = (torch_gemm_form_lse(x, mu, sigma, "ieee").double() - want).abs().max().item()
+    got = M.mixture_lse_gemm(x, mu, sigma, "tf32x3", config=config, classes_per_program=per_program)
+    err = (got.double() - want).abs().max().item()
+    assert err <= 2 * torch_err + _floor(want), (err, torch_err)
+
+
+@pytest.mark.parametrize("index", range(len(M.GEMM_CONFIGS)))
+@pytest.mark.parametrize("kind", ["c_t", "diag"])
+def test_every_gemm_config_matches_f64(index, kind):
+    # D = 37: every config's last D step is masked; T = 75: classes straddle its N tiles.
+    x, mu, sigma = make_bank(5, 4, 75, (37,), sigma_kind=kind)
+    want = lse_f64(x, mu, sigma)
+    torch_err = (torch_gemm_form_lse(x, mu, sigma, "bf16").double() - want).abs().max().item()
+    got = M.mixture_lse_gemm(
+        x, mu, sigma, "bf16", config=M.GEMM_CONFIGS[index], classes_per_program=4
+    )
+    err = (got.double() - want).abs().max().item()
+    assert err <= 2 * torch_err + _floor(want), (err, torch_err)
+
+
+def test_gemm_classes_per_program_model():
+    # The docstring's ImageNet case: 128 programs of 32 classes (25 full tiles each), one wave.
+    assert M.gemm_classes_per_program(1000, 100, 128, 4, 132) == 32
+    # A small problem is one wave whatever the count: one class per program, its fewest tiles.
+    assert M.gemm_classes_per_program(5, 75, 128, 1, 132) == 1
+    # 300 rows at 2 classes per program fill 3 tiles of 128 exactly as well as 1: fewer programs
+    # do not help, the count stays 1.
+    assert M.gemm_classes_per_program(2, 300, 128, 1, 132) == 1
+
+
+@pytest.mark.parametrize("kind", ["c_t", "diag"])
+def test_gemm_operands_in_the_dot_dtype_made_once(kind):
+    _, mu, sigma = make_bank(2, 3, 5, (7,), sigma_kind=kind)
+    mu_before = mu.clone()
+    tf32 = M.gemm_operands(mu, sigma, "tf32")
+    bf16 = M.gemm_operands(mu, sigma, "bf16")
+    exact = M.gemm_operands(mu, sigma, "tf32x3")
+    assert torch.equal(mu, mu_before)  # rounding in place never reaches the caller's bank
+    for ops in (tf32, bf16, exact):
+        assert ops.bank.is_contiguous() and ops.bank.shape == (15, 7 if kind == "c_t" else 14)
+    # tf32: the fp32 operands rounded to nearest tf32 (not truncated), 13 low bits clear.
+    a, r = exact.bank, tf32.bank
+    assert r.dtype == torch.float32 and bf16.bank.dtype == torch.bfloat16
+    assert not (r.view(torch.int32) & 0x1FFF).any()
+    assert torch.equal(r, _round_operand(a, "tf32"))
+    assert torch.equal(bf16.bank, a.bfloat16())
+    if kind == "c_t":
+        assert exact.bank.data_ptr() == mu.data_ptr()  # an fp32 contiguous bank: no copy
+        bank16 = mu.bfloat16()
+        assert M.gemm_operands(bank16, sigma, "bf16").bank.data_ptr() == bank16.data_ptr()
+    else:  # [mu/sigma^2, 1/sigma^2] per row
+        ivar = sigma.reshape(15, 7).double().square().reciprocal()
+        want = torch.cat([mu.reshape(15, 7).double() * ivar, ivar], 1).float()
+        assert torch.equal(a, want)
+    x = torch.randn(2, 7)
+    with pytest.raises(ValueError, match="operands: bank is torch.float32, precision 'bf16'"):
+        M.mixture_lse_gemm(x, mu, sigma, "bf16", exact)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        M.gemm_operands(mu, sigma, "ieee")
+
+
+def test_prepared_bank_keeps_gemm_operands_per_precision():
+    # Each precision reads its own operand copy of the bank (bf16; fp32 rounded to tf32; fp32),
+    # made once: a snapshot used in several precisions gives what raw tensors give in each.
+    x, mu, sigma = make_bank(3, 4, 6, (40,))
+    bank = G.prepare_bank(mu, sigma)
+    for p in ("tf32x3", "tf32", "bf16", "tf32"):
+        got = bank.log_likelihood(x, precision=p, backend="triton")
+        want = G.mixture_log_likelihood(x, mu, sigma, precision=p, backend="triton")
+        assert torch.equal(got, want), p
+    assert sorted(bank._triton_operands) == ["bf16", "tf32", "tf32x3"]

@@ -114,17 +114,40 @@ def test_every_kernel_is_launched_by_a_variant(report):
         assert kernels <= {e["kernel"] for e in s["kernels"]}
 
 
-def test_tf32_operands_round_to_nearest_in_the_ptx(report):
-    # A plain tl.dot(input_precision="tf32") feeds the fp32 bits to the tensor cores, which
-    # truncate them; the GEMM kernel rounds first (tf32x3: Triton's cvt.rna).
+def test_tf32x3_operands_round_to_nearest_in_the_ptx(report):
+    # tf32x3 splits fp32 operands into hi + lo in the kernel (Triton's cvt.rna); the tf32 mode
+    # reads operands rounded to nearest tf32 once, in gemm_operand (a plain tf32 dot would
+    # truncate: tests/test_gpu_large.py::test_tf32_check_on_cpu_tells_rounding_from_truncation).
     for s in _sections(report):
         gemm = [e for e in s["kernels"] if e["kernel"] == "_mixture_gemm_kernel"]
         modes = {e["constexprs"]["PRECISION"] for e in gemm}
         assert {1, 2, 3} <= modes
         for e in gemm:
             assert e["mma"], f"sm_{s['arch']}: the GEMM kernel's PTX has no tensor-core op: {e}"
-            if e["constexprs"]["PRECISION"] in (1, 2):
-                assert e["tf32_rounds"] > 0, f"sm_{s['arch']}: unrounded tf32 operands: {e}"
+            if e["constexprs"]["PRECISION"] == 2:
+                assert e["tf32_rounds"] > 0, f"sm_{s['arch']}: unrounded tf32x3 operands: {e}"
+
+
+def test_every_gemm_config_compiles_without_spills_and_uses_wgmma_on_sm90(report):
+    from genrep_fast.kernels.mixture import GEMM_CONFIGS
+
+    for s in _sections(report):
+        for i in range(len(GEMM_CONFIGS)):
+            names = {v.name for v in compile_gate.VARIANTS if v.gemm_config == i}
+            entries = [e for e in s["kernels"] if names & set(e["variants"])]
+            assert names and names <= {n for e in entries for n in e["variants"]}, (s["arch"], i)
+            for e in entries:  # the GEMM kernel and the launcher's non-finite redo kernel
+                assert not compile_gate.spills(e), (s["arch"], i, e["constexprs"])
+                assert not compile_gate.shared_memory_too_large(e), (s["arch"], i, e["shared"])
+                if s["arch"] >= 90 and e["kernel"] == "_mixture_gemm_kernel":
+                    assert e["mma"] == "wgmma", (s["arch"], i, e["constexprs"], e["mma"])
+
+
+def test_shared_memory_rule():
+    e = dict(arch=80, shared=compile_gate.SHARED_MEMORY_LIMIT[80])
+    assert not compile_gate.shared_memory_too_large(e)
+    assert compile_gate.shared_memory_too_large(e | dict(shared=e["shared"] + 1))
+    assert not compile_gate.shared_memory_too_large(e | dict(arch=90, shared=e["shared"] + 1))
 
 
 def test_ptxas_log_parsing():
