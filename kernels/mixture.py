@@ -27,15 +27,21 @@ import torch
 import triton
 import triton.language as tl
 
+from genrep_fast.kernels import tuning
 from genrep_fast.layout import LOG_2PI, bank_view, compute_dtype, is_diagonal
 
 PRECISION_CODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 
-# Tile limits. The difference kernel's tile is [BLOCK_T, BLOCK_D]; 32 x 128 fp32 values keep a
-# program's registers (mu tile + diff) at 32 KiB. The GEMM kernel's tiles are the usual tensor-core
-# shapes (>= 16 on every side for tl.dot). A single config: autotuning is owed on the GPU machine.
-DIFF_MAX_BLOCK_T = 32
-DIFF_MAX_BLOCK_D = 128
+# Launch configs of the difference kernel (kernels/tuning.py: the first is the default, the
+# interpreter's and the pinned one; on CUDA the fastest per shape is picked). The tile is
+# [BLOCK_T, BLOCK_D], capped at the sizes; 4096 fp32 values (32 registers a thread at 4 warps) per
+# operand. BLOCK_T = 16 wastes 6% of the T tiles at T = 75 and 11% at T = 100 (32: 22% and 22%).
+DIFF_CONFIGS = (
+    {"BLOCK_T": 16, "BLOCK_D": 256, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 512, "num_warps": 8, "num_stages": 2},
+)
+# The GEMM kernel's tiles are the usual tensor-core shapes (>= 16 on every side for tl.dot).
 GEMM_MAX_BLOCK_B = 64
 GEMM_BLOCK_T = 32
 GEMM_BLOCK_D = 32
@@ -215,8 +221,12 @@ def _mixture_diff_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64 from here on (see class_rows)
-    b = pid // K
-    k = pid % K
+    # Batch-fastest order: the programs in flight together share a column k, so a shared bank's
+    # [T, D] block of class k is read from DRAM once and from L2 by the other images (b-major
+    # order streams every class's block past each image instead).
+    batch = tl.num_programs(0).to(tl.int64) // K
+    b = pid % batch
+    k = pid // batch
     _, mu_row, sig_row = class_rows(
         mu_ptr, sig_ptr, idx_ptr, b, k, stride_mb, stride_mc, stride_sb, stride_sc, stride_ib,
         HAS_INDEX,
@@ -225,7 +235,7 @@ def _mixture_diff_kernel(
         x_ptr + b * stride_xb, mu_row, sig_row, T, D, stride_mt, stride_st, stride_sd,
         log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
     )  # fmt: skip
-    tl.store(out_ptr + pid + tl.arange(0, 1), m + tl.log(l))
+    tl.store(out_ptr + b * K + k + tl.arange(0, 1), m + tl.log(l))
 
 
 def _expand_strides(t: torch.Tensor, ndim: int) -> list[int]:
@@ -305,25 +315,51 @@ def mixture_lse_diff(
     """
     lay = diff_layout(x, mu, sigma, class_index)
     b, k = x.shape[0], lay.num_candidates
-    out = torch.empty(b, k, dtype=lay.acc_dtype, device=x.device)
-    _mixture_diff_kernel[(b * k,)](
-        lay.x,
-        lay.mu,
-        lay.sigma,
-        lay.index,
-        out,
-        k,
+
+    def run(config):
+        out = torch.empty(b, k, dtype=lay.acc_dtype, device=x.device)
+        _mixture_diff_kernel[(b * k,)](
+            lay.x,
+            lay.mu,
+            lay.sigma,
+            lay.index,
+            out,
+            k,
+            lay.num_steps,
+            lay.dim,
+            *lay.row_strides,
+            lay.log_norm_const,
+            HAS_INDEX=class_index is not None,
+            DIAG=lay.diagonal,
+            ACC_F64=lay.acc_dtype == torch.float64,
+            **diff_blocks(config, lay.num_steps, lay.dim),
+        )
+        return out
+
+    return tuning.tuned("_mixture_diff_kernel", DIFF_CONFIGS, diff_key(lay, b), x.device, run)
+
+
+def diff_blocks(config, steps: int, dim: int) -> dict:
+    """A difference-form config's launch keywords, its tile capped at ``[T, D]`` (powers of 2)."""
+    return tuning.fit_blocks(
+        config, BLOCK_T=triton.next_power_of_2(steps), BLOCK_D=triton.next_power_of_2(dim)
+    )
+
+
+def diff_key(lay: DiffLayout, batch: int) -> tuple:
+    """What the best difference-form config depends on: the sizes, the dtypes, the kernel's
+    flags and the number of (image, column) rows (as a power of 2: batches of 60 and 64 share)."""
+    return (
         lay.num_steps,
         lay.dim,
-        *lay.row_strides,
-        lay.log_norm_const,
-        HAS_INDEX=class_index is not None,
-        DIAG=lay.diagonal,
-        ACC_F64=lay.acc_dtype == torch.float64,
-        BLOCK_T=min(DIFF_MAX_BLOCK_T, triton.next_power_of_2(lay.num_steps)),
-        BLOCK_D=min(DIFF_MAX_BLOCK_D, triton.next_power_of_2(lay.dim)),
+        triton.next_power_of_2(batch * lay.num_candidates),
+        lay.mu.dim(),
+        lay.index is not lay.x,
+        lay.diagonal,
+        lay.x.dtype,
+        lay.mu.dtype,
+        lay.sigma.dtype,
     )
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -572,7 +608,8 @@ def mixture_lse(
     everything else through the difference kernel.
     """
     if uses_gemm_form(x, mu, class_index, precision):
-        return mixture_lse_gemm(x, mu, sigma, precision, operands)
+        with tuning.device_guard(x.device):
+            return mixture_lse_gemm(x, mu, sigma, precision, operands)
     return mixture_lse_diff(x, mu, sigma, class_index)
 
 
@@ -627,6 +664,9 @@ def _mixture_diff_redo_kernel(
         tl.store(out_ptr + pid + tl.arange(0, 1), m + tl.log(l))
 
 
+REDO_CONFIGS = DIFF_CONFIGS[:1]
+
+
 def redo_nonfinite_pairs(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -646,22 +686,27 @@ def redo_nonfinite_pairs(
     bad_b = (~torch.isfinite(xx)).to(torch.int8)
     bad_c = (~torch.isfinite(mm.reshape(c, -1)).all(-1)).to(torch.int8)
     lay = diff_layout(x, mu, sigma, None)
-    _mixture_diff_redo_kernel[(b * c,)](
-        lay.x,
-        lay.mu,
-        lay.sigma,
-        bad_b,
-        bad_c,
-        out,
-        c,
-        lay.num_steps,
-        lay.dim,
-        lay.x.stride(0),
-        lay.mu_strides[1],
-        lay.mu_strides[2],
-        *lay.sigma_strides[1:],
-        lay.log_norm_const,
-        DIAG=lay.diagonal,
-        BLOCK_T=min(DIFF_MAX_BLOCK_T, triton.next_power_of_2(lay.num_steps)),
-        BLOCK_D=min(DIFF_MAX_BLOCK_D, triton.next_power_of_2(lay.dim)),
-    )
+
+    def run(config):
+        _mixture_diff_redo_kernel[(b * c,)](
+            lay.x,
+            lay.mu,
+            lay.sigma,
+            bad_b,
+            bad_c,
+            out,
+            c,
+            lay.num_steps,
+            lay.dim,
+            lay.x.stride(0),
+            lay.mu_strides[1],
+            lay.mu_strides[2],
+            *lay.sigma_strides[1:],
+            lay.log_norm_const,
+            DIAG=lay.diagonal,
+            **diff_blocks(config, lay.num_steps, lay.dim),
+        )
+
+    # One config, untimed: the kernel writes into ``out`` (timing would rerun it) and does work
+    # only where a pair is flagged, which timing could not anticipate.
+    tuning.tuned("_mixture_diff_redo_kernel", REDO_CONFIGS, (), x.device, run)
