@@ -103,27 +103,35 @@ def row_scores(
     """Scores ``s [BLOCK_T]`` of one image against one tile of steps, the quadratic term and the
     isotropic sigma of the tile. The forward kernel and both passes of the backward row kernel
     call this one function, so their scores agree bitwise (the weights exp(s - lse) then sum to
-    exactly 1)."""
+    exactly 1).
+
+    The squared differences accumulate in a ``[BLOCK_T, BLOCK_D]`` tile, each lane summing its
+    ``D / BLOCK_D`` terms in d order, and the tile is reduced over d once after the loop: a
+    reduction per D step (shuffles, and a barrier for the cross-warp part) would sit on the
+    loop's critical path. x is loaded as a tile in the same layout (every row the same, served
+    by L1), so no layout conversion through shared memory either."""
     acc_t = tl.float64 if ACC_F64 else tl.float32
-    quad = tl.zeros([BLOCK_T], acc_t)
-    log_det = tl.zeros([BLOCK_T], acc_t)
+    quad2 = tl.zeros([BLOCK_T, BLOCK_D], acc_t)
+    log_det2 = tl.zeros([BLOCK_T, BLOCK_D], acc_t)
+    rows0 = offs_t[:, None] * 0  # [BLOCK_T, 1] zeros: x's tile, the same in every row
     for d0 in range(0, D, BLOCK_D):
         offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         d_mask = offs_d < D
         tile_mask = t_mask[:, None] & d_mask[None, :]
-        xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(acc_t)
+        xv = tl.load(x_row + rows0 + offs_d[None, :], mask=tile_mask, other=0.0).to(acc_t)
         mv = mu_tile(mu_row, offs_t, offs_d, stride_mt, tile_mask, ACC_F64)
-        diff = xv[None, :] - mv
+        diff = xv - mv
         if DIAG:
             sv = sigma_tile(sig_row, offs_t, offs_d, stride_st, stride_sd, tile_mask, ACC_F64)
             z = diff / sv
-            quad += tl.sum(z * z, 1)
-            log_det += tl.sum(tl.log(sv), 1)
+            quad2 += z * z
+            log_det2 += tl.log(sv)
         else:
-            quad += tl.sum(diff * diff, 1)
+            quad2 += diff * diff
+    quad = tl.sum(quad2, 1)
     if DIAG:
         siso = tl.full([BLOCK_T], 1.0, acc_t)  # unused
-        s = -0.5 * quad - log_det + log_norm_const
+        s = -0.5 * quad - tl.sum(log_det2, 1) + log_norm_const
     else:
         siso = tl.load(sig_row + offs_t * stride_st, mask=t_mask, other=1.0).to(acc_t)
         s = -0.5 * quad / (siso * siso) - D * tl.log(siso) + log_norm_const
