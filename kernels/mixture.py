@@ -3,10 +3,12 @@
 Both kernels return ``lse[b, k] = logsumexp_t log N(x_b; mu[k, t], sigma[k, t]^2)`` (no ``- log T``)
 and never write the ``[B, C, T]`` scores: the log-sum-exp over T runs online in registers.
 
-* ``_mixture_diff_kernel``: one program per (image, class) pair; the exact difference form
-  ``sum_d (x_d - mu_d)^2`` with fp32 accumulation (fp64 for fp64 inputs). Serves the per-image
-  bank, candidate classes (``class_index`` gathers rows of a shared bank) and the shared bank at
-  ``precision="ieee"``. Memory-bound: reads each mu row once.
+* ``_mixture_diff_kernel``: one program per (image, class) pair, images fastest; the exact
+  difference form ``sum_d (x_d - mu_d)^2`` with fp32 accumulation (fp64 for fp64 inputs) in a 2-D
+  tile reduced once per T tile (``row_scores``). Serves the per-image bank, candidate classes
+  (``class_index`` gathers rows of a shared bank) and the shared bank at ``precision="ieee"``.
+  Memory-bound: reads each mu row once. Its tile, warps and stages: ``DIFF_CONFIGS``, picked per
+  shape by ``kernels/tuning.py``.
 * ``_mixture_gemm_kernel``: the shared bank as a GEMM ``[B, D] x [D, C*T]``; one program per
   (block of images, class) loops over T in ``BLOCK_T`` tiles (masked, the bank is not padded) and
   folds each tile into a running max / sum. ``precision`` picks the dot's arithmetic: ``"tf32x3"``,
