@@ -38,10 +38,13 @@ PRECISION_CODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 # interpreter's and the pinned one; on CUDA the fastest per shape is picked). The tile is
 # [BLOCK_T, BLOCK_D], capped at the sizes; 4096 fp32 values (32 registers a thread at 4 warps) per
 # operand. BLOCK_T = 16 wastes 6% of the T tiles at T = 75 and 11% at T = 100 (32: 22% and 22%).
+# D_STAGES: the D loop software-pipelined with that many stages (cp.async), or not (1); see
+# row_scores. Pipelined, the fp32 isotropic kernel holds 108 registers and 34 KiB of shared
+# memory; not, 156 registers (sm_90, the compile gate).
 DIFF_CONFIGS = (
-    {"BLOCK_T": 16, "BLOCK_D": 256, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_T": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_T": 16, "BLOCK_D": 512, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 3, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
 )
 # The GEMM kernel's tiles are the usual tensor-core shapes (>= 16 on every side for tl.dot).
 GEMM_MAX_BLOCK_B = 64
@@ -101,6 +104,7 @@ def row_scores(
     ACC_F64: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_STAGES: tl.constexpr,
 ):
     """Scores ``s [BLOCK_T]`` of one image against one tile of steps, the quadratic term and the
     isotropic sigma of the tile. The forward kernel and both passes of the backward row kernel
@@ -110,17 +114,26 @@ def row_scores(
     The squared differences accumulate in a ``[BLOCK_T, BLOCK_D]`` tile, each lane summing its
     ``D / BLOCK_D`` terms in d order, and the tile is reduced over d once after the loop: a
     reduction per D step (shuffles, and a barrier for the cross-warp part) would sit on the
-    loop's critical path. x is loaded as a tile in the same layout (every row the same, served
-    by L1), so no layout conversion through shared memory either."""
+    loop's critical path.
+
+    ``D_STAGES`` > 1 software-pipelines the D loop (``tl.range(num_stages=D_STAGES)``: the next
+    tiles' mu and x are copied to shared memory with cp.async while this one is summed; x as a
+    ``[BLOCK_D]`` row, read from shared memory straight into the tile's layout). At 1 the loop is
+    not pipelined (Triton does not pipeline these loads on its own: no cp.async in the PTX) and
+    x is loaded as a tile in the mu tile's layout (every row the same, served by L1), so no
+    layout conversion through shared memory either."""
     acc_t = tl.float64 if ACC_F64 else tl.float32
     quad2 = tl.zeros([BLOCK_T, BLOCK_D], acc_t)
     log_det2 = tl.zeros([BLOCK_T, BLOCK_D], acc_t)
     rows0 = offs_t[:, None] * 0  # [BLOCK_T, 1] zeros: x's tile, the same in every row
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=D_STAGES):
         offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         d_mask = offs_d < D
         tile_mask = t_mask[:, None] & d_mask[None, :]
-        xv = tl.load(x_row + rows0 + offs_d[None, :], mask=tile_mask, other=0.0).to(acc_t)
+        if D_STAGES > 1:
+            xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(acc_t)[None, :]
+        else:
+            xv = tl.load(x_row + rows0 + offs_d[None, :], mask=tile_mask, other=0.0).to(acc_t)
         mv = mu_tile(mu_row, offs_t, offs_d, stride_mt, tile_mask, ACC_F64)
         diff = xv - mv
         if DIAG:
@@ -180,6 +193,7 @@ def row_lse(
     ACC_F64: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_STAGES: tl.constexpr,
 ):
     """``(m [1], l [1])`` with ``logsumexp_t s = m + log(l)`` over all T steps of one row: the
     online log-sum-exp of ``row_scores`` tile by tile. The forward kernel and the backward row
@@ -192,7 +206,7 @@ def row_lse(
         t_mask = offs_t < T
         s, _, _ = row_scores(
             x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
-            log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+            log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
         )  # fmt: skip
         # Online log-sum-exp over T. A tile whose steps all have zero density (score -inf: an
         # infinite input, or a score past the float range) leaves m_new = -inf: shift by 0 then
@@ -229,6 +243,7 @@ def _mixture_diff_kernel(
     ACC_F64: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64 from here on (see class_rows)
     # Batch-fastest order: the programs in flight together share a column k, so a shared bank's
@@ -243,7 +258,7 @@ def _mixture_diff_kernel(
     )  # fmt: skip
     m, l = row_lse(
         x_ptr + b * stride_xb, mu_row, sig_row, T, D, stride_mt, stride_st, stride_sd,
-        log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+        log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
     )  # fmt: skip
     tl.store(out_ptr + b * K + k + tl.arange(0, 1), m + tl.log(l))
 
@@ -660,6 +675,7 @@ def _mixture_diff_redo_kernel(
     DIAG: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_STAGES: tl.constexpr,
 ):
     """``out[b, c]`` again in the difference form where image b or class c is flagged; every
     other program only reads its two flags."""
@@ -670,6 +686,7 @@ def _mixture_diff_redo_kernel(
         m, l = row_lse(
             x_ptr + b * stride_xb, mu_ptr + c * stride_mc, sig_ptr + c * stride_sc, T, D,
             stride_mt, stride_st, stride_sd, log_norm_const, DIAG, False, BLOCK_T, BLOCK_D,
+            D_STAGES,
         )  # fmt: skip
         tl.store(out_ptr + pid + tl.arange(0, 1), m + tl.log(l))
 

@@ -46,18 +46,19 @@ from genrep_fast.layout import is_per_image, sum_to_sigma_shape
 
 # Launch configs (kernels/tuning.py: the first is the default, the interpreter's and the pinned
 # one; on CUDA the fastest per shape is picked). Row kernel tile [BLOCK_T, BLOCK_D], as the
-# forward difference kernel (4096 fp32 values per operand at the first config).
+# forward difference kernel (4096 fp32 values per operand at the first config), D loop not
+# pipelined (D_STAGES = 1: row_scores in kernels/mixture.py).
 ROWS_CONFIGS = (
-    {"BLOCK_T": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_T": 16, "BLOCK_D": 256, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_T": 16, "BLOCK_D": 256, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 32, "BLOCK_D": 128, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
 )
 # Diagonal sigma keeps a sigma tile beside the mu tile and writes dL/dsigma too: at 32 x 128 the
 # fp32 kernel sat at 255 registers and spilled on sm_80 (the compile gate, bench/results/
 # triton-compile-report.md); these tiles hold half as many values.
 ROWS_CONFIGS_DIAG = (
-    {"BLOCK_T": 32, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_T": 16, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 32, "BLOCK_D": 64, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 128, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
 )
 # Groups of classes per image: enough programs to fill a GPU (~4 per SM on 132 SMs) when B is
 # small, at most MAX_GROUPS partial rows of D per image (the partial buffer is [B, G, D]).
@@ -161,6 +162,7 @@ def _mixture_bwd_rows_kernel(
     WRITE_SIG: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_STAGES: tl.constexpr,
 ):
     """``gmu``/``gsig`` buffers (WRITE_*) are ``[B, C, T, D]`` / ``[B, C, T(, D)]`` contiguous in
     their last dims; ``g`` is ``[B, K]`` contiguous; ``gx_part`` is ``[B, G, D]``."""
@@ -188,7 +190,7 @@ def _mixture_bwd_rows_kernel(
             # (0.06 nats at -6e5), which would scale every weight by up to e^0.03.
             m, l = row_lse(
                 x_row, mu_row, sig_row, T, D, stride_mt, stride_st, stride_sd, log_norm_const,
-                DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+                DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
             )  # fmt: skip
             log_l = tl.log(l)
             for t0 in range(0, T, BLOCK_T):
@@ -197,7 +199,7 @@ def _mixture_bwd_rows_kernel(
                 # Pass 1: the scores of this tile again, then the weights.
                 s, quad, siso = row_scores(
                     x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
-                    log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+                    log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
                 )  # fmt: skip
                 # A step of zero density (s = -inf), and so every step of a -inf entry, has
                 # weight 0 and adds nothing below, even where its terms are infinite (0 * inf is

@@ -16,9 +16,9 @@ returns them. ``tuned`` then:
 
 Numerics across configs: every config computes the same sums in the same precision, but a
 different ``BLOCK_D`` (or ``num_warps``, which changes Triton's reduction tree) changes the
-summation order, so two configs agree to rounding (a few fp32 ulps of each result; the bounds of
-docs/NUMERICS.md hold for each config: ``tests/test_tuning.py`` checks every config against float64),
-not bitwise. Each config is deterministic by itself (no atomics); the choice is made once per
+summation order, so two configs agree to rounding (a few fp32 ulps of each result; the bounds
+of docs/NUMERICS.md hold for each config: ``tests/test_tuning.py`` checks every config against
+float64), not bitwise. Each config is deterministic by itself (no atomics); the choice is made once per
 process, so results are bitwise reproducible across runs only with the first config pinned
 (``GENREP_FAST_AUTOTUNE=0`` or deterministic algorithms on).
 

@@ -38,7 +38,8 @@ def test_first_config_off_the_gpu():
 def test_launcher_passes_its_first_config_to_the_kernel(monkeypatch):
     # The tile of DIFF_CONFIGS[0] reaches the kernel (capped at the sizes), not a constant.
     seen = []
-    monkeypatch.setattr(M, "DIFF_CONFIGS", ({"BLOCK_T": 4, "BLOCK_D": 8, "num_warps": 4},))
+    cfg = {"BLOCK_T": 4, "BLOCK_D": 8, "D_STAGES": 1, "num_warps": 4}
+    monkeypatch.setattr(M, "DIFF_CONFIGS", (cfg,))
     M._mixture_diff_kernel.add_pre_run_hook(lambda *a, **kw: seen.append(kw))
     try:
         x, mu, sigma = make_bank(2, 3, 9, (20,))
@@ -86,8 +87,9 @@ def test_diff_key_separates_the_shapes_that_matter():
 
     base = key(2, 3, 5, (8,))
     assert key(2, 3, 5, (8,)) == base
-    for other in (key(2, 3, 6, (8,)), key(2, 3, 5, (9,)), key(9, 3, 5, (8,)),
-                  key(2, 3, 5, (8,), sigma_kind="diag"), key(2, 3, 5, (8,), per_image=True)):  # fmt: skip
+    others = [key(2, 3, 6, (8,)), key(2, 3, 5, (9,)), key(9, 3, 5, (8,))]
+    others += [key(2, 3, 5, (8,), sigma_kind="diag"), key(2, 3, 5, (8,), per_image=True)]
+    for other in others:
         assert other != base
 
 
