@@ -46,6 +46,13 @@ DIFF_CONFIGS = (
     {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
     {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
 )
+# Diagonal sigma adds a sigma tile and a second accumulator: pipelined at 16 x 256 the fp32 kernel
+# sat at 255 registers and spilled 12 B on sm_90 (the compile gate); 16 x 128 halves the tiles.
+DIFF_CONFIGS_DIAG = (
+    {"BLOCK_T": 16, "BLOCK_D": 128, "D_STAGES": 3, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
+)
 # The GEMM kernel's tiles are the usual tensor-core shapes (>= 16 on every side for tl.dot).
 GEMM_MAX_BLOCK_B = 64
 GEMM_BLOCK_T = 32
@@ -361,7 +368,8 @@ def mixture_lse_diff(
         )
         return out
 
-    return tuning.tuned("_mixture_diff_kernel", DIFF_CONFIGS, diff_key(lay, b), x.device, run)
+    configs = DIFF_CONFIGS_DIAG if lay.diagonal else DIFF_CONFIGS
+    return tuning.tuned("_mixture_diff_kernel", configs, diff_key(lay, b), x.device, run)
 
 
 def diff_blocks(config, steps: int, dim: int) -> dict:
@@ -691,9 +699,6 @@ def _mixture_diff_redo_kernel(
         tl.store(out_ptr + pid + tl.arange(0, 1), m + tl.log(l))
 
 
-REDO_CONFIGS = DIFF_CONFIGS[:1]
-
-
 def redo_nonfinite_pairs(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -736,4 +741,5 @@ def redo_nonfinite_pairs(
 
     # One config, untimed: the kernel writes into ``out`` (timing would rerun it) and does work
     # only where a pair is flagged, which timing could not anticipate.
-    tuning.tuned("_mixture_diff_redo_kernel", REDO_CONFIGS, (), x.device, run)
+    configs = (DIFF_CONFIGS_DIAG if lay.diagonal else DIFF_CONFIGS)[:1]
+    tuning.tuned("_mixture_diff_redo_kernel", configs, (), x.device, run)

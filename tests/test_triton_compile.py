@@ -119,7 +119,7 @@ def _tuning_lists() -> dict[str, tuple]:
     from genrep_fast.kernels import mixture, mixture_backward
 
     return {
-        "_mixture_diff_kernel": mixture.DIFF_CONFIGS,
+        "_mixture_diff_kernel": mixture.DIFF_CONFIGS + mixture.DIFF_CONFIGS_DIAG,
         "_mixture_bwd_rows_kernel": mixture_backward.ROWS_CONFIGS
         + mixture_backward.ROWS_CONFIGS_DIAG,
         "_mixture_bwd_bank_kernel": mixture_backward.BANK_CONFIGS,

@@ -126,11 +126,16 @@ def _floor(want: torch.Tensor) -> float:
     return 4 * torch.finfo(torch.float32).eps * max(1.0, want.abs().max().item())
 
 
-@pytest.mark.parametrize("config", M.DIFF_CONFIGS, ids=str)
+DIFF_LISTS = [("DIFF_CONFIGS", "c_t", i) for i in range(len(M.DIFF_CONFIGS))] + [
+    ("DIFF_CONFIGS_DIAG", "diag", i) for i in range(len(M.DIFF_CONFIGS_DIAG))
+]
+
+
+@pytest.mark.parametrize("name,kind,index", DIFF_LISTS)
 @pytest.mark.parametrize("per_image", [False, True])
-def test_each_forward_config_matches_float64(monkeypatch, config, per_image):
-    monkeypatch.setattr(M, "DIFF_CONFIGS", (config,))
-    x, mu, sigma = make_bank(2, 3, 33, (600,), per_image=per_image)
+def test_each_forward_config_matches_float64(monkeypatch, name, kind, index, per_image):
+    monkeypatch.setattr(M, name, (getattr(M, name)[index],))
+    x, mu, sigma = make_bank(2, 3, 33, (600,), per_image=per_image, sigma_kind=kind)
     got = M.mixture_lse_diff(x, mu, sigma, None).double()
     want = R.mixture_log_likelihood(x.double(), mu.double(), sigma.double()) + math.log(33)
     torch32 = R.mixture_log_likelihood(x, mu, sigma).double() + math.log(33)
