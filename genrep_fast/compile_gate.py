@@ -30,15 +30,17 @@ Command (one worker process per architecture, in parallel)::
 
     python -m genrep_fast.compile_gate --arch 80 90 --out bench/results/
 
-``VARIANTS`` below is the one list of launches. Every entry of ``kernels/mixture.py``'s
-``GEMM_CONFIGS`` gets its own variants (``gemm_config``: launched through ``mixture_lse_gemm(...,
-config=...)`` at the ImageNet shapes, every GEMM precision, isotropic and diagonal sigma), and the
-report's "GEMM configs" table lists, per config, its registers, shared memory, spills, tensor-core
-instruction (``wgmma`` on sm_90) and the modelled bytes / FLOPs at B = 256, C = 1000, T = 100,
-D = 4096 (``genrep_fast.roofline``). To check another tuning config, append a ``Variant``
-whose ``config`` overrides launch keywords per kernel, e.g.
-``replace(v, config={"_mixture_gemm_kernel": {"BLOCK_D": 64, "num_warps": 8, "num_stages": 3}})``;
-a kernel under ``@triton.autotune`` is compiled at each of its configs without that.
+``VARIANTS`` below is the one list of launches. A launcher that picks its config through
+``kernels/tuning.py`` (``tuned``) launches every config of its list here, so each variant compiles
+each config (``tuning.every_config``); a kernel under ``@triton.autotune`` is compiled at each of
+its configs too. To check a config outside the lists, append a ``Variant`` whose ``config``
+overrides launch keywords per kernel, e.g.
+``replace(v, config={"_mixture_gemm_kernel": {"BLOCK_D": 64, "num_warps": 8, "num_stages": 3}})``.
+Every entry of ``kernels/mixture.py``'s ``GEMM_CONFIGS`` also gets variants of its own
+(``gemm_config``: launched through ``mixture_lse_gemm(..., config=...)`` at the ImageNet shapes,
+every GEMM precision, isotropic and diagonal sigma), and the report's "GEMM configs" table lists,
+per config, its registers, shared memory, spills, tensor-core instruction (``wgmma`` on sm_90) and
+the modelled bytes / FLOPs at B = 256, C = 1000, T = 100, D = 4096 (``genrep_fast.roofline``).
 """
 
 from __future__ import annotations
@@ -507,6 +509,8 @@ def _compile_only(arch: int, recorder: _Recorder):
     from triton.runtime import autotuner, jit
     from triton.runtime.driver import driver
 
+    from genrep_fast.kernels import tuning
+
     saved_driver = driver._active
     saved_log, saved_always = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     driver.set_active(_TargetStub(GPUTarget("cuda", arch, 32)))
@@ -520,7 +524,9 @@ def _compile_only(arch: int, recorder: _Recorder):
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
     try:
-        yield recorder
+        # A launcher under kernels/tuning.py launches every config of its list: each compiles.
+        with tuning.every_config():
+            yield recorder
     finally:
         del jit.JITFunction.__getitem__, autotuner.Autotuner.__getitem__
         driver._active = saved_driver

@@ -3,10 +3,12 @@
 Both kernels return ``lse[b, k] = logsumexp_t log N(x_b; mu[k, t], sigma[k, t]^2)`` (no ``- log T``)
 and never write the ``[B, C, T]`` scores: the log-sum-exp over T runs online in registers.
 
-* ``_mixture_diff_kernel``: one program per (image, class) pair; the exact difference form
-  ``sum_d (x_d - mu_d)^2`` with fp32 accumulation (fp64 for fp64 inputs). Serves the per-image
-  bank, candidate classes (``class_index`` gathers rows of a shared bank) and the shared bank at
-  ``precision="ieee"``. Memory-bound: reads each mu row once.
+* ``_mixture_diff_kernel``: one program per (image, class) pair, images fastest; the exact
+  difference form ``sum_d (x_d - mu_d)^2`` with fp32 accumulation (fp64 for fp64 inputs) in a 2-D
+  tile reduced once per T tile (``row_scores``). Serves the per-image bank, candidate classes
+  (``class_index`` gathers rows of a shared bank) and the shared bank at ``precision="ieee"``.
+  Memory-bound: reads each mu row once. Its tile, warps and stages: ``DIFF_CONFIGS``, picked per
+  shape by ``kernels/tuning.py``.
 * ``_mixture_gemm_kernel``: the shared bank as a GEMM ``[B, D] x [D, C*T]``; one program per
   (block of images, range of consecutive classes) walks the range's flattened bank rows in
   ``BLOCK_N``-row tiles (>= 128; a tile straddles classes where T is not a multiple of it),
@@ -34,15 +36,32 @@ import torch
 import triton
 import triton.language as tl
 
+from genrep_fast.kernels import tuning
 from genrep_fast.layout import LOG_2PI, bank_view, compute_dtype, is_diagonal
 
 PRECISION_CODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 
-# Tile limits. The difference kernel's tile is [BLOCK_T, BLOCK_D]; 32 x 128 fp32 values keep a
-# program's registers (mu tile + diff) at 32 KiB. The GEMM kernel's launch parameters are
-# GEMM_CONFIGS (below, with the kernel).
-DIFF_MAX_BLOCK_T = 32
-DIFF_MAX_BLOCK_D = 128
+# Launch configs of the difference kernel (kernels/tuning.py: the first is the default, the
+# interpreter's and the pinned one; on CUDA the fastest per shape is picked). The tile is
+# [BLOCK_T, BLOCK_D], capped at the sizes; 4096 fp32 values (32 registers a thread at 4 warps) per
+# operand.
+# D_STAGES: the D loop software-pipelined with that many stages (cp.async), or not (1); see
+# row_scores. Pipelined, the fp32 isotropic kernel holds 108 registers and 34 KiB of shared
+# memory; not, 156 registers (sm_90, the compile gate). Every T tile is 16 steps: 6% masked rows
+# at T = 75, 11% at T = 100 (32: 22% at both); masked rows load nothing.
+DIFF_CONFIGS = (
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 3, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
+)
+# Diagonal sigma adds a sigma tile and a second accumulator: pipelined at 16 x 256 the fp32 kernel
+# sat at 255 registers and spilled 12 B on sm_90 (the compile gate); 16 x 128 halves the tiles.
+DIFF_CONFIGS_DIAG = (
+    {"BLOCK_T": 16, "BLOCK_D": 128, "D_STAGES": 3, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
+)
+# The GEMM kernel's launch parameters are GEMM_CONFIGS (below, with the kernel).
 
 
 def _interpreted() -> bool:
@@ -93,31 +112,49 @@ def row_scores(
     ACC_F64: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_STAGES: tl.constexpr,
 ):
     """Scores ``s [BLOCK_T]`` of one image against one tile of steps, the quadratic term and the
     isotropic sigma of the tile. The forward kernel and both passes of the backward row kernel
     call this one function, so their scores agree bitwise (the weights exp(s - lse) then sum to
-    exactly 1)."""
+    exactly 1).
+
+    The squared differences accumulate in a ``[BLOCK_T, BLOCK_D]`` tile, each lane summing its
+    ``D / BLOCK_D`` terms in d order, and the tile is reduced over d once after the loop: a
+    reduction per D step (shuffles, and a barrier for the cross-warp part) would sit on the
+    loop's critical path.
+
+    ``D_STAGES`` > 1 software-pipelines the D loop (``tl.range(num_stages=D_STAGES)``: the next
+    tiles' mu and x are copied to shared memory with cp.async while this one is summed; x as a
+    ``[BLOCK_D]`` row, read from shared memory straight into the tile's layout). At 1 the loop is
+    not pipelined (Triton does not pipeline these loads on its own: no cp.async in the PTX) and
+    x is loaded as a tile in the mu tile's layout (every row the same, served by L1), so no
+    layout conversion through shared memory either."""
     acc_t = tl.float64 if ACC_F64 else tl.float32
-    quad = tl.zeros([BLOCK_T], acc_t)
-    log_det = tl.zeros([BLOCK_T], acc_t)
-    for d0 in range(0, D, BLOCK_D):
+    quad2 = tl.zeros([BLOCK_T, BLOCK_D], acc_t)
+    log_det2 = tl.zeros([BLOCK_T, BLOCK_D], acc_t)
+    rows0 = offs_t[:, None] * 0  # [BLOCK_T, 1] zeros: x's tile, the same in every row
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=D_STAGES):
         offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         d_mask = offs_d < D
         tile_mask = t_mask[:, None] & d_mask[None, :]
-        xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(acc_t)
+        if D_STAGES > 1:
+            xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(acc_t)[None, :]
+        else:
+            xv = tl.load(x_row + rows0 + offs_d[None, :], mask=tile_mask, other=0.0).to(acc_t)
         mv = mu_tile(mu_row, offs_t, offs_d, stride_mt, tile_mask, ACC_F64)
-        diff = xv[None, :] - mv
+        diff = xv - mv
         if DIAG:
             sv = sigma_tile(sig_row, offs_t, offs_d, stride_st, stride_sd, tile_mask, ACC_F64)
             z = diff / sv
-            quad += tl.sum(z * z, 1)
-            log_det += tl.sum(tl.log(sv), 1)
+            quad2 += z * z
+            log_det2 += tl.log(sv)
         else:
-            quad += tl.sum(diff * diff, 1)
+            quad2 += diff * diff
+    quad = tl.sum(quad2, 1)
     if DIAG:
         siso = tl.full([BLOCK_T], 1.0, acc_t)  # unused
-        s = -0.5 * quad - log_det + log_norm_const
+        s = -0.5 * quad - tl.sum(log_det2, 1) + log_norm_const
     else:
         siso = tl.load(sig_row + offs_t * stride_st, mask=t_mask, other=1.0).to(acc_t)
         s = -0.5 * quad / (siso * siso) - D * tl.log(siso) + log_norm_const
@@ -164,6 +201,7 @@ def row_lse(
     ACC_F64: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_STAGES: tl.constexpr,
 ):
     """``(m [1], l [1])`` with ``logsumexp_t s = m + log(l)`` over all T steps of one row: the
     online log-sum-exp of ``row_scores`` tile by tile. The forward kernel and the backward row
@@ -176,7 +214,7 @@ def row_lse(
         t_mask = offs_t < T
         s, _, _ = row_scores(
             x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
-            log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+            log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
         )  # fmt: skip
         # Online log-sum-exp over T. A tile whose steps all have zero density (score -inf: an
         # infinite input, or a score past the float range) leaves m_new = -inf: shift by 0 then
@@ -213,19 +251,24 @@ def _mixture_diff_kernel(
     ACC_F64: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64 from here on (see class_rows)
-    b = pid // K
-    k = pid % K
+    # Batch-fastest order: the programs in flight together share a column k, so a shared bank's
+    # [T, D] block of class k is read from DRAM once and from L2 by the other images (b-major
+    # order streams every class's block past each image instead).
+    batch = tl.num_programs(0).to(tl.int64) // K
+    b = pid % batch
+    k = pid // batch
     _, mu_row, sig_row = class_rows(
         mu_ptr, sig_ptr, idx_ptr, b, k, stride_mb, stride_mc, stride_sb, stride_sc, stride_ib,
         HAS_INDEX,
     )  # fmt: skip
     m, l = row_lse(
         x_ptr + b * stride_xb, mu_row, sig_row, T, D, stride_mt, stride_st, stride_sd,
-        log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+        log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
     )  # fmt: skip
-    tl.store(out_ptr + pid + tl.arange(0, 1), m + tl.log(l))
+    tl.store(out_ptr + b * K + k + tl.arange(0, 1), m + tl.log(l))
 
 
 def _expand_strides(t: torch.Tensor, ndim: int) -> list[int]:
@@ -305,25 +348,52 @@ def mixture_lse_diff(
     """
     lay = diff_layout(x, mu, sigma, class_index)
     b, k = x.shape[0], lay.num_candidates
-    out = torch.empty(b, k, dtype=lay.acc_dtype, device=x.device)
-    _mixture_diff_kernel[(b * k,)](
-        lay.x,
-        lay.mu,
-        lay.sigma,
-        lay.index,
-        out,
-        k,
+
+    def run(config):
+        out = torch.empty(b, k, dtype=lay.acc_dtype, device=x.device)
+        _mixture_diff_kernel[(b * k,)](
+            lay.x,
+            lay.mu,
+            lay.sigma,
+            lay.index,
+            out,
+            k,
+            lay.num_steps,
+            lay.dim,
+            *lay.row_strides,
+            lay.log_norm_const,
+            HAS_INDEX=class_index is not None,
+            DIAG=lay.diagonal,
+            ACC_F64=lay.acc_dtype == torch.float64,
+            **diff_blocks(config, lay.num_steps, lay.dim),
+        )
+        return out
+
+    configs = DIFF_CONFIGS_DIAG if lay.diagonal else DIFF_CONFIGS
+    return tuning.tuned("_mixture_diff_kernel", configs, diff_key(lay, b), x.device, run)
+
+
+def diff_blocks(config, steps: int, dim: int) -> dict:
+    """A difference-form config's launch keywords, its tile capped at ``[T, D]`` (powers of 2)."""
+    return tuning.fit_blocks(
+        config, BLOCK_T=triton.next_power_of_2(steps), BLOCK_D=triton.next_power_of_2(dim)
+    )
+
+
+def diff_key(lay: DiffLayout, batch: int) -> tuple:
+    """What the best difference-form config depends on: the sizes, the dtypes, the kernel's
+    flags and the number of (image, column) rows (as a power of 2: batches of 60 and 64 share)."""
+    return (
         lay.num_steps,
         lay.dim,
-        *lay.row_strides,
-        lay.log_norm_const,
-        HAS_INDEX=class_index is not None,
-        DIAG=lay.diagonal,
-        ACC_F64=lay.acc_dtype == torch.float64,
-        BLOCK_T=min(DIFF_MAX_BLOCK_T, triton.next_power_of_2(lay.num_steps)),
-        BLOCK_D=min(DIFF_MAX_BLOCK_D, triton.next_power_of_2(lay.dim)),
+        triton.next_power_of_2(batch * lay.num_candidates),
+        lay.mu.dim(),
+        lay.index is not lay.x,
+        lay.diagonal,
+        lay.x.dtype,
+        lay.mu.dtype,
+        lay.sigma.dtype,
     )
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,6 +427,7 @@ GEMM_CONFIGS: list[GemmConfig] = [
     GemmConfig(BLOCK_B=32, BLOCK_N=256, BLOCK_D=32, num_warps=8, num_stages=3),
 ]
 GEMM_MIN_BLOCK = 16  # tl.dot needs >= 16 on every side
+GEMM_TUNE_MIN_BATCH = 32  # mixture_lse tunes among all of GEMM_CONFIGS from this batch (pow. of 2)
 # Streaming multiprocessors assumed when the launch does not run on a CUDA device (interpreter,
 # compile gate): an H100 SXM's 132.
 DEFAULT_SM_COUNT = 132
@@ -746,7 +817,27 @@ def mixture_lse(
     everything else through the difference kernel.
     """
     if uses_gemm_form(x, mu, class_index, precision):
-        return mixture_lse_gemm(x, mu, sigma, precision, operands)
+        # the config per shape (kernels/tuning.py): what the tile choice depends on
+        key = (
+            precision,
+            triton.next_power_of_2(x.shape[0]),
+            mu.shape[0],
+            mu.shape[1],
+            x[0].numel(),
+            is_diagonal(mu, sigma),
+            x.dtype,
+        )
+        # Below GEMM_TUNE_MIN_BATCH images only the first config: at a 16-image tile the tf32
+        # 128x64 and the tf32x3 256x32 configs spill at 255 registers (24-100 B, sm_80 / sm_90,
+        # the compile gate), and such a batch is cheap whatever its tile.
+        small = triton.next_power_of_2(x.shape[0]) < GEMM_TUNE_MIN_BATCH
+        return tuning.tuned(
+            "_mixture_gemm_kernel",
+            GEMM_CONFIGS[:1] if small else GEMM_CONFIGS,
+            key,
+            x.device,
+            lambda cfg: mixture_lse_gemm(x, mu, sigma, precision, operands, config=cfg),
+        )
     return mixture_lse_diff(x, mu, sigma, class_index)
 
 
@@ -787,6 +878,7 @@ def _mixture_diff_redo_kernel(
     DIAG: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_STAGES: tl.constexpr,
 ):
     """``out[b, c]`` again in the difference form where image b or class c is flagged; every
     other program only reads its two flags."""
@@ -797,6 +889,7 @@ def _mixture_diff_redo_kernel(
         m, l = row_lse(
             x_ptr + b * stride_xb, mu_ptr + c * stride_mc, sig_ptr + c * stride_sc, T, D,
             stride_mt, stride_st, stride_sd, log_norm_const, DIAG, False, BLOCK_T, BLOCK_D,
+            D_STAGES,
         )  # fmt: skip
         tl.store(out_ptr + pid + tl.arange(0, 1), m + tl.log(l))
 
@@ -820,22 +913,28 @@ def redo_nonfinite_pairs(
     bad_b = (~torch.isfinite(xx)).to(torch.int8)
     bad_c = (~torch.isfinite(mm.reshape(c, -1)).all(-1)).to(torch.int8)
     lay = diff_layout(x, mu, sigma, None)
-    _mixture_diff_redo_kernel[(b * c,)](
-        lay.x,
-        lay.mu,
-        lay.sigma,
-        bad_b,
-        bad_c,
-        out,
-        c,
-        lay.num_steps,
-        lay.dim,
-        lay.x.stride(0),
-        lay.mu_strides[1],
-        lay.mu_strides[2],
-        *lay.sigma_strides[1:],
-        lay.log_norm_const,
-        DIAG=lay.diagonal,
-        BLOCK_T=min(DIFF_MAX_BLOCK_T, triton.next_power_of_2(lay.num_steps)),
-        BLOCK_D=min(DIFF_MAX_BLOCK_D, triton.next_power_of_2(lay.dim)),
-    )
+
+    def run(config):
+        _mixture_diff_redo_kernel[(b * c,)](
+            lay.x,
+            lay.mu,
+            lay.sigma,
+            bad_b,
+            bad_c,
+            out,
+            c,
+            lay.num_steps,
+            lay.dim,
+            lay.x.stride(0),
+            lay.mu_strides[1],
+            lay.mu_strides[2],
+            *lay.sigma_strides[1:],
+            lay.log_norm_const,
+            DIAG=lay.diagonal,
+            **diff_blocks(config, lay.num_steps, lay.dim),
+        )
+
+    # One config, untimed: the kernel writes into ``out`` (timing would rerun it) and does work
+    # only where a pair is flagged, which timing could not anticipate.
+    configs = (DIFF_CONFIGS_DIAG if lay.diagonal else DIFF_CONFIGS)[:1]
+    tuning.tuned("_mixture_diff_redo_kernel", configs, (), x.device, run)

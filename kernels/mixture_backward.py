@@ -31,8 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+from genrep_fast.kernels import tuning
 from genrep_fast.kernels.mixture import (
     class_rows,
+    diff_blocks,
+    diff_key,
     diff_layout,
     mu_tile,
     row_lse,
@@ -41,22 +44,33 @@ from genrep_fast.kernels.mixture import (
 )
 from genrep_fast.layout import is_per_image, sum_to_sigma_shape
 
-# Row kernel tile: as the forward difference kernel (32 x 128 fp32 = 16 KiB of mu per tile).
-ROWS_MAX_BLOCK_T = 32
-ROWS_MAX_BLOCK_D = 128
-# Diagonal sigma keeps a sigma tile beside the mu tile and writes dL/dsigma too: at 128 the fp32
-# kernel sat at 255 registers and spilled on sm_80 (the compile gate, bench/results/
-# triton-compile-report.md); 64 halves the tile.
-ROWS_MAX_BLOCK_D_DIAG = 64
+# Launch configs (kernels/tuning.py: the first is the default, the interpreter's and the pinned
+# one; on CUDA the fastest per shape is picked). Row kernel tile [BLOCK_T, BLOCK_D], as the
+# forward difference kernel (4096 fp32 values per operand at the first config), D loop not
+# pipelined (D_STAGES = 1: row_scores in kernels/mixture.py).
+ROWS_CONFIGS = (
+    {"BLOCK_T": 32, "BLOCK_D": 128, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
+)
+# Diagonal sigma keeps a sigma tile beside the mu tile and writes dL/dsigma too: at 32 x 128 the
+# fp32 kernel sat at 255 registers and spilled on sm_80 (the compile gate, bench/results/
+# triton-compile-report.md); these tiles hold half as many values.
+ROWS_CONFIGS_DIAG = (
+    {"BLOCK_T": 32, "BLOCK_D": 64, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 16, "BLOCK_D": 128, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+)
 # Groups of classes per image: enough programs to fill a GPU (~4 per SM on 132 SMs) when B is
 # small, at most MAX_GROUPS partial rows of D per image (the partial buffer is [B, G, D]).
 ROWS_TARGET_PROGRAMS = 512
 ROWS_MAX_GROUPS = 64
-# Bank kernel tile: [BLOCK_B, BLOCK_T, BLOCK_D] = 16 x 16 x 32 = 8192 values of the 3-D
-# difference tile (64 fp32 registers per thread at 4 warps).
-BANK_BLOCK_B = 16
-BANK_MAX_BLOCK_T = 16
-BANK_MAX_BLOCK_D = 32
+# Bank kernel tile: [BLOCK_B, BLOCK_T, BLOCK_D] = 8192 values of the 3-D difference tile (64 fp32
+# registers per thread at 4 warps, 32 at 8).
+BANK_CONFIGS = (
+    {"BLOCK_B": 16, "BLOCK_T": 16, "BLOCK_D": 32, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_B": 16, "BLOCK_T": 16, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_B": 32, "BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2},
+)
 # Programs of the bank kernel to aim for (C x splits), and the cap on its partial buffer.
 BANK_TARGET_PROGRAMS = 512
 BANK_PARTIAL_BYTES = 512 * 2**20
@@ -148,6 +162,7 @@ def _mixture_bwd_rows_kernel(
     WRITE_SIG: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_STAGES: tl.constexpr,
 ):
     """``gmu``/``gsig`` buffers (WRITE_*) are ``[B, C, T, D]`` / ``[B, C, T(, D)]`` contiguous in
     their last dims; ``g`` is ``[B, K]`` contiguous; ``gx_part`` is ``[B, G, D]``."""
@@ -175,7 +190,7 @@ def _mixture_bwd_rows_kernel(
             # (0.06 nats at -6e5), which would scale every weight by up to e^0.03.
             m, l = row_lse(
                 x_row, mu_row, sig_row, T, D, stride_mt, stride_st, stride_sd, log_norm_const,
-                DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+                DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
             )  # fmt: skip
             log_l = tl.log(l)
             for t0 in range(0, T, BLOCK_T):
@@ -184,7 +199,7 @@ def _mixture_bwd_rows_kernel(
                 # Pass 1: the scores of this tile again, then the weights.
                 s, quad, siso = row_scores(
                     x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
-                    log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D,
+                    log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
                 )  # fmt: skip
                 # A step of zero density (s = -inf), and so every step of a -inf entry, has
                 # weight 0 and adds nothing below, even where its terms are infinite (0 * inf is
@@ -454,43 +469,52 @@ def mixture_lse_backward(
         groups = max(1, min(k, ROWS_MAX_GROUPS, triton.cdiv(ROWS_TARGET_PROGRAMS, b)))
         per_group = triton.cdiv(k, groups)
         groups = triton.cdiv(k, per_group)
-        part = torch.zeros(b, groups, d, dtype=acc_dtype, device=dev) if need_x else x2
-        dummy = torch.empty(1, dtype=acc_dtype, device=dev)
-        gmu_buf = torch.zeros(b, c, t, d, dtype=acc_dtype, device=dev) if write_mu else dummy
         sig_shape = (b, c, t, d) if diagonal else (b, c, t)
-        gsig_buf = torch.zeros(sig_shape, dtype=acc_dtype, device=dev) if write_sig else dummy
-        gms = gmu_buf.stride() if write_mu else (0, 0, 0, 0)
-        gss = gsig_buf.stride() if write_sig else (0, 0, 0)
-        _mixture_bwd_rows_kernel[(b, groups)](
-            x2,
-            mu_l,
-            sig_l,
-            lay.index,
-            g_rows,
-            part,
-            gmu_buf,
-            gsig_buf,
-            k,
-            t,
-            d,
-            groups,
-            per_group,
-            *lay.row_strides,
-            gms[0],
-            gms[1],
-            gss[0],
-            gss[1],
-            lay.log_norm_const,
-            HAS_INDEX=class_index is not None,
-            DIAG=diagonal,
-            ACC_F64=acc_f64,
-            NEED_X=need_x,
-            WRITE_MU=write_mu,
-            WRITE_SIG=write_sig,
-            BLOCK_T=min(ROWS_MAX_BLOCK_T, triton.next_power_of_2(t)),
-            BLOCK_D=min(
-                ROWS_MAX_BLOCK_D_DIAG if diagonal else ROWS_MAX_BLOCK_D, triton.next_power_of_2(d)
-            ),
+
+        def run_rows(config):
+            # Fresh zeroed buffers per call: the kernel adds into them (and the tuner reruns it).
+            part = torch.zeros(b, groups, d, dtype=acc_dtype, device=dev) if need_x else x2
+            dummy = torch.empty(1, dtype=acc_dtype, device=dev)
+            gmu_buf = torch.zeros(b, c, t, d, dtype=acc_dtype, device=dev) if write_mu else dummy
+            gsig_buf = torch.zeros(sig_shape, dtype=acc_dtype, device=dev) if write_sig else dummy
+            gms = gmu_buf.stride() if write_mu else (0, 0, 0, 0)
+            gss = gsig_buf.stride() if write_sig else (0, 0, 0)
+            _mixture_bwd_rows_kernel[(b, groups)](
+                x2,
+                mu_l,
+                sig_l,
+                lay.index,
+                g_rows,
+                part,
+                gmu_buf,
+                gsig_buf,
+                k,
+                t,
+                d,
+                groups,
+                per_group,
+                *lay.row_strides,
+                gms[0],
+                gms[1],
+                gss[0],
+                gss[1],
+                lay.log_norm_const,
+                HAS_INDEX=class_index is not None,
+                DIAG=diagonal,
+                ACC_F64=acc_f64,
+                NEED_X=need_x,
+                WRITE_MU=write_mu,
+                WRITE_SIG=write_sig,
+                **diff_blocks(config, t, d),
+            )
+            return part, gmu_buf, gsig_buf
+
+        part, gmu_buf, gsig_buf = tuning.tuned(
+            "_mixture_bwd_rows_kernel",
+            ROWS_CONFIGS_DIAG if diagonal else ROWS_CONFIGS,
+            (*diff_key(lay, b), need_x, write_mu, write_sig),
+            dev,
+            run_rows,
         )
         if need_x:
             gx = part.sum(1)
@@ -502,42 +526,57 @@ def mixture_lse_backward(
     if not per_image and (need_mu or need_sig):
         ent_ptr, ent_b, ent_g = _bank_entries(g, class_index, c)
         es = torch.finfo(acc_dtype).bits // 8
-        # Splits of each class's images: enough programs to fill a GPU when C is small, each with
-        # its own slice of the partial buffer [S, C, T, D], capped at BANK_PARTIAL_BYTES.
-        splits = max(
-            1,
-            min(
-                triton.cdiv(b, BANK_BLOCK_B),
-                triton.cdiv(BANK_TARGET_PROGRAMS, c),
-                BANK_PARTIAL_BYTES // max(1, c * t * d * es * (int(need_mu) + int(need_sig))),
-            ),
-        )
-        gmu_buf = torch.zeros(splits, c, t, d, dtype=acc_dtype, device=dev) if need_mu else g
-        sig_shape = (splits, c, t, d) if diagonal else (splits, c, t)
-        gsig_buf = torch.zeros(sig_shape, dtype=acc_dtype, device=dev) if need_sig else g
-        _mixture_bwd_bank_kernel[(c, splits)](
-            x2,
-            mu_l,
-            sig_l,
-            ent_ptr,
-            ent_b,
-            ent_g,
-            gmu_buf,
-            gsig_buf,
-            c,
-            t,
-            d,
-            x2.stride(0),
-            *lay.mu_strides[1:3],
-            *lay.sigma_strides[1:],
-            lay.log_norm_const,
-            DIAG=diagonal,
-            ACC_F64=acc_f64,
-            NEED_MU=need_mu,
-            NEED_SIG=need_sig,
-            BLOCK_B=BANK_BLOCK_B,
-            BLOCK_T=min(BANK_MAX_BLOCK_T, triton.next_power_of_2(t)),
-            BLOCK_D=min(BANK_MAX_BLOCK_D, triton.next_power_of_2(d)),
+        sig_shape_of = (lambda n: (n, c, t, d)) if diagonal else (lambda n: (n, c, t))
+
+        def run_bank(config):
+            # Splits of each class's images: enough programs to fill a GPU when C is small, each
+            # with its own slice of the partial buffer [S, C, T, D], capped at BANK_PARTIAL_BYTES.
+            splits = max(
+                1,
+                min(
+                    triton.cdiv(b, config["BLOCK_B"]),
+                    triton.cdiv(BANK_TARGET_PROGRAMS, c),
+                    BANK_PARTIAL_BYTES // max(1, c * t * d * es * (int(need_mu) + int(need_sig))),
+                ),
+            )
+            gmu_buf = torch.zeros(splits, c, t, d, dtype=acc_dtype, device=dev) if need_mu else g
+            gsig_buf = (
+                torch.zeros(sig_shape_of(splits), dtype=acc_dtype, device=dev) if need_sig else g
+            )
+            _mixture_bwd_bank_kernel[(c, splits)](
+                x2,
+                mu_l,
+                sig_l,
+                ent_ptr,
+                ent_b,
+                ent_g,
+                gmu_buf,
+                gsig_buf,
+                c,
+                t,
+                d,
+                x2.stride(0),
+                *lay.mu_strides[1:3],
+                *lay.sigma_strides[1:],
+                lay.log_norm_const,
+                DIAG=diagonal,
+                ACC_F64=acc_f64,
+                NEED_MU=need_mu,
+                NEED_SIG=need_sig,
+                **tuning.fit_blocks(
+                    config,
+                    BLOCK_T=triton.next_power_of_2(t),
+                    BLOCK_D=triton.next_power_of_2(d),
+                ),
+            )
+            return gmu_buf, gsig_buf
+
+        gmu_buf, gsig_buf = tuning.tuned(
+            "_mixture_bwd_bank_kernel",
+            BANK_CONFIGS,
+            (*diff_key(lay, b), need_mu, need_sig),
+            dev,
+            run_bank,
         )
         # Fixed-order sum of the per-split partials: deterministic.
         gmu = gmu_buf.sum(0) if need_mu else None

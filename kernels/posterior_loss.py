@@ -18,11 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
+from genrep_fast.kernels import tuning
 from genrep_fast.layout import compute_dtype
 
 # One tile holds up to 2048 classes (ImageNet-1k in one tile: 8 KiB of fp32 per operand);
 # larger C loops over tiles with an online max / sum.
 MAX_BLOCK_C = 2048
+# One config each (kernels/tuning.py): a row of at most a few thousand classes is one tile, read
+# once or twice; nothing to tune beside the launch overhead. Launched through the tuner for its
+# device guard.
+POSTERIOR_CONFIGS = ({"num_warps": 4},)
 
 
 @triton.jit
@@ -174,24 +179,29 @@ def posterior_forward(
     p = torch.empty(b, c, dtype=dt, device=ll.device) if store_posterior else None
     kl = torch.empty(b, dtype=dt, device=ll.device) if logits is not None else None
     stats = torch.empty(b, 4, dtype=dt, device=ll.device)
-    _posterior_kl_fwd_kernel[(b,)](
-        ll,
-        prior,
-        z,
-        p if p is not None else stats,
-        kl if kl is not None else stats,
-        stats,
-        c,
-        ll.stride(0),
-        stride_pr,
-        z.stride(0),
-        p.stride(0) if p is not None else 0,
-        HAS_PRIOR=log_prior is not None,
-        HAS_LOGITS=logits is not None,
-        STORE_P=store_posterior,
-        ACC_F64=dt == torch.float64,
-        BLOCK_C=min(MAX_BLOCK_C, triton.next_power_of_2(c)),
-    )
+
+    def run(config):
+        _posterior_kl_fwd_kernel[(b,)](
+            ll,
+            prior,
+            z,
+            p if p is not None else stats,
+            kl if kl is not None else stats,
+            stats,
+            c,
+            ll.stride(0),
+            stride_pr,
+            z.stride(0),
+            p.stride(0) if p is not None else 0,
+            HAS_PRIOR=log_prior is not None,
+            HAS_LOGITS=logits is not None,
+            STORE_P=store_posterior,
+            ACC_F64=dt == torch.float64,
+            BLOCK_C=min(MAX_BLOCK_C, triton.next_power_of_2(c)),
+            **config,
+        )
+
+    tuning.tuned("_posterior_kl_fwd_kernel", POSTERIOR_CONFIGS, (), ll.device, run)
     return p, kl, stats
 
 
@@ -209,22 +219,27 @@ def posterior_kl_backward(
     prior, stride_pr = _prior_rows(log_prior, ll)
     z = logits.contiguous()
     gz = torch.empty(b, c, dtype=logits.dtype, device=ll.device)
-    # A reduction's backward hands an expanded [B] view (stride 0): read it through its stride.
-    _posterior_kl_bwd_kernel[(b,)](
-        ll,
-        prior,
-        z,
-        stats.contiguous(),
-        grad,
-        gz,
-        c,
-        ll.stride(0),
-        stride_pr,
-        z.stride(0),
-        grad.stride(0),
-        gz.stride(0),
-        HAS_PRIOR=log_prior is not None,
-        ACC_F64=dt == torch.float64,
-        BLOCK_C=min(MAX_BLOCK_C, triton.next_power_of_2(c)),
-    )
+
+    def run(config):
+        # A reduction's backward hands an expanded [B] view (stride 0): read it through its stride.
+        _posterior_kl_bwd_kernel[(b,)](
+            ll,
+            prior,
+            z,
+            stats.contiguous(),
+            grad,
+            gz,
+            c,
+            ll.stride(0),
+            stride_pr,
+            z.stride(0),
+            grad.stride(0),
+            gz.stride(0),
+            HAS_PRIOR=log_prior is not None,
+            ACC_F64=dt == torch.float64,
+            BLOCK_C=min(MAX_BLOCK_C, triton.next_power_of_2(c)),
+            **config,
+        )
+
+    tuning.tuned("_posterior_kl_bwd_kernel", POSTERIOR_CONFIGS, (), ll.device, run)
     return gz

@@ -250,7 +250,7 @@ def test_bank_kernel_splits_of_the_batch(monkeypatch, kind):
     x, mu, sigma = make_bank(7, 3, 5, (6,), sigma_kind=kind)
     grad = torch.randn(7, 3, generator=torch.Generator().manual_seed(2))
     whole = kernel_grads(x, mu, sigma, None, grad)
-    monkeypatch.setattr(MB, "BANK_BLOCK_B", 2)
+    monkeypatch.setattr(MB, "BANK_CONFIGS", ({**MB.BANK_CONFIGS[0], "BLOCK_B": 2},))
     split = kernel_grads(x, mu, sigma, None, grad)
     want = reference_grads(x.double(), mu.double(), sigma.double(), None, grad.double())
     for name, s_, a_, w_ in zip(NAMES, split, whole, want):

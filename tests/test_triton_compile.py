@@ -114,6 +114,37 @@ def test_every_kernel_is_launched_by_a_variant(report):
         assert kernels <= {e["kernel"] for e in s["kernels"]}
 
 
+def _tuning_lists() -> dict[str, tuple]:
+    """The config lists of kernels/tuning.py's launchers, per kernel."""
+    from genrep_fast.kernels import mixture, mixture_backward
+
+    return {
+        "_mixture_diff_kernel": mixture.DIFF_CONFIGS + mixture.DIFF_CONFIGS_DIAG,
+        "_mixture_bwd_rows_kernel": mixture_backward.ROWS_CONFIGS
+        + mixture_backward.ROWS_CONFIGS_DIAG,
+        "_mixture_bwd_bank_kernel": mixture_backward.BANK_CONFIGS,
+    }
+
+
+def test_every_tuning_config_is_compiled(report):
+    # The autotuner may pick any config of a list on the GPU: each must have compiled (and passed
+    # the spill rule above) at the configs' shapes, where no tile is capped (T >= 75, D = 4096).
+    for s in _sections(report):
+        for kernel, configs in _tuning_lists().items():
+            compiled = {
+                (e["num_warps"], e["num_stages"], *sorted(e["constexprs"].items()))
+                for e in s["kernels"]
+                if e["kernel"] == kernel
+            }
+            for cfg in configs:
+                blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+                assert any(
+                    c[:2] == (cfg["num_warps"], cfg["num_stages"])
+                    and blocks.items() <= dict(c[2:]).items()
+                    for c in compiled
+                ), f"sm_{s['arch']}: {kernel} never compiled at {cfg}"
+
+
 def test_tf32x3_operands_round_to_nearest_in_the_ptx(report):
     # tf32x3 splits fp32 operands into hi + lo in the kernel (Triton's cvt.rna); the tf32 mode
     # reads operands rounded to nearest tf32 once, in gemm_operand (a plain tf32 dot would
