@@ -8,6 +8,7 @@ model and writes ``ablation.json`` / ``ablation.md``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def run_ablation(out: Path, overrides: list[str] = (), seeds: int = 1, log=print
     for s in seed_list:
         cache: dict = {}  # the baseline CNN (and sample judge) is trained once per seed
         for i, (name, row) in enumerate(ABLATION_ROWS.items()):
-            slug = name.strip("+ ").replace(" ", "_").replace("(", "").replace(")", "")
+            slug = row_folder(name)
             run_dir = base / f"seed{s}" / slug
             cfg = load_config(
                 "tiny_digits", list(overrides) + row + [f"seed={s}", f"out_dir={run_dir}"]
@@ -250,6 +251,11 @@ def run_ablation(out: Path, overrides: list[str] = (), seeds: int = 1, log=print
     summary["wall_seconds"] = time.perf_counter() - t_start
     write_ablation(summary, out)
     return summary
+
+
+def row_folder(name: str) -> str:
+    """An ablation row's folder name: its words joined by ``_`` ("+ both" -> "both")."""
+    return "_".join(re.findall(r"[A-Za-z0-9-]+", name))
 
 
 def summarize_ablation(per_seed, seconds, seed_list, stage0_dir, overrides) -> dict:
@@ -288,7 +294,7 @@ def collect_ablation(out: str | Path, overrides: list[str] = ()) -> dict:
     for seed_dir in seed_dirs:
         s = int(seed_dir.name[4:])
         for i, name in enumerate(ABLATION_ROWS):
-            slug = name.strip("+ ").replace(" ", "_").replace("(", "").replace(")", "")
+            slug = row_folder(name)
             path = seed_dir / slug / "eval.json"
             if not path.exists():
                 continue
