@@ -61,6 +61,9 @@ DIFF_CONFIGS_DIAG = (
     {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
     {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
 )
+# The non-finite redo kernel (rare pairs of the GEMM form): a small unpipelined tile, its speed
+# does not matter; DIFF_CONFIGS[0] there spilled 4 B on sm_90 (the compile gate).
+REDO_CONFIGS = ({"BLOCK_T": 16, "BLOCK_D": 64, "D_STAGES": 1, "num_warps": 4, "num_stages": 1},)
 # The GEMM kernel's launch parameters are GEMM_CONFIGS (below, with the kernel).
 
 
@@ -936,5 +939,4 @@ def redo_nonfinite_pairs(
 
     # One config, untimed: the kernel writes into ``out`` (timing would rerun it) and does work
     # only where a pair is flagged, which timing could not anticipate.
-    configs = (DIFF_CONFIGS_DIAG if lay.diagonal else DIFF_CONFIGS)[:1]
-    tuning.tuned("_mixture_diff_redo_kernel", configs, (), x.device, run)
+    tuning.tuned("_mixture_diff_redo_kernel", REDO_CONFIGS, (), x.device, run)
