@@ -186,7 +186,9 @@ def _nll_float64(mu, sigma, x, y, h):
     return float(-(ll.log_softmax(1).gather(1, y[:, None])).mean())
 
 
-def test_select_bandwidth_picks_the_nll_minimum():
+def _three_class_bank():
+    """``(mu, sigma, x, y)``: 3 classes of 6 near-deterministic steps around a centre each, and
+    60 noisy images of the centres (the NLL minimum is interior to [0.05, 8])."""
     g = torch.Generator().manual_seed(0)
     c, t = 3, 6
     centres = torch.randn(c, 1, 1, 2, 2, generator=g)
@@ -194,6 +196,11 @@ def test_select_bandwidth_picks_the_nll_minimum():
     sigma = 0.01 + 0.02 * torch.rand(c, t, generator=g)
     y = torch.arange(c).repeat(20)
     x = centres[y, 0] + 0.8 * torch.randn(len(y), 1, 2, 2, generator=g)
+    return mu, sigma, x, y
+
+
+def test_select_bandwidth_picks_the_nll_minimum():
+    mu, sigma, x, y = _three_class_bank()
     grid = [0.05, 0.2, 0.5, 1.0, 2.0, 8.0]
     choice = select_bandwidth(mu, sigma, x, y, grid)
     want = [_nll_float64(mu, sigma, x, y, h) for h in grid]
@@ -204,14 +211,8 @@ def test_select_bandwidth_picks_the_nll_minimum():
 
 
 def test_select_bandwidth_extends_past_a_grid_whose_top_is_best():
-    # the same data as above; a grid that stops below the NLL minimum (2.0 < its top)
-    g = torch.Generator().manual_seed(0)
-    c, t = 3, 6
-    centres = torch.randn(c, 1, 1, 2, 2, generator=g)
-    mu = centres + 0.3 * torch.randn(c, t, 1, 2, 2, generator=g)
-    sigma = 0.01 + 0.02 * torch.rand(c, t, generator=g)
-    y = torch.arange(c).repeat(20)
-    x = centres[y, 0] + 0.8 * torch.randn(len(y), 1, 2, 2, generator=g)
+    # a grid that stops below the NLL minimum
+    mu, sigma, x, y = _three_class_bank()
     grid = [0.05, 0.1, 0.2]
     assert select_bandwidth(mu, sigma, x, y, grid).bandwidth == 0.2  # the edge, without extend
     choice = select_bandwidth(mu, sigma, x, y, grid, extend=12)

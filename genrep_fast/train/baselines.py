@@ -60,24 +60,48 @@ def train_cnn(
         raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
-    g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = SmallCNN(images.shape[1], num_classes).to(images.device)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    n = images.shape[0]
+    return _fit_cross_entropy(
+        net,
+        lambda idx: net(images[idx]),
+        labels,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+    )
+
+
+def _fit_cross_entropy(
+    module: nn.Module,
+    logits_of,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> nn.Module:
+    """``module`` trained with AdamW (weight decay 1e-4) and cross-entropy for ``steps``
+    batches of rows drawn without replacement within each epoch (deterministic given ``seed``);
+    ``logits_of(idx)``: the logits of the rows ``idx``. Returned in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
+    n = labels.shape[0]
     perm, pos = torch.randperm(n, generator=g), 0
-    net.train()
+    module.train()
     for _ in range(steps):
         if pos + batch_size > n:
             perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + batch_size].to(images.device)
+        idx = perm[pos : pos + batch_size].to(labels.device)
         pos += batch_size
-        loss = F.cross_entropy(net(images[idx]), labels[idx])
+        loss = F.cross_entropy(logits_of(idx).float(), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return net.eval()
+    return module.eval()
 
 
 @torch.no_grad()
@@ -141,7 +165,6 @@ def train_ce_head(
 
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
-    g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = PerceptionHead(
@@ -150,18 +173,12 @@ def train_ce_head(
             net.adapter.latent_shape,
             **(head_kwargs or {}),
         ).to(labels.device)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    n = labels.shape[0]
-    perm, pos = torch.randperm(n, generator=g), 0
-    head.train()
-    for _ in range(steps):
-        if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + batch_size].to(labels.device)
-        pos += batch_size
-        logits, _ = head([f[idx] for f in features])
-        loss = F.cross_entropy(logits.float(), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return head.eval()
+    return _fit_cross_entropy(
+        head,
+        lambda idx: head([f[idx] for f in features])[0],
+        labels,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+    )
