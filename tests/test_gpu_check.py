@@ -41,6 +41,10 @@ def test_dry_run_writes_results_in_the_bench_format(tmp_path):
     assert env["command"].startswith("python tools/gpu_check.py --dry-run")
     md = (tmp_path / "summary.md").read_text()
     assert "| gpu_tests | 0 |" in md and "per_image_float32" in md
+    # The targets table (tools/gpu_targets.py) from the smoke results; cases the dry run skips
+    # read "not measured".
+    assert "Targets (issue 15)" in md and "| per-image bank B=64 fp32" in md
+    assert "not measured" in md
 
 
 def test_budget_and_bad_steps(tmp_path):

@@ -5,7 +5,8 @@ under a budget (default 480 s) and each step has its own time limit; a step that
 skipped and says so. Everything lands in ``--out`` (default ``$OUT``, else ``gpu_check_out/``):
 
 * ``summary.json`` / ``summary.md``: environment (device, versions, commit, command), every step
-  with its exit code, seconds and log file, the GPU test counts;
+  with its exit code, seconds and log file, the GPU test counts, and the issue-15 targets table
+  (``tools/gpu_targets.py``) of each benchmark results JSON;
 * ``gpu-tests.xml``: JUnit report of ``pytest -m gpu tests/``;
 * ``bench/*.json|md|png``: the benchmark results (``bench/results`` format) of the realistic
   shapes: per-image bank vs copy bandwidth, the shared bank per precision vs a plain GEMM,
@@ -234,6 +235,15 @@ def _environment() -> dict:
     return env
 
 
+def _targets():
+    """tools/gpu_targets.py (a sibling script, not a package module)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_targets", Path(__file__).with_name("gpu_targets.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _markdown(summary: dict) -> str:
     env = summary["environment"]
     lines = [
@@ -259,6 +269,9 @@ def _markdown(summary: dict) -> str:
         md = Path(summary["out"]) / "bench" / Path(name).with_suffix(".md").name
         if md.exists():
             lines += ["", md.read_text()]
+        results = Path(summary["out"]) / "bench" / name
+        if results.exists():
+            lines += ["", _targets().markdown(json.loads(results.read_text()))]
     return "\n".join(lines) + "\n"
 
 

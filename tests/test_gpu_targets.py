@@ -1,0 +1,59 @@
+"""tools/gpu_targets.py on the committed H100 results (run 2): the verdicts of the hand table."""
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+H100 = ROOT / "bench/results/gpu-h100-20261126/run2/bench/NVIDIA-H100-80GB-HBM3-20261126-165641.json"
+
+spec = importlib.util.spec_from_file_location("gpu_targets", ROOT / "tools/gpu_targets.py")
+gpu_targets = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_targets)
+
+EXPECTED = {  # bench/results/gpu-h100-20261126/README.md, read from the JSON
+    "per-image bank B=64 fp32, fraction of copy BW": "miss",  # 0.844, "at the line" by hand
+    "per-image bank B=64 bf16, fraction of copy BW": "miss",
+    "shared bank tf32x3, time / plain GEMM": "miss",
+    "shared bank bf16, time / plain GEMM": "miss",
+    "candidates K=20 bf16, us per image": "met",
+    "candidates K=20 fp32, fraction of copy BW": "met",
+    "all classes tf32x3, us per image": "miss",
+    "alignment fp32 ops, fraction of copy BW": "miss",
+    "alignment fp32 ops, speedup over eager": "miss",
+    "alignment fp32 ops, speedup over flattened": "miss",
+    "fused KL fwd+bwd, speedup over eager": "miss",
+}
+
+
+def test_h100_verdicts_match_hand_table():
+    rows = gpu_targets.evaluate(json.loads(H100.read_text()))
+    got = {label: verdict for label, _, _, verdict in rows}
+    assert got == EXPECTED
+    values = {label: value for label, value, _, _ in rows}
+    assert abs(values["shared bank tf32x3, time / plain GEMM"] - 2.72) < 0.01
+    assert abs(values["shared bank bf16, time / plain GEMM"] - 23.2) < 0.1
+    assert abs(values["fused KL fwd+bwd, speedup over eager"] - 0.661) < 0.01
+    assert abs(values["candidates K=20 bf16, us per image"] - 5.08) < 0.01
+
+
+def test_missing_record_is_not_measured():
+    results = json.loads(H100.read_text())
+    dropped = copy.deepcopy(results)
+    dropped["records"] = [r for r in dropped["records"]
+                          if r["case"] not in ("candidates_K20_bfloat16", "kl_loss_fwd_bwd")]
+    got = {label: verdict for label, _, _, verdict in gpu_targets.evaluate(dropped)}
+    assert got["candidates K=20 bf16, us per image"] == "not measured"
+    assert got["fused KL fwd+bwd, speedup over eager"] == "not measured"
+    assert got["candidates K=20 fp32, fraction of copy BW"] == "met"
+    empty = gpu_targets.evaluate({"records": []})
+    assert {v for _, _, _, v in empty} == {"not measured"}
+    text = gpu_targets.markdown({"records": []})
+    assert "not measured" in text and "| met |" not in text
+
+
+def test_cli_writes_table(tmp_path):
+    out = tmp_path / "targets.md"
+    assert gpu_targets.main([str(H100), "--out", str(out)]) == 0
+    assert "NVIDIA H100 80GB HBM3" in out.read_text()
+    assert gpu_targets.main([str(tmp_path / "absent.json")]) == 2
