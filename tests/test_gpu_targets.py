@@ -1,11 +1,14 @@
 """tools/gpu_targets.py on the committed H100 results (run 2): the verdicts of the hand table."""
+
 import copy
 import importlib.util
 import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-H100 = ROOT / "bench/results/gpu-h100-20261126/run2/bench/NVIDIA-H100-80GB-HBM3-20261126-165641.json"
+H100 = (
+    ROOT / "bench/results/gpu-h100-20261126/run2/bench/NVIDIA-H100-80GB-HBM3-20261126-165641.json"
+)
 
 spec = importlib.util.spec_from_file_location("gpu_targets", ROOT / "tools/gpu_targets.py")
 gpu_targets = importlib.util.module_from_spec(spec)
@@ -40,8 +43,11 @@ def test_h100_verdicts_match_hand_table():
 def test_missing_record_is_not_measured():
     results = json.loads(H100.read_text())
     dropped = copy.deepcopy(results)
-    dropped["records"] = [r for r in dropped["records"]
-                          if r["case"] not in ("candidates_K20_bfloat16", "kl_loss_fwd_bwd")]
+    dropped["records"] = [
+        r
+        for r in dropped["records"]
+        if r["case"] not in ("candidates_K20_bfloat16", "kl_loss_fwd_bwd")
+    ]
     got = {label: verdict for label, _, _, verdict in gpu_targets.evaluate(dropped)}
     assert got["candidates K=20 bf16, us per image"] == "not measured"
     assert got["fused KL fwd+bwd, speedup over eager"] == "not measured"

@@ -238,7 +238,10 @@ def _environment() -> dict:
 def _targets():
     """tools/gpu_targets.py (a sibling script, not a package module)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_targets", Path(__file__).with_name("gpu_targets.py"))
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_targets", Path(__file__).with_name("gpu_targets.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -6,6 +6,7 @@ Each target is one row of ``TARGETS``: the record it reads (case, impl), how it 
 record(s) into a number, the bound and its direction. A record that is absent gives
 "not measured", never a verdict.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ def _fraction(case, impl="genrep_fast"):
     def read(records):
         r = _find(records, case, impl)
         return None if r is None or r.get("bandwidth_fraction") is None else r["bandwidth_fraction"]
+
     return read
 
 
@@ -34,16 +36,19 @@ def _us_per_image(case, impl="genrep_fast"):
         if r is None or "B" not in r.get("params", {}):
             return None
         return r["seconds"] * 1e6 / r["params"]["B"]
+
     return read
 
 
 def _ratio(case, impl, base, inverse=False):
     """seconds(base) / seconds(impl) (a speedup), or its inverse (a time ratio)."""
+
     def read(records):
         r, b = _find(records, case, impl), _find(records, case, base)
         if r is None or b is None:
             return None
         return r["seconds"] / b["seconds"] if inverse else b["seconds"] / r["seconds"]
+
     return read
 
 
@@ -51,17 +56,65 @@ _ALIGN = "dit-like h=1152 blocks=28 fp32"
 
 # (case label, reader, comparison, bound, unit)
 TARGETS = [
-    ("per-image bank B=64 fp32, fraction of copy BW", _fraction("per_image_float32"), ">=", 0.85, ""),
-    ("per-image bank B=64 bf16, fraction of copy BW", _fraction("per_image_bfloat16"), ">=", 0.85, ""),
-    ("shared bank tf32x3, time / plain GEMM", _ratio("shared_bank_tf32x3", "genrep_fast", "plain_gemm", inverse=True), "<=", 1.5, "x"),
-    ("shared bank bf16, time / plain GEMM", _ratio("shared_bank_bf16", "genrep_fast", "plain_gemm", inverse=True), "<=", 1.2, "x"),
-    ("candidates K=20 bf16, us per image", _us_per_image("candidates_K20_bfloat16"), "<=", 10.0, " us"),
-    ("candidates K=20 fp32, fraction of copy BW", _fraction("candidates_K20_float32"), ">=", 0.70, ""),
+    (
+        "per-image bank B=64 fp32, fraction of copy BW",
+        _fraction("per_image_float32"),
+        ">=",
+        0.85,
+        "",
+    ),
+    (
+        "per-image bank B=64 bf16, fraction of copy BW",
+        _fraction("per_image_bfloat16"),
+        ">=",
+        0.85,
+        "",
+    ),
+    (
+        "shared bank tf32x3, time / plain GEMM",
+        _ratio("shared_bank_tf32x3", "genrep_fast", "plain_gemm", inverse=True),
+        "<=",
+        1.5,
+        "x",
+    ),
+    (
+        "shared bank bf16, time / plain GEMM",
+        _ratio("shared_bank_bf16", "genrep_fast", "plain_gemm", inverse=True),
+        "<=",
+        1.2,
+        "x",
+    ),
+    (
+        "candidates K=20 bf16, us per image",
+        _us_per_image("candidates_K20_bfloat16"),
+        "<=",
+        10.0,
+        " us",
+    ),
+    (
+        "candidates K=20 fp32, fraction of copy BW",
+        _fraction("candidates_K20_float32"),
+        ">=",
+        0.70,
+        "",
+    ),
     ("all classes tf32x3, us per image", _us_per_image("shared_bank_tf32x3"), "<=", 10.0, " us"),
     ("alignment fp32 ops, fraction of copy BW", _fraction(_ALIGN, "ops"), ">=", 0.85, ""),
     ("alignment fp32 ops, speedup over eager", _ratio(_ALIGN, "ops", "reference"), ">=", 10.0, "x"),
-    ("alignment fp32 ops, speedup over flattened", _ratio(_ALIGN, "ops", "flattened"), ">=", 20.0, "x"),
-    ("fused KL fwd+bwd, speedup over eager", _ratio("kl_loss_fwd_bwd", "genrep_fast", "reference"), ">=", 3.0, "x"),
+    (
+        "alignment fp32 ops, speedup over flattened",
+        _ratio(_ALIGN, "ops", "flattened"),
+        ">=",
+        20.0,
+        "x",
+    ),
+    (
+        "fused KL fwd+bwd, speedup over eager",
+        _ratio("kl_loss_fwd_bwd", "genrep_fast", "reference"),
+        ">=",
+        3.0,
+        "x",
+    ),
 ]
 
 
@@ -84,10 +137,17 @@ def evaluate(results: dict) -> list[tuple[str, float | None, str, str]]:
 
 def markdown(results: dict) -> str:
     env = results.get("environment", {})
-    head = ", ".join(f"{k} {env[k]}" for k in
-                     ("device_name", "torch", "cuda", "triton", "commit", "command") if k in env)
-    lines = [f"Targets (issue 15), {head}", "", "| case | measured | target | verdict |",
-             "|---|---|---|---|"]
+    head = ", ".join(
+        f"{k} {env[k]}"
+        for k in ("device_name", "torch", "cuda", "triton", "commit", "command")
+        if k in env
+    )
+    lines = [
+        f"Targets (issue 15), {head}",
+        "",
+        "| case | measured | target | verdict |",
+        "|---|---|---|---|",
+    ]
     for label, value, target, verdict in evaluate(results):
         shown = "-" if value is None else f"{value:.3g}"
         lines.append(f"| {label} | {shown} | {target} | {verdict} |")
@@ -96,7 +156,9 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="benchmark results JSON (pytest bench/ --benchmark)")
+    parser.add_argument(
+        "results", type=Path, help="benchmark results JSON (pytest bench/ --benchmark)"
+    )
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     try:
