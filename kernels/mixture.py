@@ -29,7 +29,6 @@ so that the tests measure each mode's error.
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -37,6 +36,7 @@ import triton
 import triton.language as tl
 
 from genrep_fast.kernels import tuning
+from genrep_fast.kernels.tuning import interpreted as _interpreted
 from genrep_fast.layout import LOG_2PI, bank_view, compute_dtype, is_diagonal
 
 PRECISION_CODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
@@ -65,10 +65,6 @@ DIFF_CONFIGS_DIAG = (
 # does not matter; DIFF_CONFIGS[0] there spilled 4 B on sm_90 (the compile gate).
 REDO_CONFIGS = ({"BLOCK_T": 16, "BLOCK_D": 64, "D_STAGES": 1, "num_warps": 4, "num_stages": 1},)
 # The GEMM kernel's launch parameters are GEMM_CONFIGS (below, with the kernel).
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ------------------------------------------------------------------------------------------------

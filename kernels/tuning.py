@@ -69,7 +69,8 @@ def autotune_enabled() -> bool:
     return not torch.are_deterministic_algorithms_enabled()
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
+    """True under the Triton interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -142,7 +143,7 @@ def choose(
     if len(configs) == 1 or not autotune_enabled():
         return 0
     if timer is None:
-        if device.type != "cuda" or _interpreted() or torch.cuda.is_current_stream_capturing():
+        if device.type != "cuda" or interpreted() or torch.cuda.is_current_stream_capturing():
             return 0
         timer = _cuda_time
     cache_key = (name, key, str(device))
