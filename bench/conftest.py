@@ -45,6 +45,10 @@ def results(realistic: bool, bench_device: str, tmp_path_factory: pytest.TempPat
         path = Path(out_dir or RESULTS_DIR) / f"{slug}-{stamp}.json"
     else:
         path = tmp_path_factory.mktemp("bench") / "smoke.json"
+    from genrep_fast.kernels import tuning
+
+    # The autotuner's measurements behind each config it chose (empty off CUDA).
+    res.tuning = tuning.report()
     res.write(path)
     md, png = write_report(path)
     print(f"\nbenchmark results: {path}\n{md.read_text()}")

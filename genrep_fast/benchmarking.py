@@ -203,6 +203,9 @@ class Results:
         self.device = device
         self.mode = mode
         self.records: list[Record] = []
+        # Rows of ``genrep_fast.kernels.tuning.report()``: which launch config each tuned kernel
+        # chose at each shape, and the times of every config (empty off CUDA).
+        self.tuning: list[dict] = []
 
     def add(
         self,
@@ -268,6 +271,7 @@ class Results:
             "environment": env,
             "mode": self.mode,
             "records": [dataclasses.asdict(r) for r in self.records],
+            "tuning": self.tuning,
         }
 
     def write(self, path: str | os.PathLike) -> Path:
@@ -331,6 +335,20 @@ def markdown_table(data: dict) -> str:
             f"{_fmt(r['bandwidth_fraction'], '.0%')} | {_fmt(r['gemm_fraction'], '.0%')} | "
             f"{bound} | {_fmt(r.get('bound_fraction'), '.0%')} | {_fmt(mem, '.1f')} |"
         )
+    if data.get("tuning"):
+        lines += [
+            "",
+            "Autotuner choices (kernels/tuning.py: each config timed once per shape key; ms per "
+            "launch, `-` where the config did not fit):",
+            "",
+            "| kernel | key | chosen config | ms of each config |",
+            "|---|---|---|---|",
+        ]
+        for t in data["tuning"]:
+            best = t["configs"][t["chosen"]]
+            cfg = ", ".join(f"{k}={v}" for k, v in best.items())
+            ms = " / ".join("-" if m is None else f"{m:.3g}" for m in t["ms"])
+            lines.append(f"| {t['kernel']} | {t['key']} | #{t['chosen']}: {cfg} | {ms} |")
     return "\n".join(lines) + "\n"
 
 

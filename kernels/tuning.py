@@ -48,6 +48,9 @@ R = TypeVar("R")
 
 # (kernel name, key, device) -> index of the fastest config.
 _BEST: dict[tuple[str, tuple, str], int] = {}
+# (kernel name, key, device) -> (configs, milliseconds of each; inf where it did not fit): the
+# measurements behind each choice, for the benchmark report.
+_TIMES: dict[tuple[str, tuple, str], tuple[tuple[Config, ...], tuple[float, ...]]] = {}
 # The device a launch runs under (set by ``device_guard``): what the guard tests check.
 _GUARDED: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar(
     "genrep_fast_guarded_device", default=None
@@ -149,8 +152,10 @@ def choose(
     cache_key = (name, key, str(device))
     best = _BEST.get(cache_key)
     if best is None:
-        best = _fastest(configs, run, timer)
+        times = _times(configs, run, timer)
+        best = min(range(len(times)), key=times.__getitem__)
         _BEST[cache_key] = best
+        _TIMES[cache_key] = (tuple(configs), tuple(times))
     return best
 
 
@@ -169,9 +174,9 @@ def _cuda_time(fn: Callable[[], object]) -> float:
     return start.elapsed_time(end) / REPS
 
 
-def _fastest(configs: Sequence[Config], run: Callable[[Config], object], timer) -> int:
-    """Index of the config of least ``timer``; a config that does not fit the device (Triton's
-    ``OutOfResources``: shared memory, registers) is skipped."""
+def _times(configs: Sequence[Config], run: Callable[[Config], object], timer) -> list[float]:
+    """``timer`` of each config; inf for a config that does not fit the device (Triton's
+    ``OutOfResources``: shared memory, registers)."""
     from triton.runtime.errors import OutOfResources
 
     times = []
@@ -182,7 +187,7 @@ def _fastest(configs: Sequence[Config], run: Callable[[Config], object], timer) 
             times.append(math.inf)
     if all(math.isinf(t) for t in times):
         raise RuntimeError(f"no config of {list(configs)} fits this device")
-    return min(range(len(times)), key=times.__getitem__)
+    return times
 
 
 def chosen() -> dict[tuple[str, tuple, str], int]:
@@ -190,9 +195,36 @@ def chosen() -> dict[tuple[str, tuple, str], int]:
     return dict(_BEST)
 
 
+def report() -> list[dict]:
+    """Every timed choice of this process, for the benchmark report: kernel name, key, device,
+    the configs, their milliseconds (None where one did not fit) and the chosen index."""
+    rows = []
+    for (name, key, device), (configs, times) in _TIMES.items():
+        rows.append(
+            {
+                "kernel": name,
+                "key": _plain(key),
+                "device": device,
+                "configs": [dict(c) for c in configs],
+                "ms": [None if math.isinf(t) else t for t in times],
+                "chosen": _BEST[(name, key, device)],
+            }
+        )
+    return rows
+
+
+def _plain(v):
+    """``v`` as JSON values: tuples as lists, anything else that is not a number, a string, a
+    bool or None (a dtype) as its ``str``."""
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return v if v is None or isinstance(v, (int, float, str, bool)) else str(v)
+
+
 def clear() -> None:
     """Forget every choice (the next call of each key times its configs again)."""
     _BEST.clear()
+    _TIMES.clear()
 
 
 def fit_blocks(config: Config, **limits: int) -> dict[str, object]:

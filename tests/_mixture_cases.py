@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+# The devices a kernel test runs on: the CPU (the Triton interpreter, in CI) and, marked gpu, CUDA
+# (the compiled kernels; `tools/gpu_check.py` runs the gpu-marked cases on the lent H100).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def make_bank(b, c, t, latent, *, per_image=False, sigma_kind="c_t", seed=0):

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from _mixture_cases import make_bank
+from _mixture_cases import DEVICES, make_bank
 
 import genrep_fast as G
 from genrep_fast import reference as R
@@ -224,27 +224,39 @@ STRADDLE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("c, t, per_program, config", STRADDLE_CASES)
-def test_gemm_kernel_classes_across_tile_edges(c, t, per_program, config):
+def test_gemm_kernel_classes_across_tile_edges(c, t, per_program, config, device):
     x, mu, sigma = _flat_bank(3, c, t, 8)
     want = lse_f64(x, mu, sigma)
     torch_err = (torch_gemm_form_lse(x, mu, sigma, "ieee").double() - want).abs().max().item()
-    got = M.mixture_lse_gemm(x, mu, sigma, "tf32x3", config=config, classes_per_program=per_program)
-    err = (got.double() - want).abs().max().item()
+    xd, mud, sigd = (a.to(device) for a in (x, mu, sigma))
+    got = M.mixture_lse_gemm(
+        xd, mud, sigd, "tf32x3", config=config, classes_per_program=per_program
+    )
+    err = (got.double().cpu() - want).abs().max().item()
     assert err <= 2 * torch_err + _floor(want), (err, torch_err)
 
 
+@pytest.mark.parametrize(
+    "device, precision",
+    [("cpu", "bf16")]
+    + [pytest.param("cuda", p, marks=pytest.mark.gpu) for p in ("tf32x3", "tf32", "bf16")],
+)
 @pytest.mark.parametrize("index", range(len(M.GEMM_CONFIGS)))
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
-def test_every_gemm_config_matches_f64(index, kind):
-    # D = 37: every config's last D step is masked; T = 75: classes straddle its N tiles.
+def test_every_gemm_config_matches_f64(index, kind, device, precision):
+    # D = 37: every config's last D step is masked; T = 75: classes straddle its N tiles. On CUDA
+    # every precision (the compiled MMA paths differ: wgmma on sm_90); the interpreter runs bf16.
     x, mu, sigma = make_bank(5, 4, 75, (37,), sigma_kind=kind)
     want = lse_f64(x, mu, sigma)
-    torch_err = (torch_gemm_form_lse(x, mu, sigma, "bf16").double() - want).abs().max().item()
+    ref = "ieee" if precision == "tf32x3" else precision
+    torch_err = (torch_gemm_form_lse(x, mu, sigma, ref).double() - want).abs().max().item()
+    xd, mud, sigd = (a.to(device) for a in (x, mu, sigma))
     got = M.mixture_lse_gemm(
-        x, mu, sigma, "bf16", config=M.GEMM_CONFIGS[index], classes_per_program=4
+        xd, mud, sigd, precision, config=M.GEMM_CONFIGS[index], classes_per_program=4
     )
-    err = (got.double() - want).abs().max().item()
+    err = (got.double().cpu() - want).abs().max().item()
     assert err <= 2 * torch_err + _floor(want), (err, torch_err)
 
 

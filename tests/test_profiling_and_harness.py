@@ -70,6 +70,19 @@ def test_results_json_table_and_plot(tmp_path):
     res.records[0].params = {"B": 64, "D": 4096}
     realistic = benchmarking.markdown_table(res.to_json())
     assert realistic.startswith("**Realistic shapes**") and "| B=64, D=4096 |" in realistic
+    assert "Autotuner choices" not in realistic  # no tuned launch: no table
+    res.tuning = [
+        {
+            "kernel": "k",
+            "key": [75, 4096],
+            "device": "cuda:0",
+            "chosen": 1,
+            "ms": [2.0, 1.5, None],
+            "configs": [{"BLOCK_D": 16}, {"BLOCK_D": 32}, {"BLOCK_D": 64}],
+        }
+    ]
+    tuned = benchmarking.markdown_table(json.loads(json.dumps(res.to_json())))
+    assert "| k | [75, 4096] | #1: BLOCK_D=32 | 2 / 1.5 / - |" in tuned
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="baseline"):
         res.add("s", "c", {"fast": 1.0}, baseline="eager")

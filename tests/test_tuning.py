@@ -4,11 +4,12 @@ against float64, and every launch inside the CUDA device guard."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
-from _mixture_cases import make_bank
+from _mixture_cases import DEVICES, make_bank
 
 from genrep_fast import reference as R
 from genrep_fast.kernels import mixture as M
@@ -108,6 +109,27 @@ def test_choice_is_cached_per_kernel_shape_and_device():
     assert set(tuning.chosen().values()) == {1, 2} and len(tuning.chosen()) == 4
 
 
+def test_report_lists_each_timed_choice_with_its_times():
+    ran = []
+
+    def run(cfg):
+        ran.append(cfg)
+
+    tuning.choose(
+        "k", CONFIGS, (75, torch.float32), CPU, run, _table_timer({16: 3.0, 32: 1.0, 64: 2.0}, ran)
+    )
+    tuning.choose(
+        "k", CONFIGS, (75, torch.float32), CPU, run, _table_timer({16: 0.1, 32: 9.0, 64: 9.0}, ran)
+    )
+    (row,) = tuning.report()
+    assert row["kernel"] == "k" and row["key"] == [75, "torch.float32"] and row["device"] == "cpu"
+    assert row["ms"] == [3.0, 1.0, 2.0] and row["chosen"] == 1
+    assert row["configs"] == [dict(c) for c in CONFIGS]
+    json.dumps(row)  # the benchmark report writes it as JSON
+    tuning.clear()
+    assert tuning.report() == []
+
+
 def test_diff_key_separates_the_shapes_that_matter():
     def key(b, c, t, latent, **kw):
         x, mu, sigma = make_bank(b, c, t, latent, **kw)
@@ -159,12 +181,17 @@ DIFF_LISTS = [("DIFF_CONFIGS", "c_t", i) for i in range(len(M.DIFF_CONFIGS))] + 
 ]
 
 
+def _on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,kind,index", DIFF_LISTS)
 @pytest.mark.parametrize("per_image", [False, True])
-def test_each_forward_config_matches_float64(monkeypatch, name, kind, index, per_image):
+def test_each_forward_config_matches_float64(monkeypatch, name, kind, index, per_image, device):
     monkeypatch.setattr(M, name, (getattr(M, name)[index],))
     x, mu, sigma = make_bank(2, 3, 33, (600,), per_image=per_image, sigma_kind=kind)
-    got = M.mixture_lse_diff(x, mu, sigma, None).double()
+    got = M.mixture_lse_diff(*_on(device, x, mu, sigma), None).double().cpu()
     want = R.mixture_log_likelihood(x.double(), mu.double(), sigma.double()) + math.log(33)
     torch32 = R.mixture_log_likelihood(x, mu, sigma).double() + math.log(33)
     torch_err = (torch32 - want).abs().max().item()
@@ -183,7 +210,7 @@ def _check_grads(got, x, mu, sigma, grad):
     xs, ms, ss = (t.clone().requires_grad_() for t in (x, mu, sigma))
     torch.autograd.backward(R.mixture_log_likelihood(xs, ms, ss), grad)
     for name, g, t32, w in zip("x mu sigma".split(), got, (xs.grad, ms.grad, ss.grad), want):
-        err = (g.double() - w).abs().max().item()
+        err = (g.double().cpu() - w).abs().max().item()
         torch_err = (t32.double() - w).abs().max().item()
         assert err <= 2 * torch_err + _floor(w), (name, err, torch_err)
 
@@ -193,30 +220,62 @@ ROWS_LISTS = [("ROWS_CONFIGS", "c_t", i) for i in range(len(MB.ROWS_CONFIGS))] +
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,kind,index", ROWS_LISTS)
-def test_each_backward_rows_config_matches_float64(monkeypatch, name, kind, index):
+def test_each_backward_rows_config_matches_float64(monkeypatch, name, kind, index, device):
     monkeypatch.setattr(MB, name, (getattr(MB, name)[index],))
     # A per-image bank: the row kernel writes all three gradients.
     x, mu, sigma = make_bank(2, 2, 33, (300,), per_image=True, sigma_kind=kind)
     grad = torch.randn(2, 2, generator=torch.Generator().manual_seed(3))
-    got = MB.mixture_lse_backward(grad, x, mu, sigma, None)
+    got = MB.mixture_lse_backward(*_on(device, grad, x, mu, sigma), None)
     _check_grads(got, x, mu, sigma, grad)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", MB.BANK_CONFIGS, ids=str)
-def test_each_backward_bank_config_matches_float64(monkeypatch, config):
+def test_each_backward_bank_config_matches_float64(monkeypatch, config, device):
     monkeypatch.setattr(MB, "BANK_CONFIGS", (config,))
     # A shared bank: the bank kernel writes dL/dmu, dL/dsigma over 3 images (BLOCK_B tails).
     x, mu, sigma = make_bank(3, 2, 20, (40,))
     grad = torch.randn(3, 2, generator=torch.Generator().manual_seed(4))
-    got = MB.mixture_lse_backward(grad, x, mu, sigma, None, (False, True, True))
+    got = MB.mixture_lse_backward(*_on(device, grad, x, mu, sigma), None, (False, True, True))
     want = _grads_f64(x, mu, sigma, grad)[1:]
     ms, ss = mu.clone().requires_grad_(), sigma.clone().requires_grad_()
     torch.autograd.backward(R.mixture_log_likelihood(x, ms, ss), grad)
     for name, g, t32, w in zip(("mu", "sigma"), got[1:], (ms.grad, ss.grad), want):
-        err = (g.double() - w).abs().max().item()
+        err = (g.double().cpu() - w).abs().max().item()
         torch_err = (t32.double() - w).abs().max().item()
         assert err <= 2 * torch_err + _floor(w), (name, err, torch_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_cuda_times_each_config_once_and_keeps_the_fastest(monkeypatch, precision):
+    # On CUDA the first call of a shape key times every config (a tuner that never times, times
+    # every call, or keeps the slowest fails here); the result matches float64 whichever won.
+    timed = []
+    real = tuning._cuda_time
+    monkeypatch.setattr(tuning, "_cuda_time", lambda fn: timed.append(1) or real(fn))
+    x, mu, sigma = make_bank(64, 8, 75, (512,))  # 64 images: the GEMM form tunes from 32
+    xd, mud, sigd = _on("cuda", x, mu, sigma)
+    kernel, configs = (
+        ("_mixture_diff_kernel", M.DIFF_CONFIGS)
+        if precision == "ieee"
+        else ("_mixture_gemm_kernel", M.GEMM_CONFIGS)
+    )
+    first = M.mixture_lse(xd, mud, sigd, None, precision=precision)
+    rows = [r for r in tuning.report() if r["kernel"] == kernel]
+    assert len(rows) == 1 and len(timed) == len(configs) > 1, (rows, timed)
+    ms = [math.inf if m is None else m for m in rows[0]["ms"]]
+    assert rows[0]["chosen"] == min(range(len(ms)), key=ms.__getitem__)
+    again = M.mixture_lse(xd, mud, sigd, None, precision=precision)
+    assert len(timed) == len(configs)  # the cached choice: nothing timed again
+    assert torch.equal(again, first)  # the same config: bitwise the same
+    # Both forms are float32-reference accurate (docs/NUMERICS.md): the interpreter tests' rule.
+    want = R.mixture_log_likelihood(x.double(), mu.double(), sigma.double()) + math.log(75)
+    torch_err = (R.mixture_log_likelihood(x, mu, sigma).double() + math.log(75) - want).abs().max()
+    err = (first.double().cpu() - want).abs().max().item()
+    assert err <= 2 * torch_err.item() + _floor(want), (err, torch_err)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ skipped and says so. Everything lands in ``--out`` (default ``$OUT``, else ``gpu
 * ``bench/*.json|md|png``: the benchmark results (``bench/results`` format) of the realistic
   shapes: per-image bank vs copy bandwidth, the shared bank per precision vs a plain GEMM,
   candidate classes at C=1000/K=20, the DiT-XL/2-like alignment list, the fused KL;
-* ``ncu_mixture_diff.ncu-rep`` + ``.csv``: Nsight Compute on the difference-form kernel.
+* ``ncu_<diff|gemm|align>.ncu-rep`` + ``.csv``: Nsight Compute on the difference-form kernel, the
+  shared-bank GEMM kernel and the alignment kernels (``PROFILES``).
 
 Usage on the GPU machine (from the repository root; see README "Checking on a GPU")::
 
@@ -38,12 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (name, seconds allowed, what it needs). Planned on the H100: install 20 s with the prebuilt
 # extension (a build there takes ~2-3 min with MAX_JOBS=16), GPU tests ~150 s (Triton compiles on
-# first launch), benchmarks ~180 s, ncu ~60 s.
+# first launch), benchmarks ~180 s, ncu ~20 s per profile.
 STEPS = (
     ("install", 240),
-    ("gpu_tests", 200),
+    ("gpu_tests", 260),
     ("benchmarks", 220),
-    ("ncu", 90),
+    ("ncu", 120),
 )
 
 
@@ -165,48 +166,95 @@ def step_benchmarks(out: Path, timeout: float, dry_run: bool) -> dict:
     return {"rc": rc, "log": "logs/benchmarks.log", "results": written}
 
 
-PROFILE_ONE = """
+PROFILE = """
 import sys, torch, genrep_fast as G
+which = sys.argv[1]
 dev = "cuda" if torch.cuda.is_available() else "cpu"
-b, c, t, d = (64, 10, 75, 4096) if dev == "cuda" else (2, 3, 5, 16)
+big = dev == "cuda"
 g = torch.Generator(device=dev).manual_seed(0)
-x = torch.randn(b, d, device=dev, generator=g)
-mu = torch.randn(b, c, t, d, device=dev, generator=g)
-sigma = torch.ones(t, device=dev)
-ll = G.mixture_log_likelihood(x, mu, sigma, validate=False)
+if which == "align":
+    # A DiT-XL/2-like list (28 blocks of width 1152: ~300 tensors, 675M parameters), one group
+    # per block, fp32.
+    sys.path.insert(0, "bench")
+    from bench_alignment import dit_like_shapes
+    shapes, groups = dit_like_shapes(1152 if big else 16, 28 if big else 2)
+    ps = [torch.randn(s, device=dev, generator=g) for s in shapes]
+    gs = [torch.randn(s, device=dev, generator=g) for s in shapes]
+    def run():
+        return G.align_gradients(ps, gs, groups=groups, out=ps)
+else:
+    if which == "diff":  # per-image bank, B=64, C=10, T=75, D=4096 fp32: memory-bound
+        b, c, t, d = (64, 10, 75, 4096) if big else (2, 3, 5, 16)
+        mu = torch.randn(b, c, t, d, device=dev, generator=g)
+        precision = "ieee"
+    else:  # shared bank, B=256, C=1000, T=100, D=4096, bf16 GEMM form
+        b, c, t, d = (256, 1000, 100, 4096) if big else (2, 3, 5, 16)
+        mu = torch.randn(c, t, d, device=dev, generator=g)
+        precision = "bf16" if big else "ieee"
+    x = torch.randn(b, d, device=dev, generator=g)
+    bank = G.prepare_bank(mu, torch.ones(t, device=dev) * 60.0) if which == "gemm" else mu
+    sigma = None if which == "gemm" else torch.ones(t, device=dev)
+    def run():
+        return G.mixture_log_likelihood(x, bank, sigma, precision=precision, validate=False)
+run()  # compiles, and times the autotuner's configs: outside the profiled range
 if dev == "cuda":
     torch.cuda.synchronize()
-print("profiled mixture_log_likelihood", tuple(ll.shape), "on", dev)
+    torch.cuda.profiler.start()
+run()  # the profiled launch(es), with the config the tuner chose
+if dev == "cuda":
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+print("profiled", which, "on", dev)
 """
+
+# (name, kernel-name regex for ncu, launches to profile): what the ncu step profiles, each with
+# the config the autotuner chose (the profiled range starts after a first, tuning call).
+PROFILES = (
+    ("diff", "regex:_mixture_diff_kernel", 1),
+    ("gemm", "regex:_mixture_gemm_kernel", 1),
+    ("align", "regex:group_sums_partial_kernel|align_combine_kernel", 2),
+)
 
 
 def step_ncu(out: Path, timeout: float, dry_run: bool) -> dict:
-    """Nsight Compute, full set, on one launch of the difference-form kernel (per-image bank,
-    B=64, C=10, T=75, D=4096 fp32: the memory-bound case judged against copy bandwidth)."""
-    script = out / "profile_one.py"
-    script.write_text(PROFILE_ONE)
+    """Nsight Compute, full set, on the kernels of ``PROFILES``: the difference-form kernel
+    (per-image bank, judged against copy bandwidth), the shared-bank GEMM kernel (bf16, B=256,
+    C=1000, T=100, D=4096, judged against a plain GEMM) and the alignment kernels (DiT-XL/2-like
+    list). Each report comes back as ``ncu_<name>.ncu-rep`` with its details page as CSV."""
+    script = out / "ncu_target.py"  # not "profile.py": that would shadow the stdlib module
+    script.write_text(PROFILE)
     ncu = shutil.which("ncu")
-    if dry_run or ncu is None:
-        rc, _ = _run([sys.executable, str(script)], out / "logs" / "ncu.log", timeout)
-        why = "dry run" if dry_run else "ncu is not on PATH"
-        return {
-            "rc": rc,
-            "skipped": f"{why}: profiled script run without ncu",
-            "log": "logs/ncu.log",
-        }
-    rep = out / "ncu_mixture_diff"
-    cmd = [ncu, "--set", "full", "-k", "regex:_mixture_diff_kernel", "-c", "1", "-f", "-o"]
-    rc, sec = _run([*cmd, str(rep), sys.executable, str(script)], out / "logs" / "ncu.log", timeout)
-    if rc == 0:
-        with open(out / "ncu_mixture_diff.csv", "w") as fh:
-            subprocess.run(
-                [ncu, "-i", f"{rep}.ncu-rep", "--page", "details", "--csv"],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                timeout=max(10.0, timeout - sec),
-                check=False,
-            )
-    return {"rc": rc, "log": "logs/ncu.log", "report": f"{rep.name}.ncu-rep"}
+    start = time.monotonic()
+    res: dict = {"rc": 0, "log": "logs/ncu.log", "reports": []}
+    with open(out / "logs" / "ncu.log", "w"):
+        pass
+    for name, kernels, count in PROFILES:
+        left = timeout - (time.monotonic() - start)
+        if left < 10:
+            res.setdefault("skipped", f"out of time before {name}")
+            break
+        log = out / "logs" / f"ncu_{name}.log"
+        if dry_run or ncu is None:
+            rc, _ = _run([sys.executable, str(script), name], log, left)
+            why = "dry run" if dry_run else "ncu is not on PATH"
+            res["skipped"] = f"{why}: profiled scripts run without ncu"
+        else:
+            rep = out / f"ncu_{name}"
+            cmd = [ncu, "--set", "full", "--profile-from-start", "off", "-k", kernels]
+            cmd += ["-c", str(count), "-f", "-o", str(rep), sys.executable, str(script), name]
+            rc, sec = _run(cmd, log, left)
+            if rc == 0:
+                with open(out / f"ncu_{name}.csv", "w") as fh:
+                    subprocess.run(
+                        [ncu, "-i", f"{rep}.ncu-rep", "--page", "details", "--csv"],
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                        timeout=max(10.0, left - sec),
+                        check=False,
+                    )
+                res["reports"].append(f"{rep.name}.ncu-rep")
+        res["rc"] = res["rc"] or rc
+    return res
 
 
 RUNNERS = {
@@ -283,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out")
     parser.add_argument("--dry-run", action="store_true", help="CPU, smoke shapes, no install/ncu")
     parser.add_argument("--budget-s", type=float, default=480.0, help="whole run (default 480)")
-    parser.add_argument("--steps", default=",".join(RUNNERS), help="comma-separated subset")
+    parser.add_argument(
+        "--steps", default=",".join(RUNNERS), help="comma-separated subset, run in this order"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -293,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--steps: unknown {unknown}; choose from {list(RUNNERS)}")
     summary = {"dry_run": args.dry_run, "budget_s": args.budget_s, "out": str(out), "steps": {}}
-    for name, limit in STEPS:
-        if name not in wanted:
-            continue
+    limits = dict(STEPS)
+    for name in wanted:  # in the order given (install first, whatever matters most next)
+        limit = limits[name]
         left = args.budget_s - (time.monotonic() - start)
         if left < 20:
             summary["steps"][name] = {"skipped": f"budget spent ({left:.0f} s left)"}
