@@ -205,12 +205,17 @@ def report() -> list[dict]:
                 "kernel": name,
                 "key": _plain(key),
                 "device": device,
-                "configs": [dict(c) for c in configs],
+                "configs": [_config_dict(c) for c in configs],
                 "ms": [None if math.isinf(t) else t for t in times],
                 "chosen": _BEST[(name, key, device)],
             }
         )
     return rows
+
+
+def _config_dict(config) -> dict:
+    """A config as a plain dict: a mapping as it is, a named tuple (``GemmConfig``) by field."""
+    return dict(config._asdict()) if hasattr(config, "_asdict") else dict(config)
 
 
 def _plain(v):

@@ -126,6 +126,10 @@ def test_report_lists_each_timed_choice_with_its_times():
     assert row["ms"] == [3.0, 1.0, 2.0] and row["chosen"] == 1
     assert row["configs"] == [dict(c) for c in CONFIGS]
     json.dumps(row)  # the benchmark report writes it as JSON
+    # The GEMM kernel's configs are named tuples: reported by field.
+    gemm = tuple(M.GEMM_CONFIGS[:2])
+    tuning.choose("g", gemm, (1,), CPU, run, lambda fn: 1.0)
+    assert tuning.report()[1]["configs"][1] == M.GEMM_CONFIGS[1]._asdict()
     tuning.clear()
     assert tuning.report() == []
 
