@@ -49,21 +49,52 @@ PRECISION_CODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 # row_scores. Pipelined, the fp32 isotropic kernel holds 108 registers and 34 KiB of shared
 # memory; not, 156 registers (sm_90, the compile gate). Every T tile is 16 steps: 6% masked rows
 # at T = 75, 11% at T = 100 (32: 22% at both); masked rows load nothing.
+# maxnreg: without it ptxas capped these kernels at 128 (or 168) registers and spilled 4-32 B on
+# sm_80 / sm_90 (the compile gate); with the ceiling at 255 the same configs fit in registers
+# (e.g. DIFF_CONFIGS[1] on sm_80: 152 registers, no spill).
+MAXNREG = 255
 DIFF_CONFIGS = (
     {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 3, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {
+        "BLOCK_T": 16,
+        "BLOCK_D": 256,
+        "D_STAGES": 1,
+        "num_warps": 4,
+        "num_stages": 3,
+        "maxnreg": MAXNREG,
+    },
     {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
 )
 # Diagonal sigma adds a sigma tile and a second accumulator: pipelined at 16 x 256 the fp32 kernel
 # sat at 255 registers and spilled 12 B on sm_90 (the compile gate); 16 x 128 halves the tiles.
 DIFF_CONFIGS_DIAG = (
-    {"BLOCK_T": 16, "BLOCK_D": 128, "D_STAGES": 3, "num_warps": 4, "num_stages": 3},
+    {
+        "BLOCK_T": 16,
+        "BLOCK_D": 128,
+        "D_STAGES": 3,
+        "num_warps": 4,
+        "num_stages": 3,
+        "maxnreg": MAXNREG,
+    },
     {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
     {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
 )
 # The non-finite redo kernel (rare pairs of the GEMM form): a small unpipelined tile, its speed
 # does not matter; DIFF_CONFIGS[0] there spilled 4 B on sm_90 (the compile gate).
-REDO_CONFIGS = ({"BLOCK_T": 16, "BLOCK_D": 64, "D_STAGES": 1, "num_warps": 4, "num_stages": 1},)
+REDO_CONFIGS = (
+    {
+        "BLOCK_T": 16,
+        "BLOCK_D": 64,
+        "D_STAGES": 1,
+        "num_warps": 4,
+        "num_stages": 1,
+        "maxnreg": MAXNREG,
+    },
+)
+# Classes per redo program: its flags in one vector load. One program per (image, class) read two
+# flags in each of B*C programs: 0.16 ms per call at B=256, C=1000 with nothing to redo (H100,
+# bench/results/gpu-h100-20261126c); 256 classes cut the launch to B*4 programs.
+REDO_BLOCK_C = 256
 # The GEMM kernel's launch parameters are GEMM_CONFIGS (below, with the kernel).
 
 
@@ -878,19 +909,27 @@ def _mixture_diff_redo_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_STAGES: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """``out[b, c]`` again in the difference form where image b or class c is flagged; every
-    other program only reads its two flags."""
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // K
-    c = pid % K
-    if (tl.load(bad_b_ptr + b) != 0) | (tl.load(bad_c_ptr + c) != 0):
-        m, l = row_lse(
-            x_ptr + b * stride_xb, mu_ptr + c * stride_mc, sig_ptr + c * stride_sc, T, D,
-            stride_mt, stride_st, stride_sd, log_norm_const, DIAG, False, BLOCK_T, BLOCK_D,
-            D_STAGES,
-        )  # fmt: skip
-        tl.store(out_ptr + pid + tl.arange(0, 1), m + tl.log(l))
+    """``out[b, c]`` again in the difference form where image b or class c is flagged. Program
+    (b, j) owns image b and classes ``[j * BLOCK_C, (j + 1) * BLOCK_C)``: one vector load of their
+    flags; only a program with a flag walks its classes (so a GEMM-form call with nothing to redo
+    costs B * C / BLOCK_C programs of one load each, not B * C)."""
+    b = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1).to(tl.int64) * BLOCK_C
+    offs = c0 + tl.arange(0, BLOCK_C)
+    flags = tl.load(bad_c_ptr + offs, mask=offs < K, other=0).to(tl.int32)
+    image_bad = tl.load(bad_b_ptr + b) != 0
+    if image_bad | (tl.max(flags, 0) != 0):
+        for i in range(0, tl.minimum(BLOCK_C, K - c0)):
+            c = c0 + i
+            if image_bad | (tl.load(bad_c_ptr + c) != 0):
+                m, l = row_lse(
+                    x_ptr + b * stride_xb, mu_ptr + c * stride_mc, sig_ptr + c * stride_sc, T, D,
+                    stride_mt, stride_st, stride_sd, log_norm_const, DIAG, False, BLOCK_T,
+                    BLOCK_D, D_STAGES,
+                )  # fmt: skip
+                tl.store(out_ptr + b * K + c + tl.arange(0, 1), m + tl.log(l))
 
 
 def redo_nonfinite_pairs(
@@ -904,8 +943,8 @@ def redo_nonfinite_pairs(
     """Overwrite, in the GEMM kernel's result ``out [B, C]``, the pairs whose image or bank rows
     hold inf or NaN (or whose squared norm passes the float range) with the difference form's
     value: ``|x|^2 - 2 x.mu + |mu|^2`` is NaN there (inf - inf) where the difference form gives -inf
-    (zero density) or NaN. No host sync: the flags stay on the device and one launch of B*C
-    programs redoes the flagged pairs only (shared bank, float32, as ``mixture_lse_gemm``).
+    (zero density) or NaN. No host sync: the flags stay on the device and one launch of
+    B * ceil(C / REDO_BLOCK_C) programs redoes the flagged pairs only (shared bank, float32, as ``mixture_lse_gemm``).
     ``xx``: the images' squared norms ``[B]`` and ``mm``: the bank rows' ``[C*T]`` (the GEMM
     kernel's own), non-finite exactly where a row holds inf or NaN or passes the float range."""
     b, c = out.shape
@@ -914,7 +953,7 @@ def redo_nonfinite_pairs(
     lay = diff_layout(x, mu, sigma, None)
 
     def run(config):
-        _mixture_diff_redo_kernel[(b * c,)](
+        _mixture_diff_redo_kernel[(b, triton.cdiv(c, REDO_BLOCK_C))](
             lay.x,
             lay.mu,
             lay.sigma,
@@ -930,6 +969,7 @@ def redo_nonfinite_pairs(
             *lay.sigma_strides[1:],
             lay.log_norm_const,
             DIAG=lay.diagonal,
+            BLOCK_C=REDO_BLOCK_C,
             **diff_blocks(config, lay.num_steps, lay.dim),
         )
 

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from genrep_fast.kernels import tuning
 from genrep_fast.kernels.mixture import (
+    MAXNREG,
     class_rows,
     diff_blocks,
     diff_key,
@@ -50,7 +51,14 @@ from genrep_fast.layout import is_per_image, sum_to_sigma_shape
 # pipelined (D_STAGES = 1: row_scores in kernels/mixture.py).
 ROWS_CONFIGS = (
     {"BLOCK_T": 32, "BLOCK_D": 128, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {
+        "BLOCK_T": 16,
+        "BLOCK_D": 256,
+        "D_STAGES": 1,
+        "num_warps": 4,
+        "num_stages": 3,
+        "maxnreg": MAXNREG,
+    },
     {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
 )
 # Diagonal sigma keeps a sigma tile beside the mu tile and writes dL/dsigma too: at 32 x 128 the
@@ -58,7 +66,14 @@ ROWS_CONFIGS = (
 # triton-compile-report.md); these tiles hold half as many values.
 ROWS_CONFIGS_DIAG = (
     {"BLOCK_T": 32, "BLOCK_D": 64, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_T": 16, "BLOCK_D": 128, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {
+        "BLOCK_T": 16,
+        "BLOCK_D": 128,
+        "D_STAGES": 1,
+        "num_warps": 4,
+        "num_stages": 3,
+        "maxnreg": MAXNREG,
+    },
 )
 # Groups of classes per image: enough programs to fill a GPU (~4 per SM on 132 SMs) when B is
 # small, at most MAX_GROUPS partial rows of D per image (the partial buffer is [B, G, D]).
@@ -67,9 +82,30 @@ ROWS_MAX_GROUPS = 64
 # Bank kernel tile: [BLOCK_B, BLOCK_T, BLOCK_D] = 8192 values of the 3-D difference tile (64 fp32
 # registers per thread at 4 warps, 32 at 8).
 BANK_CONFIGS = (
-    {"BLOCK_B": 16, "BLOCK_T": 16, "BLOCK_D": 32, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_B": 16, "BLOCK_T": 16, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_B": 32, "BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2},
+    {
+        "BLOCK_B": 16,
+        "BLOCK_T": 16,
+        "BLOCK_D": 32,
+        "num_warps": 4,
+        "num_stages": 3,
+        "maxnreg": MAXNREG,
+    },
+    {
+        "BLOCK_B": 16,
+        "BLOCK_T": 16,
+        "BLOCK_D": 32,
+        "num_warps": 8,
+        "num_stages": 3,
+        "maxnreg": MAXNREG,
+    },
+    {
+        "BLOCK_B": 32,
+        "BLOCK_T": 16,
+        "BLOCK_D": 16,
+        "num_warps": 8,
+        "num_stages": 2,
+        "maxnreg": MAXNREG,
+    },
 )
 # Programs of the bank kernel to aim for (C x splits), and the cap on its partial buffer.
 BANK_TARGET_PROGRAMS = 512

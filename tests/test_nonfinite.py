@@ -211,6 +211,27 @@ def test_triton_first_tile_of_zero_density(backend, precision):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=5e-2)
 
 
+def test_gemm_form_redoes_flagged_pairs_in_every_class_block():
+    """More classes than one redo program holds (REDO_BLOCK_C): flagged classes in the first and
+    a later block, and a flagged image, all get the difference form's answer (-inf), not the GEMM
+    form's inf - inf = NaN; unflagged pairs keep the GEMM form's value."""
+    from genrep_fast.kernels import mixture as M
+
+    c = M.REDO_BLOCK_C + 44
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 8, generator=g)
+    mu = torch.randn(c, 2, 8, generator=g)
+    sigma = torch.full((c, 2), 1.5)
+    for cls in (5, M.REDO_BLOCK_C + 14, c - 1):  # first block, second block, the last class
+        mu[cls, 1, 3] = INF
+    x[1, 0] = -INF
+    got = G.mixture_log_likelihood(x, mu, sigma, backend="triton", precision="tf32x3")
+    want = R.mixture_log_likelihood(x.double(), mu.double(), sigma.double())
+    assert not got.isnan().any()
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------------
 # Posterior and distillation loss
 # ------------------------------------------------------------------------------------------------
