@@ -19,6 +19,7 @@ import dataclasses
 import datetime as _dt
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -47,10 +48,17 @@ def time_fn(
     max_reps: int = 100,
     min_time_s: float = 0.2,
     l2_cold: bool = False,
+    sync_each: bool = False,
 ) -> float:
     """Median wall time of ``fn()`` in seconds.
 
-    CUDA: CUDA events around each call; ``l2_cold`` writes a 256 MiB buffer between calls so short
+    CUDA: one CUDA-event pair around each call, the calls issued back to back with one host sync
+    at the end, so each pair brackets that call's GPU work and the host's dispatch of the next
+    call overlaps it, as in a training loop (where the host falls behind the GPU, the gaps it
+    leaves are counted: such an op is host-bound, and the time says so). ``sync_each`` syncs after
+    every call instead: then each time also holds the host's dispatch latency (the GPU idles while
+    Python prepares the launch), about 0.1-0.25 ms per posterior call on the H100 machine
+    (bench/results/gpu-h100-20261126c). ``l2_cold`` writes a 256 MiB buffer between calls so short
     kernels are timed from DRAM, not from a warm L2 (the H100's L2 is 50 MB). CPU: perf_counter.
     Runs at least ``min_reps`` and until ``min_time_s`` has passed (at most ``max_reps``).
 
@@ -58,31 +66,48 @@ def time_fn(
     the active Triton GPU driver's events (there is none on the CPU machines that run the smoke
     suites) and always clears the cache between calls, while the suites time both warm and
     L2-cold; the torch Timer's ``blocked_autorange`` times blocks of calls with a host clock
-    around a synchronize, so a short kernel's time is a block average including launch overhead,
-    and it has no L2-cold mode. Here: one CUDA-event pair per call on CUDA, perf_counter on CPU,
-    a median, and the L2 flush only where asked.
+    around a synchronize, so a short kernel's time is a block average, and it has no L2-cold
+    mode. Here: one CUDA-event pair per call on CUDA, perf_counter on CPU, a median, and the L2
+    flush only where asked.
     """
     device = torch.device(device)
     for _ in range(warmup):
         fn()
     _sync(device)
     flush = torch.empty(64 * 2**20, dtype=torch.int32, device=device) if l2_cold else None
+
+    def timed_call() -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        if flush is not None:
+            flush.zero_()
+        t0 = torch.cuda.Event(enable_timing=True)
+        t1 = torch.cuda.Event(enable_timing=True)
+        t0.record()
+        fn()
+        t1.record()
+        return t0, t1
+
     times: list[float] = []
+    if device.type == "cuda" and not sync_each:
+        # One synced call sizes the run (the host runs ahead of the GPU: its clock cannot tell
+        # when min_time_s of GPU work has passed), then the calls back to back.
+        t0, t1 = timed_call()
+        t1.synchronize()
+        first = max(t0.elapsed_time(t1) * 1e-3, 1e-6)
+        reps = max(min_reps, min(max_reps, math.ceil(min_time_s / first)))
+        events = [timed_call() for _ in range(reps)]
+        events[-1][1].synchronize()
+        return statistics.median(a.elapsed_time(b) * 1e-3 for a, b in events)
     start_all = time.perf_counter()
     while len(times) < max_reps and (
         len(times) < min_reps or time.perf_counter() - start_all < min_time_s
     ):
-        if flush is not None:
-            flush.zero_()
         if device.type == "cuda":
-            t0 = torch.cuda.Event(enable_timing=True)
-            t1 = torch.cuda.Event(enable_timing=True)
-            t0.record()
-            fn()
-            t1.record()
+            t0, t1 = timed_call()
             t1.synchronize()
             times.append(t0.elapsed_time(t1) * 1e-3)
         else:
+            if flush is not None:
+                flush.zero_()
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)

@@ -659,13 +659,81 @@ def gemm_operand(a: torch.Tensor, precision: str) -> torch.Tensor:
     return out
 
 
+# The isotropic bank's operand and row norms in one pass (``_bank_operand_kernel``): what the
+# kernel writes as the operand. 0: nothing (the bank is its own operand), 1: fp32, 2: fp32 rounded
+# to nearest tf32, 3: bf16.
+_OPERAND_MODES = {"tf32x3": 1, "tf32": 2, "bf16": 3}
+PREP_CONFIG = {"BLOCK_D": 1024, "num_warps": 4, "num_stages": 3}
+
+
+@triton.jit
+def _round_bf16(a):
+    # fp32 -> bf16 rounded to nearest even, by its bits: torch's cast on every finite value and
+    # inf (the interpreter's own cast truncates). NaN rows are flagged from their float64 norm and
+    # redone (redo_nonfinite_pairs), whatever their operand bits.
+    bits = a.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _bank_operand_kernel(
+    mu_ptr, bank_ptr, mm_ptr, D, stride_row, MODE: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """Row ``r`` of a bank ``[rows, D]`` (unit stride along D): ``mm[r] = sum mu[r]^2`` summed in
+    float64 (fp32 squares are exact in float64) and, for MODE > 0, ``bank[r]`` the operand of the
+    GEMM precision. One read of the bank instead of a float64 copy, a square and a sum per chunk
+    (5.4-6.2 ms per raw-tensor call at C=1000, T=100, D=4096 on the H100, bench/results/
+    gpu-h100-20261126c)."""
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        inside = offs < D
+        v = tl.load(mu_ptr + row * stride_row + offs, mask=inside, other=0.0)
+        v64 = v.to(tl.float64)
+        acc += v64 * v64
+        if MODE == 1:
+            tl.store(bank_ptr + row * D + offs, v.to(tl.float32), mask=inside)
+        elif MODE == 2:
+            tl.store(bank_ptr + row * D + offs, _round_tf32(v.to(tl.float32)), mask=inside)
+        elif MODE == 3:
+            tl.store(bank_ptr + row * D + offs, _round_bf16(v.to(tl.float32)), mask=inside)
+    tl.store(mm_ptr + row + tl.arange(0, 1), tl.sum(acc, 0).to(tl.float32))
+
+
+def _isotropic_operand(mu2: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bank, mm)`` of an isotropic bank ``mu2: [rows, D]`` for ``precision``: one launch of
+    ``_bank_operand_kernel``. A contiguous bank already in the operand dtype (fp32 for tf32x3,
+    bf16 for bf16) is its own operand (no copy); tf32 always writes a rounded copy."""
+    if mu2.stride(-1) != 1:
+        mu2 = mu2.contiguous()
+    rows, d = mu2.shape
+    dtype = GEMM_OPERAND_DTYPES[precision]
+    own = precision != "tf32" and mu2.dtype == dtype and mu2.is_contiguous()
+    bank = mu2 if own else torch.empty(rows, d, dtype=dtype, device=mu2.device)
+    mm = torch.empty(rows, dtype=torch.float32, device=mu2.device)
+    mode = 0 if own else _OPERAND_MODES[precision]
+
+    def run(config):
+        _bank_operand_kernel[(rows,)](
+            mu2, bank, mm, d, mu2.stride(0), MODE=mode, **tuning.fit_blocks(
+                config, BLOCK_D=triton.next_power_of_2(d)
+            )
+        )  # fmt: skip
+
+    tuning.tuned("_bank_operand_kernel", (PREP_CONFIG,), (), mu2.device, run)
+    return bank, mm
+
+
 def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor, precision: str) -> GemmOperands:
     """``GemmOperands`` of a shared bank ``mu: [C, T, *latent]``, sigma isotropic or diagonal, for
     ``precision`` (``"tf32x3"``, ``"tf32"`` or ``"bf16"``).
 
     A contiguous isotropic ``mu`` already in the operand dtype (fp32 for tf32x3, bf16 for bf16)
-    becomes ``bank`` itself (a view, no copy). The float64 sums run over chunks of rows
-    (``PREP_CHUNK_VALUES``).
+    becomes ``bank`` itself (a view, no copy); otherwise one kernel writes the operand and the
+    float64 row norms in one pass (``_bank_operand_kernel``). The diagonal form's float64 terms
+    run in torch over chunks of rows (``PREP_CHUNK_VALUES``).
     """
     if precision not in GEMM_OPERAND_DTYPES:
         raise ValueError(
@@ -695,12 +763,7 @@ def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor, precision: str) -> Gemm
             log_norm[r0 : r0 + step] = const - torch.log(sig).sum(-1)
         return GemmOperands(bank, mm, torch.ones(rows, **f32), log_norm)
     sig = sigma.expand(c, t).reshape(rows).double()
-    if precision == "bf16":
-        bank = gemm_operand(mu2, precision)  # straight to bf16: one rounding, no fp32 copy
-    else:
-        bank = gemm_operand(mu2.float(), precision)
-    for r0 in range(0, rows, step):
-        mm[r0 : r0 + step] = mu2[r0 : r0 + step].double().square().sum(-1)
+    bank, mm = _isotropic_operand(mu2, precision)  # bf16 straight from mu: one rounding
     return GemmOperands(
         bank, mm, sig.square().reciprocal().float(), (const - d * torch.log(sig)).float()
     )

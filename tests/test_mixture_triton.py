@@ -270,6 +270,36 @@ def test_gemm_classes_per_program_model():
     assert M.gemm_classes_per_program(2, 300, 128, 1, 132) == 1
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32", "bf16"])
+def test_isotropic_operand_kernel_matches_torch_bitwise(precision, dtype, device):
+    # One pass writes the operand (torch's cast to bf16 / tf32 rounding, bit for bit, across the
+    # whole float range, inf included) and the float64 row norms; a view in the operand's dtype
+    # is its own operand. D = 1100 spans two BLOCK_D steps with a tail.
+    g = torch.Generator().manual_seed(5)
+    mu = (torch.randn(40, 1100, generator=g) * torch.logspace(-20, 20, 1100)).to(dtype)
+    mu[0, :2] = torch.tensor([math.inf, -math.inf])
+    padded = torch.randn(40, 1200, generator=g).to(dtype)[:, :1100]  # rows 1200 apart
+    strided = torch.randn(40, 2200, generator=g).to(dtype)[:, ::2]  # D not unit-stride
+    for bank_in in (mu, padded, strided):
+        bank, mm = M._isotropic_operand(bank_in.to(device), precision)
+        want = _round_operand(bank_in.float(), precision)
+        if precision == "bf16":
+            want = bank_in.to(torch.bfloat16)  # straight from mu: one rounding
+        assert bank.dtype == M.GEMM_OPERAND_DTYPES[precision]
+        assert torch.equal(bank.cpu(), want.to(bank.dtype))
+    # Row norms: every value of the row (both D steps, the tail) in, rounded once to fp32.
+    normal = (torch.randn(40, 1100, generator=g) * 3).to(dtype)
+    _, mm = M._isotropic_operand(normal.to(device), precision)
+    norms = normal.double().square().sum(-1)
+    torch.testing.assert_close(mm.cpu(), norms.float(), rtol=2**-23, atol=0)
+    mu_dev = mu.to(device)
+    own, _ = M._isotropic_operand(mu_dev, precision)
+    is_own = precision != "tf32" and dtype == M.GEMM_OPERAND_DTYPES[precision]
+    assert (own.data_ptr() == mu_dev.data_ptr()) == is_own  # a view exactly where no copy is due
+
+
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
 def test_gemm_operands_in_the_dot_dtype_made_once(kind):
     _, mu, sigma = make_bank(2, 3, 5, (7,), sigma_kind=kind)

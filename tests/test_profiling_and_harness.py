@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -42,6 +43,31 @@ def test_time_fn_and_limits_are_positive():
     assert 0 < sec < 1
     assert benchmarking.copy_bandwidth("cpu", nbytes=8 * 2**20) > 1e8  # > 0.1 GB/s on any CPU
     assert benchmarking.gemm_seconds(32, 32, 32, torch.float32) > 0
+
+
+@pytest.mark.gpu
+def test_time_fn_on_cuda_hides_host_latency_unless_asked():
+    # A GPU-bound op (a 4096^2 matmul) times alike back to back and synced per call; a host-bound
+    # one (2 ms of host work before a tiny kernel) is counted back to back too, never hidden; and
+    # a slow op runs about min_time_s worth of calls, not max_reps (the run is sized first).
+    a = torch.randn(4096, 4096, device="cuda")
+    gpu_bound = benchmarking.time_fn(lambda: a @ a, device="cuda", min_time_s=0.05)
+    synced = benchmarking.time_fn(lambda: a @ a, device="cuda", min_time_s=0.05, sync_each=True)
+    assert 0.5 < gpu_bound / synced < 1.5, (gpu_bound, synced)
+
+    def host_bound():
+        time.sleep(0.002)
+        return a[:8] + 1
+
+    assert benchmarking.time_fn(host_bound, device="cuda", min_reps=5, min_time_s=0.0) > 0.0015
+    calls = []
+
+    def slow():
+        calls.append(1)
+        torch.cuda._sleep(30_000_000)  # ~15-30 ms of GPU spinning
+
+    benchmarking.time_fn(slow, device="cuda", warmup=0, min_reps=3, min_time_s=0.1)
+    assert len(calls) <= 1 + 10, len(calls)
 
 
 def test_results_json_table_and_plot(tmp_path):

@@ -123,6 +123,7 @@ def _tuning_lists() -> dict[str, tuple]:
         "_mixture_bwd_rows_kernel": mixture_backward.ROWS_CONFIGS
         + mixture_backward.ROWS_CONFIGS_DIAG,
         "_mixture_bwd_bank_kernel": mixture_backward.BANK_CONFIGS,
+        "_bank_operand_kernel": (mixture.PREP_CONFIG,),
     }
 
 

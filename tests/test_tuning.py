@@ -290,6 +290,7 @@ KERNELS = {
     "_mixture_diff_kernel": M._mixture_diff_kernel,
     "_mixture_diff_redo_kernel": M._mixture_diff_redo_kernel,
     "_mixture_gemm_kernel": M._mixture_gemm_kernel,
+    "_bank_operand_kernel": M._bank_operand_kernel,
     "_mixture_bwd_rows_kernel": MB._mixture_bwd_rows_kernel,
     "_mixture_bwd_bank_kernel": MB._mixture_bwd_bank_kernel,
     "_posterior_kl_fwd_kernel": PL._posterior_kl_fwd_kernel,
