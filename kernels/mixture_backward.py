@@ -50,7 +50,14 @@ from genrep_fast.layout import is_per_image, sum_to_sigma_shape
 # forward difference kernel (4096 fp32 values per operand at the first config), D loop not
 # pipelined (D_STAGES = 1: row_scores in kernels/mixture.py).
 ROWS_CONFIGS = (
-    {"BLOCK_T": 32, "BLOCK_D": 128, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {
+        "BLOCK_T": 32,
+        "BLOCK_D": 128,
+        "D_STAGES": 1,
+        "num_warps": 4,
+        "num_stages": 3,
+        "maxnreg": MAXNREG,
+    },
     {
         "BLOCK_T": 16,
         "BLOCK_D": 256,
@@ -65,7 +72,14 @@ ROWS_CONFIGS = (
 # fp32 kernel sat at 255 registers and spilled on sm_80 (the compile gate, bench/results/
 # triton-compile-report.md); these tiles hold half as many values.
 ROWS_CONFIGS_DIAG = (
-    {"BLOCK_T": 32, "BLOCK_D": 64, "D_STAGES": 1, "num_warps": 4, "num_stages": 3},
+    {
+        "BLOCK_T": 32,
+        "BLOCK_D": 64,
+        "D_STAGES": 1,
+        "num_warps": 4,
+        "num_stages": 3,
+        "maxnreg": MAXNREG,
+    },
     {
         "BLOCK_T": 16,
         "BLOCK_D": 128,
@@ -107,6 +121,10 @@ BANK_CONFIGS = (
         "maxnreg": MAXNREG,
     },
 )
+# Diagonal sigma: a sigma tile beside the mu tile. At 16 x 16 x 32 on 4 warps the kernel that writes
+# dL/dsigma sat at 255 registers and spilled 4-8 B on sm_90 with triton 3.6 / ptxas 12.8 (the
+# compile gate, bench/results/triton-3.6/): the 4-warp config holds half the tile.
+BANK_CONFIGS_DIAG = ({**BANK_CONFIGS[0], "BLOCK_D": 16},) + BANK_CONFIGS[1:]
 # Programs of the bank kernel to aim for (C x splits), and the cap on its partial buffer.
 BANK_TARGET_PROGRAMS = 512
 BANK_PARTIAL_BYTES = 512 * 2**20
@@ -609,7 +627,7 @@ def mixture_lse_backward(
 
         gmu_buf, gsig_buf = tuning.tuned(
             "_mixture_bwd_bank_kernel",
-            BANK_CONFIGS,
+            BANK_CONFIGS_DIAG if lay.diagonal else BANK_CONFIGS,
             (*diff_key(lay, b), need_mu, need_sig),
             dev,
             run_bank,

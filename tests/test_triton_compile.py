@@ -122,7 +122,8 @@ def _tuning_lists() -> dict[str, tuple]:
         "_mixture_diff_redo_kernel": mixture.REDO_CONFIGS,
         "_mixture_bwd_rows_kernel": mixture_backward.ROWS_CONFIGS
         + mixture_backward.ROWS_CONFIGS_DIAG,
-        "_mixture_bwd_bank_kernel": mixture_backward.BANK_CONFIGS,
+        "_mixture_bwd_bank_kernel": mixture_backward.BANK_CONFIGS
+        + mixture_backward.BANK_CONFIGS_DIAG,
         "_bank_operand_kernel": (mixture.PREP_CONFIG,),
     }
 

@@ -235,12 +235,17 @@ def test_each_backward_rows_config_matches_float64(monkeypatch, name, kind, inde
     _check_grads(got, x, mu, sigma, grad)
 
 
+BANK_LISTS = [("BANK_CONFIGS", "c_t", i) for i in range(len(MB.BANK_CONFIGS))] + [
+    ("BANK_CONFIGS_DIAG", "diag", i) for i in range(len(MB.BANK_CONFIGS_DIAG))
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config", MB.BANK_CONFIGS, ids=str)
-def test_each_backward_bank_config_matches_float64(monkeypatch, config, device):
-    monkeypatch.setattr(MB, "BANK_CONFIGS", (config,))
+@pytest.mark.parametrize("name,kind,index", BANK_LISTS)
+def test_each_backward_bank_config_matches_float64(monkeypatch, name, kind, index, device):
+    monkeypatch.setattr(MB, name, (getattr(MB, name)[index],))
     # A shared bank: the bank kernel writes dL/dmu, dL/dsigma over 3 images (BLOCK_B tails).
-    x, mu, sigma = make_bank(3, 2, 20, (40,))
+    x, mu, sigma = make_bank(3, 2, 20, (40,), sigma_kind=kind)
     grad = torch.randn(3, 2, generator=torch.Generator().manual_seed(4))
     got = MB.mixture_lse_backward(*_on(device, grad, x, mu, sigma), None, (False, True, True))
     want = _grads_f64(x, mu, sigma, grad)[1:]
