@@ -45,6 +45,21 @@ if HAS_EXTENSION:
         return None
 
 
+# The metadata pass of a GradientAligner step (csrc/grad_layout.cpp). False with an extension built
+# before it existed: the aligner then does the same bookkeeping in Python.
+def _has_op(op_name: str) -> bool:
+    if not HAS_EXTENSION:
+        return False
+    try:
+        getattr(torch.ops.genrep_fast, op_name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+HAS_GRAD_LAYOUT = _has_op("grad_layout")
+
+
 # The CPU kernels of the mixture likelihood's difference form (csrc/mixture_cpu.cpp). False with an
 # extension built before they existed: mixture_log_likelihood then keeps to its torch code (genrep_fast.mixture_torch).
 def _has_cpu_kernels(*op_names: str) -> bool:

@@ -618,24 +618,35 @@ class GradientAligner:
 
     def _prepare(self, grads_p, grads_g) -> tuple[_AlignPlan, list[torch.Tensor | None]]:
         """The Python side of a step before the first launch: the plan (cached) and the output
-        buffers. Timed on its own by bench/bench_alignment.py (the per-call overhead)."""
-        plan = self._plan(grads_p, grads_g)
-        # Each out[i] is grads_p[i] / grads_g[i] with storage no other entry shares, or a fresh
-        # buffer: no aliasing to stage. Storage sharing is a property of this call's tensors, so
-        # it is checked every call (never cached by address).
-        return plan, _writable_outputs(grads_p, grads_g)
+        buffers. Timed on its own by bench/bench_alignment.py (the per-call overhead).
 
-    def _plan(self, grads_p, grads_g) -> _AlignPlan:
+        Each out[i] is grads_p[i] / grads_g[i] with storage no other entry shares, or a fresh
+        buffer: no aliasing to stage. Storage sharing is a property of this call's tensors, so it
+        is checked every call (never cached by address). With the extension, the layout key and
+        these choices come from one native pass (``torch.ops.genrep_fast.grad_layout``); without
+        it, or for arguments it cannot read (which the Python checks then name), from Python.
+        """
+        native = _native_layout(grads_p, grads_g)
+        if native is None:
+            return self._plan(grads_p, grads_g), _writable_outputs(grads_p, grads_g)
+        key, choice = native
+        return self._plan(grads_p, grads_g, key), _outputs_of(grads_p, grads_g, choice)
+
+    def _plan(self, grads_p, grads_g, key: object = None) -> _AlignPlan:
         """Validation and dispatch of a step, computed once per gradient layout.
 
         The key holds everything the checks and the plan read: per gradient its shape, dtype,
-        device and layout (None for a missing gradient). Two calls with equal keys pass and fail
-        the same checks and get the same plan, so the key cannot go stale (no addresses in it).
+        device and layout (None for a missing gradient); ``key`` given: the same facts as
+        ``grad_layout``'s code (a str). Two calls with equal keys pass and fail the same checks
+        and get the same plan, so the key cannot go stale (no addresses in it).
         """
-        key = tuple(
-            None if t is None else (t.shape, t.dtype, t.device, t.layout)
-            for t in (*grads_p, *grads_g)
-        )
+        if key is None:
+            if not all(t is None or isinstance(t, torch.Tensor) for t in (*grads_p, *grads_g)):
+                validate_gradients(grads_p, grads_g)  # names the entry that is not a tensor
+            key = tuple(
+                None if t is None else (t.shape, t.dtype, t.device, t.layout)
+                for t in (*grads_p, *grads_g)
+            )
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -682,6 +693,38 @@ class _AlignPlan:
     present: list[int] | None  # positions with a gradient; None: all
     ids: list[int]  # group id per present position
     num_groups: int
+
+
+def _native_layout(grads_p, grads_g) -> tuple[str, list[int]] | None:
+    """``(layout key, choice per position)`` from ``torch.ops.genrep_fast.grad_layout``, or None
+    where the Python path runs instead: no such op in this build, under ``torch.compile``
+    (fake tensors have no storage to compare), lists of different lengths or entries that are
+    not tensors (the Python checks give those their one-line errors)."""
+    if not _ops.HAS_GRAD_LAYOUT or torch.compiler.is_compiling() or len(grads_p) != len(grads_g):
+        return None
+    try:
+        code, choice = torch.ops.genrep_fast.grad_layout(grads_p, grads_g)
+    except (TypeError, RuntimeError):
+        return None
+    return code, choice
+
+
+def _outputs_of(grads_p, grads_g, choice: list[int]) -> list[torch.Tensor | None]:
+    """The output list of ``grad_layout``'s choices (0: p[i], 1: g[i], -1: a fresh buffer, -2:
+    none), as ``_writable_outputs`` would choose it."""
+    out: list[torch.Tensor | None] = []
+    for p, g, c in zip(grads_p, grads_g, choice):
+        if c == 0:
+            out.append(p)
+        elif c == 1:
+            out.append(g)
+        elif c == -1:
+            out.append(
+                torch.empty_like(p if p is not None else g, memory_format=torch.contiguous_format)
+            )
+        else:
+            out.append(None)
+    return out
 
 
 def _writable_outputs(grads_p, grads_g) -> list[torch.Tensor | None]:
