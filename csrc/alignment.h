@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #if defined(__CUDACC__)
 #define GENREP_HD __host__ __device__ __forceinline__
@@ -163,5 +165,11 @@ inline void check_combine_args(const OptionalTensorList& p, const OptionalTensor
                       out[i].device(), ", the gradients on ", src.device());
   }
 }
+
+// The per-step metadata pass of GradientAligner (csrc/grad_layout.cpp): the layout code of the two
+// gradient lists and, per position, where the update may be written (0: p[i], 1: g[i], -1: a
+// fresh buffer, -2: nowhere). Reads metadata only: the CPU and the CUDA kernel alike.
+std::tuple<std::string, std::vector<int64_t>> grad_layout(const OptionalTensorList& p,
+                                                         const OptionalTensorList& g);
 
 }  // namespace genrep_fast

@@ -1,11 +1,13 @@
 // The per-step bookkeeping of a GradientAligner step in one native pass over the two gradient
 // lists (genrep_fast/alignment.py, GradientAligner._prepare): what Python did per tensor with
 // about ten attribute calls each (0.56 ms for 291 tensor pairs on the 2-core CPU machine) is a
-// loop over metadata here. Reads metadata only (no data), so one catch-all kernel serves every
-// device.
+// loop over metadata here. It reads metadata only (no data): the same function is the CPU kernel
+// (registered below) and the CUDA one (csrc/cuda/alignment_cuda.cu).
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
+
+#include "alignment.h"
 
 #include <cstdint>
 #include <string>
@@ -13,9 +15,8 @@
 #include <unordered_map>
 #include <vector>
 
+namespace genrep_fast {
 namespace {
-
-using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
 std::optional<at::Tensor> entry(const OptionalTensorList& list, size_t i) {
   const std::optional<at::Tensor> t = list.get(i);
@@ -55,6 +56,8 @@ bool writable(const at::Tensor& t, size_t i,
   return owner.at(storage.data()) == static_cast<int64_t>(i);
 }
 
+}  // namespace
+
 // (layout code, choice per position): choice 0 writes the update into p[i],
 // 1 into g[i], -1 into a fresh buffer, -2 nowhere (both gradients missing). The same choices as
 // alignment._writable_outputs (the Python fallback), which tests/test_alignment_layout.py checks.
@@ -92,10 +95,6 @@ std::tuple<std::string, std::vector<int64_t>> grad_layout(const OptionalTensorLi
   return {code, choice};
 }
 
-}  // namespace
+TORCH_LIBRARY_IMPL(genrep_fast, CPU, m) { m.impl("grad_layout", &grad_layout); }
 
-TORCH_LIBRARY_FRAGMENT(genrep_fast, m) {
-  // Metadata of two gradient lists for GradientAligner (see grad_layout above): one catch-all
-  // kernel, whatever the tensors' device.
-  m.def("grad_layout(Tensor?[] p, Tensor?[] g) -> (str, int[])", &grad_layout);
-}
+}  // namespace genrep_fast

@@ -35,6 +35,12 @@ TORCH_LIBRARY(genrep_fast, m) {
       "align_combine(Tensor?[] p, Tensor?[] g, Tensor sums, int[] group_ids, float k, float w_p, "
       "float w_g, str align_mode, Tensor(a!)[] out) -> ()");
 
+  // GradientAligner's per-step bookkeeping in one pass over both gradient lists (metadata only):
+  // a code of every entry's presence, shape, dtype, device and layout (the key of its cached
+  // plan), and per position where the update may be written in place: 0 p[i], 1 g[i], -1 a fresh
+  // buffer (the storage is shared, partial or not contiguous), -2 nowhere (both missing).
+  m.def("grad_layout(Tensor?[] p, Tensor?[] g) -> (str, int[])");
+
   // Mixture log-likelihood (docs/METHOD.md section 1), exact difference form, for the memory-bound
   // layouts: x [B, D]; mu a per-image bank [B, C, T, D] or a shared bank [C, T, D]; sigma
   // isotropic as [Bs, Cs, T] (Bs in {1, B}, Cs in {1, C}) in the accumulation dtype (float32, or

@@ -66,10 +66,25 @@ def test_key_separates_what_the_plan_reads():
         ([torch.randn(3, 4, dtype=torch.float64), None], g),  # dtype
         ([torch.randn(3, 4), torch.randn(2)], g),  # a gradient present where it was missing
         (p, [torch.randn(3, 4), None]),
-        ([torch.randn(3, 4, device="meta"), None], g),  # device
     ]
     for op, og in others:
         assert _native_layout(op, og)[0] != key
+    # No kernel for meta tensors (nor for lists with no tensor at all): the Python path runs.
+    assert _native_layout([torch.randn(3, 4, device="meta"), None], [None, None]) is None
+    assert _native_layout([None], [None]) is None
+
+
+@pytest.mark.gpu
+def test_cuda_lists_get_the_same_choices_and_their_own_key():
+    shared = torch.randn(5, device="cuda")
+    ps = [shared, shared, torch.randn(3, device="cuda"), None]
+    gs = [torch.randn(5, device="cuda"), torch.randn(5, device="cuda"), None, None]
+    key, choice = _native_layout(ps, gs)
+    want = _writable_outputs(ps, gs)
+    assert choice == [1, 1, 0, -2] and want[0] is gs[0] and want[2] is ps[2]
+    cpu_key, _ = _native_layout([t if t is None else t.cpu() for t in ps],
+                                [t if t is None else t.cpu() for t in gs])  # fmt: skip
+    assert cpu_key != key  # the device is part of the key
 
 
 def test_aligner_falls_back_to_python_checks_on_bad_input():

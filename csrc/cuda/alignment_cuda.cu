@@ -471,6 +471,7 @@ void align_combine_cuda(const OptionalTensorList& p_list, const OptionalTensorLi
 TORCH_LIBRARY_IMPL(genrep_fast, CUDA, m) {
   m.impl("group_sums", &group_sums_cuda);
   m.impl("align_combine", &align_combine_cuda);
+  m.impl("grad_layout", &grad_layout);  // metadata only: the CPU function (csrc/grad_layout.cpp)
 }
 
 }  // namespace genrep_fast
