@@ -341,3 +341,30 @@ def test_prepared_bank_keeps_gemm_operands_per_precision():
         want = G.mixture_log_likelihood(x, mu, sigma, precision=p, backend="triton")
         assert torch.equal(got, want), p
     assert sorted(bank._triton_operands) == ["bf16", "tf32", "tf32x3"]
+
+
+def test_eager_path_skips_the_custom_op_and_matches_it(monkeypatch):
+    # Eager calls run the custom ops' bodies through plain autograd.Functions (less host time);
+    # they must give the custom op's values and gradients bit for bit, and not dispatch it.
+    from genrep_fast import posterior as P
+
+    x, mu, sigma = make_bank(3, 4, 6, (8,), sigma_kind="c_t")
+    leaves = [t.clone().requires_grad_() for t in (x, mu, sigma)]
+    want = P._mixture_ll_op(*leaves, None, "ieee", "triton", [])
+    want_grads = torch.autograd.grad(want.square().sum(), leaves)
+    z = torch.randn(3, 4, requires_grad=True)
+    want_kl = P._posterior_kl_op(z, want.detach(), None)[0]
+    (want_gz,) = torch.autograd.grad(want_kl.sum(), [z])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager call dispatched the custom op")
+
+    monkeypatch.setattr(P, "_mixture_ll_op", refuse)
+    monkeypatch.setattr(P, "_posterior_kl_op", refuse)
+    got = G.mixture_log_likelihood(*leaves, backend="triton")
+    got_grads = torch.autograd.grad(got.square().sum(), leaves)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+    got_kl = G.posterior_kl_loss(z, got.detach(), reduction="none", backend="triton")
+    (got_gz,) = torch.autograd.grad(got_kl.sum(), [z])
+    assert torch.equal(got_kl, want_kl) and torch.equal(got_gz, want_gz)
