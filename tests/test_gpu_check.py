@@ -18,11 +18,15 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_dry_run_writes_results_in_the_bench_format(tmp_path):
-    res = _run("--dry-run", "--out", str(tmp_path), "--steps", "gpu_tests,benchmarks,ncu")
+    res = _run("--dry-run", "--out", str(tmp_path), "--steps", "gpu_tests,benchmarks,breakdown,ncu")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     steps = summary["steps"]
-    assert set(steps) == {"gpu_tests", "benchmarks", "ncu"}
+    assert set(steps) == {"gpu_tests", "benchmarks", "breakdown", "ncu"}
+    # The per-kernel breakdown of one call, raw bank and prepared bank.
+    breakdown = json.loads((tmp_path / "breakdown.json").read_text())
+    assert set(breakdown["cases"]) == {"bf16 raw", "bf16 prepared"}
+    assert all(c["kernels"] and c["wall_ms_per_call"] > 0 for c in breakdown["cases"].values())
     assert all(s["rc"] == 0 for s in steps.values()), steps
     # The GPU tests were collected (and skipped: no CUDA here), and reported.
     counts = steps["gpu_tests"]["counts"]
@@ -38,9 +42,9 @@ def test_dry_run_writes_results_in_the_bench_format(tmp_path):
     assert {"per_image_float32", "per_image_bfloat16"} <= cases, cases
     assert (tmp_path / "bench" / name.replace(".json", ".md")).exists()
     # Each profiled script (diff, GEMM, alignment) ran to its end (without ncu here).
-    for which in ("diff", "gemm", "align"):
+    for which in ("diff", "gemm", "align", "align_combine"):
         log = (tmp_path / "logs" / f"ncu_{which}.log").read_text()
-        assert f"profiled {which} on cpu" in log, log[-2000:]
+        assert f"profiled {which.split('_')[0]} on cpu" in log, log[-2000:]
     env = summary["environment"]
     assert env["command"].startswith("python tools/gpu_check.py --dry-run")
     md = (tmp_path / "summary.md").read_text()

@@ -11,7 +11,8 @@ skipped and says so. Everything lands in ``--out`` (default ``$OUT``, else ``gpu
 * ``bench/*.json|md|png``: the benchmark results (``bench/results`` format) of the realistic
   shapes: per-image bank vs copy bandwidth, the shared bank per precision vs a plain GEMM,
   candidate classes at C=1000/K=20, the DiT-XL/2-like alignment list, the fused KL;
-* ``ncu_<diff|gemm|align>.ncu-rep`` + ``.csv``: Nsight Compute on the difference-form kernel, the
+* ``breakdown.json``: ``tools/op_breakdown.py``, where one shared-bank call's time goes;
+* ``ncu_<diff|gemm|align|align_combine>.ncu-rep`` + ``.csv``: Nsight Compute on the difference-form kernel, the
   shared-bank GEMM kernel and the alignment kernels (``PROFILES``).
 
 Usage on the GPU machine (from the repository root; see README "Checking on a GPU")::
@@ -44,7 +45,8 @@ STEPS = (
     ("install", 240),
     ("gpu_tests", 260),
     ("benchmarks", 220),
-    ("ncu", 120),
+    ("breakdown", 90),
+    ("ncu", 150),
 )
 
 
@@ -166,9 +168,20 @@ def step_benchmarks(out: Path, timeout: float, dry_run: bool) -> dict:
     return {"rc": rc, "log": "logs/benchmarks.log", "results": written}
 
 
+def step_breakdown(out: Path, timeout: float, dry_run: bool) -> dict:
+    """``tools/op_breakdown.py``: each kernel's device time in one shared-bank call at B=256,
+    C=1000, T=100, D=4096, raw tensors against a prepared bank (a smoke shape on a CPU)."""
+    dest = out / "breakdown.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "op_breakdown.py"), "--out", str(dest)]
+    if dry_run:
+        cmd += ["--calls", "1", "--precisions", "bf16"]
+    rc, _ = _run(cmd, out / "logs" / "breakdown.log", timeout)
+    return {"rc": rc, "log": "logs/breakdown.log", "results": [dest.name] if dest.exists() else []}
+
+
 PROFILE = """
 import sys, torch, genrep_fast as G
-which = sys.argv[1]
+which = sys.argv[1].split("_")[0]  # align_combine profiles the align script's other kernel
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 big = dev == "cuda"
 g = torch.Generator(device=dev).manual_seed(0)
@@ -212,7 +225,10 @@ print("profiled", which, "on", dev)
 PROFILES = (
     ("diff", "regex:_mixture_diff_kernel", 1),
     ("gemm", "regex:_mixture_gemm_kernel", 1),
-    ("align", "regex:group_sums_partial_kernel|align_combine_kernel", 2),
+    # The two alignment kernels apart: one capture of both caught two group-sums launches
+    # (bench/results/gpu-h100-20261126c).
+    ("align", "regex:group_sums_partial_kernel", 1),
+    ("align_combine", "regex:align_combine_kernel", 1),
 )
 
 
@@ -261,6 +277,7 @@ RUNNERS = {
     "install": step_install,
     "gpu_tests": step_gpu_tests,
     "benchmarks": step_benchmarks,
+    "breakdown": step_breakdown,
     "ncu": step_ncu,
 }
 
