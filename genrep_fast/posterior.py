@@ -276,14 +276,20 @@ def _setup_context(ctx, inputs, output):
     ctx.impl = impl
 
 
-def _backward(ctx, grad):
+def _input_grads(ctx, grad, backward) -> tuple[tuple, int]:
+    """``((dx, dmu, dsigma), number of prepared operands)`` of the saved call, each gradient None
+    where it is not needed; ``backward`` is the custom backward op or its body."""
     x, mu, sigma, *prepared = ctx.held or ctx.saved_tensors
     nx, nmu, nsig = ctx.needs_input_grad[:3]
-    gx, gmu, gsig = _mixture_ll_backward_op(
+    gx, gmu, gsig = backward(
         grad.contiguous(), x, mu, sigma, ctx.class_index, nx, nmu, nsig, ctx.impl, prepared
     )
-    grads = (gx if nx else None, gmu if nmu else None, gsig if nsig else None)
-    return (*grads, None, None, None, [None] * len(prepared))  # no gradient into the operands
+    return (gx if nx else None, gmu if nmu else None, gsig if nsig else None), len(prepared)
+
+
+def _backward(ctx, grad):
+    grads, n = _input_grads(ctx, grad, _mixture_ll_backward_op)
+    return (*grads, None, None, None, [None] * n)  # no gradient into the operands
 
 
 _mixture_ll_op.register_autograd(_backward, setup_context=_setup_context)
@@ -299,18 +305,12 @@ class _MixtureLL(torch.autograd.Function):
     def forward(ctx, x, mu, sigma, class_index, precision, impl, *prepared):
         out = _ll_forward(x, mu, sigma, class_index, precision, impl, list(prepared))
         _setup_context(ctx, (x, mu, sigma, class_index, precision, impl, list(prepared)), out)
-        ctx.num_prepared = len(prepared)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, mu, sigma, *prepared = ctx.held or ctx.saved_tensors
-        nx, nmu, nsig = ctx.needs_input_grad[:3]
-        gx, gmu, gsig = _ll_backward(
-            grad.contiguous(), x, mu, sigma, ctx.class_index, nx, nmu, nsig, ctx.impl, prepared
-        )
-        grads = (gx if nx else None, gmu if nmu else None, gsig if nsig else None)
-        return (*grads, None, None, None, *([None] * ctx.num_prepared))
+        grads, n = _input_grads(ctx, grad, _ll_backward)
+        return (*grads, None, None, None, *([None] * n))
 
 
 def mixture_log_likelihood(
