@@ -745,10 +745,10 @@ def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor, precision: str) -> Gemm
     rows = c * t
     mu2 = mu.reshape(rows, d)
     const = -0.5 * d * LOG_2PI
-    step = max(1, PREP_CHUNK_VALUES // max(d, 1))
     f32 = {"dtype": torch.float32, "device": mu.device}
-    mm = torch.empty(rows, **f32)
     if is_diagonal(mu, sigma):
+        step = max(1, PREP_CHUNK_VALUES // max(d, 1))
+        mm = torch.empty(rows, **f32)
         sig2 = sigma.reshape(rows, d)
         bank = torch.empty(rows, 2 * d, dtype=GEMM_OPERAND_DTYPES[precision], device=mu.device)
         log_norm = mm.clone()

@@ -42,9 +42,10 @@ def test_dry_run_writes_results_in_the_bench_format(tmp_path):
     assert {"per_image_float32", "per_image_bfloat16"} <= cases, cases
     assert (tmp_path / "bench" / name.replace(".json", ".md")).exists()
     # Each profiled script (diff, GEMM, alignment) ran to its end (without ncu here).
-    for which in ("diff", "gemm", "align", "align_combine"):
-        log = (tmp_path / "logs" / f"ncu_{which}.log").read_text()
-        assert f"profiled {which.split('_')[0]} on cpu" in log, log[-2000:]
+    for name, workload in (("diff", "diff"), ("gemm", "gemm"), ("align", "align"),
+                           ("align_combine", "align")):  # fmt: skip
+        log = (tmp_path / "logs" / f"ncu_{name}.log").read_text()
+        assert f"profiled {workload} on cpu" in log, log[-2000:]
     env = summary["environment"]
     assert env["command"].startswith("python tools/gpu_check.py --dry-run")
     md = (tmp_path / "summary.md").read_text()

@@ -181,7 +181,7 @@ def step_breakdown(out: Path, timeout: float, dry_run: bool) -> dict:
 
 PROFILE = """
 import sys, torch, genrep_fast as G
-which = sys.argv[1].split("_")[0]  # align_combine profiles the align script's other kernel
+which = sys.argv[1]  # the workload: diff, gemm or align
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 big = dev == "cuda"
 g = torch.Generator(device=dev).manual_seed(0)
@@ -220,15 +220,15 @@ if dev == "cuda":
 print("profiled", which, "on", dev)
 """
 
-# (name, kernel-name regex for ncu, launches to profile): what the ncu step profiles, each with
-# the config the autotuner chose (the profiled range starts after a first, tuning call).
+# (report name, workload of PROFILE, kernel-name regex for ncu): one launch each, with the config
+# the autotuner chose (the profiled range starts after a first, tuning call).
 PROFILES = (
-    ("diff", "regex:_mixture_diff_kernel", 1),
-    ("gemm", "regex:_mixture_gemm_kernel", 1),
+    ("diff", "diff", "regex:_mixture_diff_kernel"),
+    ("gemm", "gemm", "regex:_mixture_gemm_kernel"),
     # The two alignment kernels apart: one capture of both caught two group-sums launches
     # (bench/results/gpu-h100-20261126c).
-    ("align", "regex:group_sums_partial_kernel", 1),
-    ("align_combine", "regex:align_combine_kernel", 1),
+    ("align", "align", "regex:group_sums_partial_kernel"),
+    ("align_combine", "align", "regex:align_combine_kernel"),
 )
 
 
@@ -244,20 +244,20 @@ def step_ncu(out: Path, timeout: float, dry_run: bool) -> dict:
     res: dict = {"rc": 0, "log": "logs/ncu.log", "reports": []}
     with open(out / "logs" / "ncu.log", "w"):
         pass
-    for name, kernels, count in PROFILES:
+    for name, workload, kernels in PROFILES:
         left = timeout - (time.monotonic() - start)
         if left < 10:
             res.setdefault("skipped", f"out of time before {name}")
             break
         log = out / "logs" / f"ncu_{name}.log"
         if dry_run or ncu is None:
-            rc, _ = _run([sys.executable, str(script), name], log, left)
+            rc, _ = _run([sys.executable, str(script), workload], log, left)
             why = "dry run" if dry_run else "ncu is not on PATH"
             res["skipped"] = f"{why}: profiled scripts run without ncu"
         else:
             rep = out / f"ncu_{name}"
             cmd = [ncu, "--set", "full", "--profile-from-start", "off", "-k", kernels]
-            cmd += ["-c", str(count), "-f", "-o", str(rep), sys.executable, str(script), name]
+            cmd += ["-c", "1", "-f", "-o", str(rep), sys.executable, str(script), workload]
             rc, sec = _run(cmd, log, left)
             if rc == 0:
                 with open(out / f"ncu_{name}.csv", "w") as fh:
