@@ -832,7 +832,8 @@ def mixture_lse_gemm(
 
     ``operands``: ``gemm_operands(mu, sigma, precision)`` computed earlier (a prepared bank), for
     this very precision; None computes them here, from the tensors as they are now. ``config``:
-    one of ``GEMM_CONFIGS`` (default the first). ``classes_per_program``: classes per program
+    one of ``GEMM_CONFIGS`` (default the first) or a ``SplitGemmConfig`` (bf16 and tf32: the
+    library GEMM and ``_gemm_lse_kernel``). ``classes_per_program``: classes per program
     (default ``gemm_classes_per_program``). Pairs with a non-finite image or bank row are then
     redone in the difference form (``redo_nonfinite_pairs``).
     """
@@ -856,6 +857,15 @@ def mixture_lse_gemm(
         xa = gemm_operand(x32, precision)
         xx_term = xx
     k = xa.shape[1]
+    if isinstance(cfg, SplitGemmConfig):
+        if max(c * t, b * c) >= 2**31 or triton.next_power_of_2(t) > SPLIT_MAX_BLOCK_T:
+            raise ValueError(
+                f"the split GEMM form needs C*T and B*C below 2^31 and T <= "
+                f"{SPLIT_MAX_BLOCK_T}, got B={b}, C={c}, T={t} (use a config of GEMM_CONFIGS)"
+            )
+        out = mixture_lse_split(xa, xx_term, operands, c, t, precision, cfg)
+        redo_nonfinite_pairs(out, x, mu, sigma, xx, operands.mm)
+        return out
     max_block_b, block_d = gemm_tile(cfg, precision, _target_arch())
     block_b = max(GEMM_MIN_BLOCK, min(max_block_b, triton.next_power_of_2(b)))
     if max(c * t + cfg.BLOCK_N, b * c, max(cfg.BLOCK_N, block_b) * k) >= 2**31:
@@ -894,6 +904,136 @@ def mixture_lse_gemm(
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# Split GEMM form: the library GEMM, then the log-sum-exp epilogue as its own kernel
+# ------------------------------------------------------------------------------------------------
+
+
+class SplitGemmConfig(NamedTuple):
+    """The split GEMM form (``mixture_lse_split``): ``acc = x @ bank^T`` by torch's matrix product
+    (cuBLAS on CUDA) with fp32 output, then ``_gemm_lse_kernel`` over ``BLOCK_C`` classes x
+    ``IMAGES_PER_PROGRAM`` images per program. A candidate of the GEMM-form autotuner next to
+    ``GEMM_CONFIGS``: the fused kernel re-reads the bank once per 64-image block and keeps one
+    8-warp block per SM (H100, bf16: 2.7x a plain GEMM, bench/results/gpu-h100-20261126c); the
+    split form costs one plain GEMM plus a write and a read of ``acc`` (``B*C*T`` fp32: 102 MB
+    at B=256, C=1000, T=100, 0.07 ms at 3 TB/s)."""
+
+    BLOCK_C: int
+    IMAGES_PER_PROGRAM: int
+    num_warps: int
+
+
+SPLIT_CONFIG = SplitGemmConfig(BLOCK_C=8, IMAGES_PER_PROGRAM=16, num_warps=4)
+# Floats of ``acc`` per chunk of images: its memory stays near 256 MiB whatever the batch.
+SPLIT_CHUNK_VALUES = 2**26
+# The epilogue holds BLOCK_C x next_power_of_2(T) values of four tensors per program, at most
+# this many (BLOCK_C shrinks as T grows): T up to it.
+SPLIT_MAX_BLOCK_T = 1024
+
+
+@triton.jit
+def _gemm_lse_kernel(
+    acc_ptr,
+    xx_ptr,
+    mm_ptr,
+    scale_ptr,
+    log_norm_ptr,
+    out_ptr,
+    B,
+    C,
+    T,
+    IMAGES_PER_PROGRAM,
+    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """``out[b, c] = logsumexp_t s[b, c*T + t]``, ``s = -0.5 * scale_n * max(xx_b - 2 acc[b, n] +
+    mm_n, 0) + log_norm_n``: the fused kernel's epilogue (same order of operations) over a
+    product ``acc [B, C*T]`` fp32 computed beforehand. Program (i, j) owns classes ``[i*BLOCK_C,
+    (i+1)*BLOCK_C)`` and images ``[j*IMAGES_PER_PROGRAM, ...)``: the per-row vectors are loaded
+    once and serve every image."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_t = tl.arange(0, BLOCK_T)
+    c_mask = offs_c < C
+    mask = c_mask[:, None] & (offs_t < T)[None, :]
+    rows = offs_c[:, None] * T + offs_t[None, :]  # int32: the launcher checks C*T < 2^31
+    mm = tl.load(mm_ptr + rows, mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + rows, mask=mask, other=0.0)
+    log_norm = tl.load(log_norm_ptr + rows, mask=mask, other=0.0)
+    b0 = tl.program_id(1) * IMAGES_PER_PROGRAM
+    acc_row = acc_ptr + b0.to(tl.int64) * C * T  # the int64 offset of the image's row
+    for b in range(b0, tl.minimum(b0 + IMAGES_PER_PROGRAM, B)):
+        xx = tl.load(xx_ptr + b)
+        acc = tl.load(acc_row + rows, mask=mask, other=0.0)
+        acc_row += C * T
+        quad = tl.maximum((xx - 2.0 * acc) + mm, 0.0)
+        s = tl.where(mask, -0.5 * quad * scale + log_norm, float("-inf"))
+        m = tl.max(s, 1)
+        m_shift = tl.where(m == float("-inf"), 0.0, m)  # as in row_lse
+        l = tl.sum(tl.exp(s - m_shift[:, None]), 1)
+        tl.store(out_ptr + b * C + offs_c, m + tl.log(l), mask=c_mask)
+
+
+def _split_product(xa: torch.Tensor, bank: torch.Tensor, precision: str) -> torch.Tensor:
+    """``xa @ bank^T`` fp32 ``[b, rows]`` in the arithmetic of ``precision`` (the operands come
+    prepared, ``gemm_operand``). CUDA: cuBLAS, bf16 with fp32 accumulation and output
+    (``out_dtype``), tf32 on its tensor cores (exact products of the rounded operands). Off CUDA
+    (the interpreter, tests): an fp32 product of the operands, whose products are exact in fp32:
+    the same mode, another summation order."""
+    if xa.device.type == "cuda":
+        if precision == "bf16":
+            return torch.mm(xa, bank.t(), out_dtype=torch.float32)
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return torch.mm(xa, bank.t())
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+    return torch.mm(xa.float(), bank.float().t())
+
+
+def mixture_lse_split(
+    xa: torch.Tensor,
+    xx: torch.Tensor,
+    operands: GemmOperands,
+    classes: int,
+    steps: int,
+    precision: str,
+    config: SplitGemmConfig = SPLIT_CONFIG,
+) -> torch.Tensor:
+    """The split GEMM form (``SplitGemmConfig``) of ``mixture_lse_gemm``: ``out [B, C]`` float32
+    from the prepared image operand ``xa [B, K]`` and its ``xx [B]`` term. bf16 and tf32 only:
+    torch's product has no tf32x3 (the fused kernel's), and a full fp32 product is another
+    precision. Images go in chunks of ``SPLIT_CHUNK_VALUES // (C*T)`` (``acc``'s memory)."""
+    if precision not in ("bf16", "tf32"):
+        raise ValueError(f"the split GEMM form runs bf16 and tf32, got precision {precision!r}")
+    b = xa.shape[0]
+    rows = classes * steps
+    out = torch.empty(b, classes, dtype=torch.float32, device=xa.device)
+    step = max(1, SPLIT_CHUNK_VALUES // max(rows, 1))
+    block_t = triton.next_power_of_2(steps)
+    block_c = max(1, min(config.BLOCK_C, SPLIT_MAX_BLOCK_T // block_t))
+    for b0 in range(0, b, step):
+        n = min(step, b - b0)
+        acc = _split_product(xa[b0 : b0 + n], operands.bank, precision)
+        grid = (triton.cdiv(classes, block_c), triton.cdiv(n, config.IMAGES_PER_PROGRAM))
+        _gemm_lse_kernel[grid](
+            acc,
+            xx[b0 : b0 + n],
+            operands.mm,
+            operands.scale,
+            operands.log_norm,
+            out[b0 : b0 + n],
+            n,
+            classes,
+            steps,
+            config.IMAGES_PER_PROGRAM,
+            BLOCK_C=block_c,
+            BLOCK_T=block_t,
+            num_warps=config.num_warps,
+        )
+    return out
+
+
 def mixture_lse(
     x: torch.Tensor,
     mu: torch.Tensor,
@@ -924,9 +1064,12 @@ def mixture_lse(
         # 128x64 and the tf32x3 256x32 configs spill at 255 registers (24-100 B, sm_80 / sm_90,
         # the compile gate), and such a batch is cheap whatever its tile.
         small = triton.next_power_of_2(x.shape[0]) < GEMM_TUNE_MIN_BATCH
+        configs = GEMM_CONFIGS[:1] if small else list(GEMM_CONFIGS)
+        if precision in ("bf16", "tf32") and triton.next_power_of_2(mu.shape[1]) <= SPLIT_MAX_BLOCK_T:
+            configs.append(SPLIT_CONFIG)  # the split form competes (never the default)
         return tuning.tuned(
             "_mixture_gemm_kernel",
-            GEMM_CONFIGS[:1] if small else GEMM_CONFIGS,
+            configs,
             key,
             x.device,
             lambda cfg: mixture_lse_gemm(x, mu, sigma, precision, operands, config=cfg),

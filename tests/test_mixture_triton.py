@@ -260,6 +260,46 @@ def test_every_gemm_config_matches_f64(index, kind, device, precision):
     assert err <= 2 * torch_err + _floor(want), (err, torch_err)
 
 
+@pytest.mark.parametrize(
+    "device, precision",
+    [("cpu", "bf16"), ("cpu", "tf32")]
+    + [pytest.param("cuda", p, marks=pytest.mark.gpu) for p in ("tf32", "bf16")],
+)
+@pytest.mark.parametrize("kind", ["c_t", "diag"])
+@pytest.mark.parametrize("c, t", [(11, 75), (40, 3)], ids=["T75", "T3"])
+def test_split_gemm_form_matches_f64(c, t, kind, device, precision, monkeypatch):
+    # The library product, then _gemm_lse_kernel: 19 images over image blocks of 16 (the last
+    # partial), C = 11 over class blocks of 8 (T = 75; T = 3 packs up to 8 classes of 4 masked
+    # steps per program), D = 37, and acc chunked 7 images at a time. A non-finite image and a
+    # non-finite bank class go through the redo as in the fused form.
+    monkeypatch.setattr(M, "SPLIT_CHUNK_VALUES", 7 * c * t)
+    x, mu, sigma = make_bank(19, c, t, (37,), sigma_kind=kind)
+    x[3, 5] = math.inf
+    mu[2, 1, 0] = math.nan
+    want = lse_f64(x, mu, sigma)
+    good = torch.isfinite(want)
+    assert torch.isnan(want[:, 2]).all() and torch.isneginf(want[3, 3:]).all()
+    torch_err = (
+        (torch_gemm_form_lse(x, mu, sigma, precision).double() - want)[good].abs().max().item()
+    )
+    xd, mud, sigd = (a.to(device) for a in (x, mu, sigma))
+    got = M.mixture_lse_gemm(xd, mud, sigd, precision, config=M.SPLIT_CONFIG).double().cpu()
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    err = (got - want)[good].abs().max().item()
+    assert err <= 2 * torch_err + _floor(want[good]), (err, torch_err)
+
+
+def test_split_gemm_form_limits():
+    x, mu, sigma = make_bank(2, 2, 5, (6,))
+    ops = M.gemm_operands(mu, sigma, "tf32x3")
+    with pytest.raises(ValueError, match="the split GEMM form runs bf16 and tf32, got"):
+        M.mixture_lse_split(x, x.square().sum(-1), ops, 2, 5, "tf32x3")
+    x, mu, sigma = make_bank(2, 1, M.SPLIT_MAX_BLOCK_T + 1, (4,))
+    with pytest.raises(ValueError, match=r"T <= 1024, got B=2, C=1, T=1025"):
+        M.mixture_lse_gemm(x, mu, sigma, "bf16", config=M.SPLIT_CONFIG)
+
+
 def test_gemm_classes_per_program_model():
     # The docstring's ImageNet case: 128 programs of 32 classes (25 full tiles each), one wave.
     assert M.gemm_classes_per_program(1000, 100, 128, 4, 132) == 32

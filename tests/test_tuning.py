@@ -78,6 +78,33 @@ def test_gemm_dispatch_picks_its_config_through_the_tuner():
     assert seen == [M.GEMM_CONFIGS[0].BLOCK_N]
 
 
+def test_split_gemm_form_is_a_tuner_candidate_for_bf16_and_tf32():
+    # In every-config mode mixture_lse runs the split form (_gemm_lse_kernel) after the fused
+    # configs for bf16 and tf32, at any batch; never for tf32x3 (torch has no such product) nor
+    # past SPLIT_MAX_BLOCK_T steps. Off the GPU the fused first config stays the choice.
+    seen = []
+    M._gemm_lse_kernel.add_pre_run_hook(lambda *a, **kw: seen.append(kw["BLOCK_C"]))
+    try:
+        x, mu, sigma = make_bank(4, 2, 5, (6,))
+        runs = {}
+        for precision in ("bf16", "tf32", "tf32x3"):
+            with tuning.every_config():
+                M.mixture_lse(x, mu, sigma, None, precision=precision)
+            runs[precision] = len(seen)
+            seen.clear()
+        M.mixture_lse(x, mu, sigma, None, precision="bf16")
+        runs["bf16, tuned off the GPU"] = len(seen)
+        x, mu, sigma = make_bank(2, 1, M.SPLIT_MAX_BLOCK_T + 1, (2,))
+        with tuning.every_config():
+            M.mixture_lse(x, mu, sigma, None, precision="bf16")
+        runs["T = 1025"] = len(seen)
+    finally:
+        M._gemm_lse_kernel.pre_run_hooks.pop()
+    assert runs == {
+        "bf16": 1, "tf32": 1, "tf32x3": 0, "bf16, tuned off the GPU": 0, "T = 1025": 0
+    }  # fmt: skip
+
+
 def _table_timer(costs, ran):
     """A timer that reads a fixed cost per config from ``costs`` (what ``run`` appended last)."""
 
