@@ -12,8 +12,9 @@ skipped and says so. Everything lands in ``--out`` (default ``$OUT``, else ``gpu
   shapes: per-image bank vs copy bandwidth, the shared bank per precision vs a plain GEMM,
   candidate classes at C=1000/K=20, the DiT-XL/2-like alignment list, the fused KL;
 * ``breakdown.json``: ``tools/op_breakdown.py``, where one shared-bank call's time goes;
-* ``ncu_<diff|gemm|align|align_combine>.ncu-rep`` + ``.csv``: Nsight Compute on the difference-form kernel, the
-  shared-bank GEMM kernel and the alignment kernels (``PROFILES``).
+* ``ncu_<name>.ncu-rep`` + ``.csv``: Nsight Compute on the kernels of ``PROFILES``: the
+  difference-form kernel on a bf16 per-image bank, the shared-bank form the tuner chose, the fused
+  KL forward and backward, the alignment combine kernel.
 
 Usage on the GPU machine (from the repository root; see README "Checking on a GPU")::
 
@@ -181,7 +182,7 @@ def step_breakdown(out: Path, timeout: float, dry_run: bool) -> dict:
 
 PROFILE = """
 import sys, torch, genrep_fast as G
-which = sys.argv[1]  # the workload: diff, gemm or align
+which = sys.argv[1]  # the workload: diff, diff_bf16, gemm, kl or align
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 big = dev == "cuda"
 g = torch.Generator(device=dev).manual_seed(0)
@@ -195,16 +196,25 @@ if which == "align":
     gs = [torch.randn(s, device=dev, generator=g) for s in shapes]
     def run():
         return G.align_gradients(ps, gs, groups=groups, out=ps)
+elif which == "kl":
+    # The fused KL at B=256, C=1000, forward and backward (the benchmark's case).
+    b, c = (256, 1000) if big else (8, 10)
+    logits = torch.randn(b, c, device=dev, generator=g).requires_grad_()
+    ll = torch.randn(b, c, device=dev, generator=g) * 50
+    def run():
+        G.posterior_kl_loss(logits, ll).backward()
+        logits.grad = None
 else:
-    if which == "diff":  # per-image bank, B=64, C=10, T=75, D=4096 fp32: memory-bound
+    if which.startswith("diff"):  # per-image bank, B=64, C=10, T=75, D=4096: memory-bound
         b, c, t, d = (64, 10, 75, 4096) if big else (2, 3, 5, 16)
-        mu = torch.randn(b, c, t, d, device=dev, generator=g)
+        dtype = torch.bfloat16 if which == "diff_bf16" else torch.float32
+        mu = torch.randn(b, c, t, d, device=dev, generator=g).to(dtype)
         precision = "ieee"
     else:  # shared bank, B=256, C=1000, T=100, D=4096, bf16 GEMM form
         b, c, t, d = (256, 1000, 100, 4096) if big else (2, 3, 5, 16)
         mu = torch.randn(c, t, d, device=dev, generator=g)
         precision = "bf16" if big else "ieee"
-    x = torch.randn(b, d, device=dev, generator=g)
+    x = torch.randn(b, d, device=dev, generator=g).to(mu.dtype)
     bank = G.prepare_bank(mu, torch.ones(t, device=dev) * 60.0) if which == "gemm" else mu
     sigma = None if which == "gemm" else torch.ones(t, device=dev)
     def run():
@@ -222,21 +232,22 @@ print("profiled", which, "on", dev)
 
 # (report name, workload of PROFILE, kernel-name regex for ncu): one launch each, with the config
 # the autotuner chose (the profiled range starts after a first, tuning call).
+# The fp32 difference kernel, the fused GEMM kernel and the group sums were profiled in
+# bench/results/gpu-h100-20261126c; these are the kernels that run left unprofiled. The shared-bank
+# profile catches whichever form the tuner chose: the fused kernel or the split form's epilogue.
 PROFILES = (
-    ("diff", "diff", "regex:_mixture_diff_kernel"),
-    ("gemm", "gemm", "regex:_mixture_gemm_kernel"),
-    # The two alignment kernels apart: one capture of both caught two group-sums launches
-    # (bench/results/gpu-h100-20261126c).
-    ("align", "align", "regex:group_sums_partial_kernel"),
+    ("diff_bf16", "diff_bf16", "regex:_mixture_diff_kernel"),
+    ("gemm", "gemm", "regex:_mixture_gemm_kernel|_gemm_lse_kernel"),
+    ("kl_fwd", "kl", "regex:_posterior_kl_fwd_kernel"),
+    ("kl_bwd", "kl", "regex:_posterior_kl_bwd_kernel"),
     ("align_combine", "align", "regex:align_combine_kernel"),
 )
 
 
 def step_ncu(out: Path, timeout: float, dry_run: bool) -> dict:
-    """Nsight Compute, full set, on the kernels of ``PROFILES``: the difference-form kernel
-    (per-image bank, judged against copy bandwidth), the shared-bank GEMM kernel (bf16, B=256,
-    C=1000, T=100, D=4096, judged against a plain GEMM) and the alignment kernels (DiT-XL/2-like
-    list). Each report comes back as ``ncu_<name>.ncu-rep`` with its details page as CSV."""
+    """Nsight Compute, full set, on the kernels of ``PROFILES`` (one launch each, with the
+    tuner's config). Each report comes back as ``ncu_<name>.ncu-rep`` with its details page as
+    CSV."""
     script = out / "ncu_target.py"  # not "profile.py": that would shadow the stdlib module
     script.write_text(PROFILE)
     ncu = shutil.which("ncu")
