@@ -25,8 +25,9 @@ def test_dry_run_writes_results_in_the_bench_format(tmp_path):
     assert set(steps) == {"gpu_tests", "benchmarks", "breakdown", "ncu"}
     # The per-kernel breakdown of one call, raw bank and prepared bank.
     breakdown = json.loads((tmp_path / "breakdown.json").read_text())
-    assert set(breakdown["cases"]) == {"bf16 raw", "bf16 prepared"}
-    assert all(c["kernels"] and c["wall_ms_per_call"] > 0 for c in breakdown["cases"].values())
+    assert set(breakdown["cases"]) == {"bf16 raw", "bf16 prepared", "kl fwd+bwd"}
+    assert all(c["kernels"] and c["host_ms_per_call"] > 0 for c in breakdown["cases"].values())
+    assert all(c["host_functions"] for c in breakdown["cases"].values())
     assert all(s["rc"] == 0 for s in steps.values()), steps
     # The GPU tests were collected (and skipped: no CUDA here), and reported.
     counts = steps["gpu_tests"]["counts"]

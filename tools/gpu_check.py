@@ -11,7 +11,8 @@ skipped and says so. Everything lands in ``--out`` (default ``$OUT``, else ``gpu
 * ``bench/*.json|md|png``: the benchmark results (``bench/results`` format) of the realistic
   shapes: per-image bank vs copy bandwidth, the shared bank per precision vs a plain GEMM,
   candidate classes at C=1000/K=20, the DiT-XL/2-like alignment list, the fused KL;
-* ``breakdown.json``: ``tools/op_breakdown.py``, where one shared-bank call's time goes;
+* ``breakdown.json``: ``tools/op_breakdown.py``, where one shared-bank call's and one KL step's
+  time goes, device kernels and host functions;
 * ``ncu_<name>.ncu-rep`` + ``.csv``: Nsight Compute on the kernels of ``PROFILES``: the
   difference-form kernel on a bf16 per-image bank, the shared-bank form the tuner chose, the fused
   KL forward and backward, the alignment combine kernel.
@@ -170,10 +171,11 @@ def step_benchmarks(out: Path, timeout: float, dry_run: bool) -> dict:
 
 
 def step_breakdown(out: Path, timeout: float, dry_run: bool) -> dict:
-    """``tools/op_breakdown.py``: each kernel's device time in one shared-bank call at B=256,
-    C=1000, T=100, D=4096, raw tensors against a prepared bank (a smoke shape on a CPU)."""
+    """``tools/op_breakdown.py``: each kernel's device time and the host side of one shared-bank
+    call at B=256, C=1000, T=100, D=4096, raw tensors against a prepared bank, and of the fused
+    KL forward + backward (a smoke shape on a CPU)."""
     dest = out / "breakdown.json"
-    cmd = [sys.executable, str(ROOT / "tools" / "op_breakdown.py"), "--out", str(dest)]
+    cmd = [sys.executable, str(ROOT / "tools" / "op_breakdown.py"), "--kl", "--out", str(dest)]
     if dry_run:
         cmd += ["--calls", "1", "--precisions", "bf16"]
     rc, _ = _run(cmd, out / "logs" / "breakdown.log", timeout)
