@@ -848,13 +848,16 @@ def mixture_lse_gemm(
     b = x.shape[0]
     c, t = mu.shape[0], mu.shape[1]
     diagonal = is_diagonal(mu, sigma)
-    x32 = x.reshape(b, -1).float()
-    xx = x32.double().square().sum(-1).float()
     if diagonal:  # [x, -x^2/2] against [mu/sigma^2, 1/sigma^2]; |x|^2 is not a term
+        x32 = x.reshape(b, -1).float()
+        xx = x32.double().square().sum(-1).float()
         xa = gemm_operand(torch.cat([x32, -0.5 * x32.square()], 1), precision)
         xx_term = torch.zeros_like(xx)
     else:
-        xa = gemm_operand(x32, precision)
+        # The operand and |x|^2 (float64 sum) in one launch, as for the bank: each torch op costs
+        # the host ~25 us on the H100 machine, and calls there were host-bound (bench/results/
+        # gpu-h100-20261127).
+        xa, xx = _isotropic_operand(x.reshape(b, -1), precision)
         xx_term = xx
     k = xa.shape[1]
     if isinstance(cfg, SplitGemmConfig):
@@ -863,8 +866,8 @@ def mixture_lse_gemm(
                 f"the split GEMM form needs C*T and B*C below 2^31 and T <= "
                 f"{SPLIT_MAX_BLOCK_T}, got B={b}, C={c}, T={t} (use a config of GEMM_CONFIGS)"
             )
-        out = mixture_lse_split(xa, xx_term, operands, c, t, precision, cfg)
-        redo_nonfinite_pairs(out, x, mu, sigma, xx, operands.mm)
+        out, bad_c = mixture_lse_split(xa, xx_term, operands, c, t, precision, cfg)
+        redo_nonfinite_pairs(out, x, mu, sigma, xx, operands.mm, bad_c)
         return out
     max_block_b, block_d = gemm_tile(cfg, precision, _target_arch())
     block_b = max(GEMM_MIN_BLOCK, min(max_block_b, triton.next_power_of_2(b)))
@@ -939,6 +942,7 @@ def _gemm_lse_kernel(
     scale_ptr,
     log_norm_ptr,
     out_ptr,
+    bad_c_ptr,
     B,
     C,
     T,
@@ -950,7 +954,9 @@ def _gemm_lse_kernel(
     mm_n, 0) + log_norm_n``: the fused kernel's epilogue (same order of operations) over a
     product ``acc [B, C*T]`` fp32 computed beforehand. Program (i, j) owns classes ``[i*BLOCK_C,
     (i+1)*BLOCK_C)`` and images ``[j*IMAGES_PER_PROGRAM, ...)``: the per-row vectors are loaded
-    once and serve every image."""
+    once and serve every image. ``bad_c[c]`` = 1 where a row of class c has a non-finite
+    ``mm`` (inf or NaN in its mean, or past the float range): the flags of
+    ``redo_nonfinite_pairs``, written by every image block alike."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_t = tl.arange(0, BLOCK_T)
     c_mask = offs_c < C
@@ -959,6 +965,8 @@ def _gemm_lse_kernel(
     mm = tl.load(mm_ptr + rows, mask=mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=mask, other=0.0)
     log_norm = tl.load(log_norm_ptr + rows, mask=mask, other=0.0)
+    row_bad = (mm != mm) | (tl.abs(mm) == float("inf"))
+    tl.store(bad_c_ptr + offs_c, tl.max(row_bad.to(tl.int32), 1).to(tl.int8), mask=c_mask)
     b0 = tl.program_id(1) * IMAGES_PER_PROGRAM
     acc_row = acc_ptr + b0.to(tl.int64) * C * T  # the int64 offset of the image's row
     for b in range(b0, tl.minimum(b0 + IMAGES_PER_PROGRAM, B)):
@@ -1000,8 +1008,9 @@ def mixture_lse_split(
     precision: str,
     config: SplitGemmConfig = SPLIT_CONFIG,
 ) -> torch.Tensor:
-    """The split GEMM form (``SplitGemmConfig``) of ``mixture_lse_gemm``: ``out [B, C]`` float32
-    from the prepared image operand ``xa [B, K]`` and its ``xx [B]`` term. bf16 and tf32 only:
+    """The split GEMM form (``SplitGemmConfig``) of ``mixture_lse_gemm``: ``(out [B, C]`` float32,
+    ``bad_c [C]`` int8 the classes with a non-finite bank row) from the prepared image operand
+    ``xa [B, K]`` and its ``xx [B]`` term. bf16 and tf32 only:
     torch's product has no tf32x3 (the fused kernel's), and a full fp32 product is another
     precision. Images go in chunks of ``SPLIT_CHUNK_VALUES // (C*T)`` (``acc``'s memory)."""
     if precision not in ("bf16", "tf32"):
@@ -1009,6 +1018,7 @@ def mixture_lse_split(
     b = xa.shape[0]
     rows = classes * steps
     out = torch.empty(b, classes, dtype=torch.float32, device=xa.device)
+    bad_c = torch.empty(classes, dtype=torch.int8, device=xa.device)
     step = max(1, SPLIT_CHUNK_VALUES // max(rows, 1))
     block_t = triton.next_power_of_2(steps)
     block_c = max(1, min(config.BLOCK_C, SPLIT_MAX_BLOCK_T // block_t))
@@ -1023,6 +1033,7 @@ def mixture_lse_split(
             operands.scale,
             operands.log_norm,
             out[b0 : b0 + n],
+            bad_c,
             n,
             classes,
             steps,
@@ -1031,7 +1042,7 @@ def mixture_lse_split(
             BLOCK_T=block_t,
             num_warps=config.num_warps,
         )
-    return out
+    return out, bad_c
 
 
 def mixture_lse(
@@ -1098,7 +1109,7 @@ def _mixture_diff_redo_kernel(
     x_ptr,
     mu_ptr,
     sig_ptr,
-    bad_b_ptr,
+    xx_ptr,
     bad_c_ptr,
     out_ptr,
     K,
@@ -1125,7 +1136,8 @@ def _mixture_diff_redo_kernel(
     c0 = tl.program_id(1).to(tl.int64) * BLOCK_C
     offs = c0 + tl.arange(0, BLOCK_C)
     flags = tl.load(bad_c_ptr + offs, mask=offs < K, other=0).to(tl.int32)
-    image_bad = tl.load(bad_b_ptr + b) != 0
+    xx = tl.load(xx_ptr + b)
+    image_bad = (xx != xx) | (tl.abs(xx) == float("inf"))
     if image_bad | (tl.max(flags, 0) != 0):
         for i in range(0, tl.minimum(BLOCK_C, K - c0)):
             c = c0 + i
@@ -1145,6 +1157,7 @@ def redo_nonfinite_pairs(
     sigma: torch.Tensor,
     xx: torch.Tensor,
     mm: torch.Tensor,
+    bad_c: torch.Tensor | None = None,
 ) -> None:
     """Overwrite, in the GEMM kernel's result ``out [B, C]``, the pairs whose image or bank rows
     hold inf or NaN (or whose squared norm passes the float range) with the difference form's
@@ -1152,10 +1165,12 @@ def redo_nonfinite_pairs(
     (zero density) or NaN. No host sync: the flags stay on the device and one launch of
     B * ceil(C / REDO_BLOCK_C) programs redoes the flagged pairs only (shared bank, float32, as ``mixture_lse_gemm``).
     ``xx``: the images' squared norms ``[B]`` and ``mm``: the bank rows' ``[C*T]`` (the GEMM
-    kernel's own), non-finite exactly where a row holds inf or NaN or passes the float range."""
+    kernel's own), non-finite exactly where a row holds inf or NaN or passes the float range.
+    The kernel flags an image from its ``xx``; ``bad_c``: the classes' flags ``[C]`` int8 where
+    the caller has them (the split form's epilogue writes them), else made here from ``mm``."""
     b, c = out.shape
-    bad_b = (~torch.isfinite(xx)).to(torch.int8)
-    bad_c = (~torch.isfinite(mm.reshape(c, -1)).all(-1)).to(torch.int8)
+    if bad_c is None:
+        bad_c = (~torch.isfinite(mm.reshape(c, -1)).all(-1)).to(torch.int8)
     lay = diff_layout(x, mu, sigma, None)
 
     def run(config):
@@ -1163,7 +1178,7 @@ def redo_nonfinite_pairs(
             lay.x,
             lay.mu,
             lay.sigma,
-            bad_b,
+            xx,
             bad_c,
             out,
             c,
