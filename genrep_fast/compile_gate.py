@@ -341,6 +341,8 @@ _PTXAS_FRAME = re.compile(
 )
 # Operand rounding onto tf32: tf32x3's cvt.rna, or the bit trick of kernels/mixture.py's
 # _round_tf32 (add half a tf32 ulp, clear the 13 low bits: `and.b32 ..., -8192`).
+# A global load (``ld.global[.qualifiers][.v2|.v4].type``); the group holds its qualifiers.
+_PTX_GLOBAL_LOAD = re.compile(r"\bld\.global((?:\.[\w:]+)*)")
 _PTX_TF32_ROUND = re.compile(
     r"cvt\.rna\.tf32\.f32|and\.b32\s[^;]*,\s*(?:-8192|0[xX][fF]{4}[eE]000);"
 )
@@ -362,10 +364,17 @@ def parse_ptxas_log(log: str) -> dict[str, int] | None:
 
 
 def ptx_summary(ptx: str) -> dict[str, object]:
-    """Which tensor-core instruction the PTX uses (``"wgmma"``, ``"mma"`` or ``""``) and how many
-    tf32 operand roundings it has."""
+    """Which tensor-core instruction the PTX uses (``"wgmma"``, ``"mma"`` or ``""``), how many
+    tf32 operand roundings it has, and its global loads: ``global_loads``, of which
+    ``vector_loads`` (``ld.global.v2`` / ``.v4``)."""
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else ""
-    return {"mma": mma, "tf32_rounds": len(_PTX_TF32_ROUND.findall(ptx))}
+    loads = _PTX_GLOBAL_LOAD.findall(ptx)
+    return {
+        "mma": mma,
+        "tf32_rounds": len(_PTX_TF32_ROUND.findall(ptx)),
+        "global_loads": len(loads),
+        "vector_loads": sum(1 for q in loads if re.search(r"\.v[248]\b", q)),
+    }
 
 
 class _TargetStub:
@@ -668,7 +677,8 @@ def markdown(report: dict) -> str:
         "use, compiled without a GPU by Triton's compiler and ptxas (`genrep_fast/compile_gate.py`"
         "). Registers, spills and stack frame from `ptxas -v`; shared memory from Triton's "
         "metadata; `mma` the tensor-core instruction in the PTX; `tf32 rnd` the tf32 operand "
-        "roundings in the PTX; `spill`: `FAIL` (any spill without float64), allowed: `fp64`; "
+        "roundings in the PTX; `ld vec/all` the PTX's vector global loads / all its global loads; "
+        "`spill`: `FAIL` (any spill without float64), allowed: `fp64`; "
         "`variants`: how many launch the kernel, and the first "
         "(rows that look alike differ in the ints Triton specialises on: strides, sizes "
         "divisible by 16).",
@@ -704,15 +714,15 @@ def markdown(report: dict) -> str:
             f"## sm_{a['arch']}",
             "",
             "| kernel | constexprs | dtypes | warps | stages | regs | spill st/ld B | stack B "
-            "| smem B | mma | tf32 rnd | spill | variants |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| smem B | mma | tf32 rnd | ld vec/all | spill | variants |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in a["kernels"]:
             lines.append(
                 f"| {e['kernel']} | {_constexpr_text(e)} | {_dtypes_text(e)} | {e['num_warps']} | "
                 f"{e['num_stages']} | {e['registers']} | {e['spill_stores']}/{e['spill_loads']} | "
                 f"{e['stack_frame']} | {e['shared']} | {e['mma'] or '-'} | {e['tf32_rounds']} | "
-                f"{spill_kind(e) or '-'} | {len(e['variants'])}: {e['variants'][0]} |"
+                f"{e.get('vector_loads', '?')}/{e.get('global_loads', '?')} | {spill_kind(e) or '-'} | {len(e['variants'])}: {e['variants'][0]} |"
             )
         gemm_rows = _gemm_config_rows(a)
         if gemm_rows:

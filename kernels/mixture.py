@@ -1,7 +1,8 @@
 """Triton kernels of the thinned Gaussian-mixture log-likelihood (docs/METHOD.md section 1).
 
-Both kernels return ``lse[b, k] = logsumexp_t log N(x_b; mu[k, t], sigma[k, t]^2)`` (no ``- log T``)
-and never write the ``[B, C, T]`` scores: the log-sum-exp over T runs online in registers.
+The kernels return ``lse[b, k] = logsumexp_t log N(x_b; mu[k, t], sigma[k, t]^2)`` (no ``- log T``);
+the fused ones never write the ``[B, C, T]`` scores: the log-sum-exp over T runs online in
+registers.
 
 * ``_mixture_diff_kernel``: one program per (image, class) pair, images fastest; the exact
   difference form ``sum_d (x_d - mu_d)^2`` with fp32 accumulation (fp64 for fp64 inputs) in a 2-D
@@ -19,6 +20,10 @@ and never write the ``[B, C, T]`` scores: the log-sum-exp over T runs online in 
   (``gemm_operands``; ``genrep_fast.PreparedBank`` keeps it). The GEMM form
   ``|x|^2 - 2 x.mu + |mu|^2`` cancels when x is near a mean and sigma is small
   (docs/NUMERICS.md), which is why ``"ieee"`` uses the difference form.
+* The split GEMM form (``SplitGemmConfig``, bf16 and tf32): torch's matrix product (cuBLAS) with
+  fp32 output ``acc [B, C*T]``, then ``_gemm_lse_kernel``, the same epilogue over ``acc``. It
+  writes and reads the scores once (0.07 ms at B=256, C=1000, T=100 on an H100) but runs the
+  library's GEMM; the autotuner times it against ``GEMM_CONFIGS`` and keeps the faster.
 
 Under ``TRITON_INTERPRET=1`` the interpreter computes every ``tl.dot`` in exact fp32 (and cannot do
 a bf16 dot), so the launcher sets ``EMULATE`` and the kernel dots the prepared operands in fp32
@@ -947,8 +952,9 @@ def _gemm_lse_kernel(
     bad_c_ptr,
     B,
     C,
-    T,
+    ROW,
     IMAGES_PER_PROGRAM,
+    T: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -962,6 +968,10 @@ def _gemm_lse_kernel(
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_t = tl.arange(0, BLOCK_T)
     c_mask = offs_c < C
+    # T is a constexpr (one compile per bank length): Triton then knows a class's first row and
+    # the step mask by 4s where T is a multiple of 4, and loads 4 values per instruction. With T
+    # an argument, T = 100 compiled to scalar loads and the epilogue was instruction-bound (ncu,
+    # H100, bench/results/gpu-h100-20261127).
     mask = c_mask[:, None] & (offs_t < T)[None, :]
     rows = offs_c[:, None] * T + offs_t[None, :]  # int32: the launcher checks C*T < 2^31
     mm = tl.load(mm_ptr + rows, mask=mask, other=0.0)
@@ -976,11 +986,13 @@ def _gemm_lse_kernel(
     coef = scale * (-0.5 * LOG2E)
     base = tl.where(mask, log_norm * LOG2E, float("-inf"))
     b0 = tl.program_id(1) * IMAGES_PER_PROGRAM
-    acc_row = acc_ptr + b0.to(tl.int64) * C * T  # the int64 offset of the image's row
+    # ROW = C*T, an argument of its own: Triton specialises it on divisibility by 16, so the
+    # image rows keep the alignment of acc's base through the loop.
+    acc_row = acc_ptr + b0.to(tl.int64) * ROW  # the int64 offset of the image's row
     for b in range(b0, tl.minimum(b0 + IMAGES_PER_PROGRAM, B)):
         xx = tl.load(xx_ptr + b)
         acc = tl.load(acc_row + rows, mask=mask, other=0.0)
-        acc_row += C * T
+        acc_row += ROW
         quad = tl.maximum((xx - 2.0 * acc) + mm, 0.0)
         s2 = quad * coef + base
         m = tl.max(s2, 1)
@@ -1044,8 +1056,9 @@ def mixture_lse_split(
             bad_c,
             n,
             classes,
-            steps,
+            rows,
             config.IMAGES_PER_PROGRAM,
+            T=steps,
             BLOCK_C=block_c,
             BLOCK_T=block_t,
             num_warps=config.num_warps,

@@ -266,7 +266,7 @@ def test_every_gemm_config_matches_f64(index, kind, device, precision):
     + [pytest.param("cuda", p, marks=pytest.mark.gpu) for p in ("tf32", "bf16")],
 )
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
-@pytest.mark.parametrize("c, t", [(11, 75), (40, 3)], ids=["T75", "T3"])
+@pytest.mark.parametrize("c, t", [(11, 75), (40, 3), (9, 100)], ids=["T75", "T3", "T100"])
 def test_split_gemm_form_matches_f64(c, t, kind, device, precision, monkeypatch):
     # The library product, then _gemm_lse_kernel: 19 images over image blocks of 16 (the last
     # partial), C = 11 over class blocks of 8 (T = 75; T = 3 packs up to 8 classes of 4 masked

@@ -180,6 +180,32 @@ def test_every_gemm_config_compiles_without_spills_and_uses_wgmma_on_sm90(report
                     assert e["mma"] == "wgmma", (s["arch"], i, e["constexprs"], e["mma"])
 
 
+def test_split_epilogue_loads_four_values_per_instruction_where_t_allows(report):
+    # _gemm_lse_kernel takes T as a constexpr so that at T = 100 (DiT-XL/2's bank, a multiple of
+    # 4) every [BLOCK_C, BLOCK_T] load is a 128-bit vector load; only |x|^2's scalar is not.
+    # With T a runtime argument every load was scalar (ld.global.b32) and the kernel
+    # instruction-bound on the H100 (bench/results/gpu-h100-20261127).
+    for s in _sections(report):
+        lse = [e for e in s["kernels"] if e["kernel"] == "_gemm_lse_kernel"]
+        by4 = [e for e in lse if e["constexprs"]["T"] % 4 == 0 and e["constexprs"]["T"] >= 4]
+        assert by4, f"sm_{s['arch']}: no variant launches the epilogue at a T divisible by 4"
+        for e in by4:
+            assert e["vector_loads"] == e["global_loads"] - 1, (s["arch"], e)
+
+
+def test_ptx_global_load_count():
+    ptx = (
+        "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n"
+        "ld.global.b32 %r5, [%rd2];\n"
+        "ld.global.L1::evict_last.v2.f32 {%f1, %f2}, [%rd3];\n"
+        "ld.global.nc.b64 %rd4, [%rd5];\n"
+        "ld.shared.b32 %r6, [%r7];\n"
+        "st.global.v4.b32 [%rd6], {%r1, %r2, %r3, %r4};\n"
+    )
+    out = compile_gate.ptx_summary(ptx)
+    assert (out["global_loads"], out["vector_loads"]) == (4, 2)
+
+
 def test_shared_memory_rule():
     e = dict(arch=80, shared=compile_gate.SHARED_MEMORY_LIMIT[80])
     assert not compile_gate.shared_memory_too_large(e)
