@@ -1097,7 +1097,10 @@ def mixture_lse(
         # the compile gate), and such a batch is cheap whatever its tile.
         small = triton.next_power_of_2(x.shape[0]) < GEMM_TUNE_MIN_BATCH
         configs = GEMM_CONFIGS[:1] if small else list(GEMM_CONFIGS)
-        if precision in ("bf16", "tf32") and triton.next_power_of_2(mu.shape[1]) <= SPLIT_MAX_BLOCK_T:
+        if (
+            precision in ("bf16", "tf32")
+            and triton.next_power_of_2(mu.shape[1]) <= SPLIT_MAX_BLOCK_T
+        ):
             configs.append(SPLIT_CONFIG)  # the split form competes (never the default)
         return tuning.tuned(
             "_mixture_gemm_kernel",
