@@ -853,6 +853,12 @@ def mixture_lse_gemm(
     b = x.shape[0]
     c, t = mu.shape[0], mu.shape[1]
     diagonal = is_diagonal(mu, sigma)
+    split = isinstance(cfg, SplitGemmConfig)
+    if split and (max(c * t, b * c) >= 2**31 or triton.next_power_of_2(t) > SPLIT_MAX_BLOCK_T):
+        raise ValueError(
+            f"the split GEMM form needs C*T and B*C below 2^31 and T <= {SPLIT_MAX_BLOCK_T}, "
+            f"got B={b}, C={c}, T={t} (use a config of GEMM_CONFIGS)"
+        )
     if diagonal:  # [x, -x^2/2] against [mu/sigma^2, 1/sigma^2]; |x|^2 is not a term
         x32 = x.reshape(b, -1).float()
         xx = x32.double().square().sum(-1).float()
@@ -865,12 +871,7 @@ def mixture_lse_gemm(
         xa, xx = _isotropic_operand(x.reshape(b, -1), precision)
         xx_term = xx
     k = xa.shape[1]
-    if isinstance(cfg, SplitGemmConfig):
-        if max(c * t, b * c) >= 2**31 or triton.next_power_of_2(t) > SPLIT_MAX_BLOCK_T:
-            raise ValueError(
-                f"the split GEMM form needs C*T and B*C below 2^31 and T <= "
-                f"{SPLIT_MAX_BLOCK_T}, got B={b}, C={c}, T={t} (use a config of GEMM_CONFIGS)"
-            )
+    if split:
         out, bad_c = mixture_lse_split(xa, xx_term, operands, c, t, precision, cfg)
         redo_nonfinite_pairs(out, x, mu, sigma, xx, operands.mm, bad_c)
         return out
@@ -959,8 +960,8 @@ def _gemm_lse_kernel(
     BLOCK_T: tl.constexpr,
 ):
     """``out[b, c] = logsumexp_t s[b, c*T + t]``, ``s = -0.5 * scale_n * max(xx_b - 2 acc[b, n] +
-    mm_n, 0) + log_norm_n``: the fused kernel's epilogue (same order of operations) over a
-    product ``acc [B, C*T]`` fp32 computed beforehand. Program (i, j) owns classes ``[i*BLOCK_C,
+    mm_n, 0) + log_norm_n``: the fused kernel's epilogue (its sums in the same order; the
+    log-sum-exp in base 2) over a product ``acc [B, C*T]`` fp32 computed beforehand. Program (i, j) owns classes ``[i*BLOCK_C,
     (i+1)*BLOCK_C)`` and images ``[j*IMAGES_PER_PROGRAM, ...)``: the per-row vectors are loaded
     once and serve every image. ``bad_c[c]`` = 1 where a row of class c has a non-finite
     ``mm`` (inf or NaN in its mean, or past the float range): the flags of
@@ -1027,7 +1028,7 @@ def mixture_lse_split(
     steps: int,
     precision: str,
     config: SplitGemmConfig = SPLIT_CONFIG,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The split GEMM form (``SplitGemmConfig``) of ``mixture_lse_gemm``: ``(out [B, C]`` float32,
     ``bad_c [C]`` int8 the classes with a non-finite bank row) from the prepared image operand
     ``xa [B, K]`` and its ``xx [B]`` term. bf16 and tf32 only:
