@@ -45,30 +45,21 @@ if HAS_EXTENSION:
         return None
 
 
-# The metadata pass of a GradientAligner step (csrc/grad_layout.cpp). False with an extension built
-# before it existed: the aligner then does the same bookkeeping in Python.
-def _has_op(op_name: str) -> bool:
-    if not HAS_EXTENSION:
-        return False
-    try:
-        getattr(torch.ops.genrep_fast, op_name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-HAS_GRAD_LAYOUT = _has_op("grad_layout")
-
-
-# The CPU kernels of the mixture likelihood's difference form (csrc/mixture_cpu.cpp). False with an
-# extension built before they existed: mixture_log_likelihood then keeps to its torch code (genrep_fast.mixture_torch).
 def _has_cpu_kernels(*op_names: str) -> bool:
+    """Whether each op has a CPU kernel; False for an op an older build of the extension lacks."""
     try:
         return all(_has_kernel(name, "CPU") for name in op_names)
     except RuntimeError:  # "operator ... does not exist": an older build of the extension
         return False
 
 
+# The metadata pass of a GradientAligner step (csrc/grad_layout.cpp; one function registered for
+# CPU and CUDA). False with an extension built before it existed: the aligner then does the same
+# bookkeeping in Python.
+HAS_GRAD_LAYOUT = _has_cpu_kernels("grad_layout")
+
+# The CPU kernels of the mixture likelihood's difference form (csrc/mixture_cpu.cpp). False with an
+# extension built before they existed: mixture_log_likelihood then keeps to its torch code (genrep_fast.mixture_torch).
 HAS_MIXTURE_CPU_OPS = _has_cpu_kernels("mixture_ll_diff", "mixture_ll_diff_backward")
 
 if HAS_MIXTURE_CPU_OPS:

@@ -28,11 +28,11 @@ import torch
 DEVICE_CONTRACT: dict[str, tuple[str, ...]] = {
     "group_sums": ("CPU", "CUDA"),  # csrc/alignment_cpu.cpp, csrc/cuda/alignment_cuda.cu
     "align_combine": ("CPU", "CUDA"),  # csrc/alignment_cpu.cpp, csrc/cuda/alignment_cuda.cu
-    # CPU only (csrc/mixture_cpu.cpp): on CUDA the mixture likelihood runs the Triton kernels of
-    # genrep_fast.kernels.
     # csrc/grad_layout.cpp; metadata only, the same function registered for CUDA in
     # csrc/cuda/alignment_cuda.cu
     "grad_layout": ("CPU", "CUDA"),
+    # CPU only (csrc/mixture_cpu.cpp): on CUDA the mixture likelihood runs the Triton kernels of
+    # genrep_fast.kernels.
     "mixture_ll_diff": ("CPU",),
     "mixture_ll_diff_backward": ("CPU",),
 }
