@@ -21,7 +21,10 @@ Memory: the private copy of the bank, plus per backend used: torch, a float64 co
 float64 bank); per Triton GEMM precision used, a copy of the bank rows in that precision's operand
 dtype (none where the private copy already is one: a contiguous isotropic fp32 bank for tf32x3, a
 bf16 one for bf16; at C = 1000, T = 100, D = 4096: 0.8 GB in bf16, 1.6 GB in fp32) and three
-``[C*T]`` fp32 vectors. Dropping the ``PreparedBank`` frees all of it.
+``[C*T]`` fp32 vectors; for tf32x3 on CUDA with autotuning on, also the bank rows split into tf32
+``hi`` and ``lo`` parts for the split form (``kernels/mixture.py``'s ``tf32_parts``: twice the
+fp32 bank, 3.3 GB at that size; ``GENREP_FAST_AUTOTUNE=0`` leaves them out). Dropping the
+``PreparedBank`` frees all of it.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ class PreparedBank:
         tensors = [self._mu, self._sigma]
         for ops in (self._torch_operands, *self._triton_operands.values()):
             if ops is not None:
-                tensors.extend(ops)
+                tensors.extend(t for t in ops if t is not None)
         storages = {}
         for t in tensors:
             s = t.untyped_storage()
@@ -169,10 +172,27 @@ class PreparedBank:
                 if precision not in self._triton_operands:
                     with _preparing(self.device):
                         self._triton_operands[precision] = mixture_kernels.gemm_operands(
-                            self._mu, self._sigma, precision
+                            self._mu,
+                            self._sigma,
+                            precision,
+                            split=self._split_for(precision),
                         )
-                return list(self._triton_operands[precision])
+                return [t for t in self._triton_operands[precision] if t is not None]
         return []
+
+    def _split_for(self, precision: str) -> bool:
+        """Whether the tf32x3 operands include the split form's ``[hi | lo]`` parts: where the
+        autotuner times that form (a CUDA bank, tuning on, T within the split form's limit), so
+        that its timing and its use read them prepared, not remade per call."""
+        from genrep_fast.kernels import mixture as mixture_kernels
+        from genrep_fast.kernels import tuning
+
+        return (
+            precision == "tf32x3"
+            and self.device.type == "cuda"
+            and tuning.autotune_enabled()
+            and mixture_kernels.split_applies(self._mu, precision)
+        )
 
 
 def prepare_bank(

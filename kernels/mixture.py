@@ -20,11 +20,13 @@ registers.
   (``gemm_operands``; ``genrep_fast.PreparedBank`` keeps it). The GEMM form
   ``|x|^2 - 2 x.mu + |mu|^2`` cancels when x is near a mean and sigma is small
   (docs/NUMERICS.md), which is why ``"ieee"`` uses the difference form.
-* The split GEMM form (``SplitGemmConfig``, bf16 and tf32): torch's matrix product (cuBLAS) with
-  fp32 output ``acc [B, C*T]``, then ``_gemm_lse_kernel``, the same epilogue over ``acc``. It
-  writes and reads the scores once (204 MB at B=256, C=1000, T=100: 0.07 ms at an H100's copy
-  bandwidth) but runs the library's GEMM; the autotuner times it against ``GEMM_CONFIGS`` and
-  keeps the faster.
+* The split GEMM form (``SplitGemmConfig``): torch's matrix product (cuBLAS) with fp32 output
+  ``acc [B, C*T]``, then ``_gemm_lse_kernel``, the same epilogue over ``acc``. It writes and
+  reads the scores once (204 MB at B=256, C=1000, T=100: 0.07 ms at an H100's copy bandwidth)
+  but runs the library's GEMM; the autotuner times it against ``GEMM_CONFIGS`` and keeps the
+  faster. bf16 and tf32 are one product; tf32x3 is two tf32 products over the operands split
+  into tf32 hi and lo parts (``tf32_parts``: ``[x_hi | x_hi] @ [hi | lo]^T + x_lo @ hi^T``),
+  whose bank parts a ``PreparedBank`` keeps (twice the fp32 bank).
 
 Under ``TRITON_INTERPRET=1`` the interpreter computes every ``tl.dot`` in exact fp32 (and cannot do
 a bf16 dot), so the launcher sets ``EMULATE`` and the kernel dots the prepared operands in fp32
@@ -34,6 +36,7 @@ so that the tests measure each mode's error.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -627,13 +630,16 @@ class GemmOperands(NamedTuple):
     ``|mu|^2`` and ``sum mu^2/sigma^2`` are summed in float64 from the bank itself (exact
     difference-free terms). They depend on the bank only: ``genrep_fast.PreparedBank`` computes
     them once per snapshot and precision; a raw ``(mu, sigma)`` gets them recomputed on every
-    call.
+    call. ``split``: tf32x3 only, None unless asked for (``gemm_operands(..., split=True)``): the
+    bank rows as ``tf32_parts(bank, 2)`` ``[C*T, 2K]``, the operand of the split tf32x3 form
+    (twice the fp32 bank's memory); without it that form makes them per call.
     """
 
     bank: torch.Tensor
     mm: torch.Tensor
     scale: torch.Tensor
     log_norm: torch.Tensor
+    split: torch.Tensor | None = None
 
 
 # Values per chunk of the float64 preparation: its temporaries stay near 256 MiB whatever the bank
@@ -684,13 +690,23 @@ def _round_bf16(a):
 
 @triton.jit
 def _bank_operand_kernel(
-    mu_ptr, bank_ptr, mm_ptr, D, stride_row, MODE: tl.constexpr, BLOCK_D: tl.constexpr
+    mu_ptr,
+    bank_ptr,
+    mm_ptr,
+    parts_ptr,
+    D,
+    stride_row,
+    MODE: tl.constexpr,
+    PARTS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Row ``r`` of a bank ``[rows, D]`` (unit stride along D): ``mm[r] = sum mu[r]^2`` summed in
     float64 (fp32 squares are exact in float64) and, for MODE > 0, ``bank[r]`` the operand of the
     GEMM precision. One read of the bank instead of a float64 copy, a square and a sum per chunk
     (5.4-6.2 ms per raw-tensor call at C=1000, T=100, D=4096 on the H100, bench/results/
-    gpu-h100-20261126c)."""
+    gpu-h100-20261126c). PARTS > 0 (the split tf32x3 form, ``tf32_parts``): ``parts[r]`` the row's
+    fp32 value split into ``hi`` (rounded to nearest tf32) and ``lo = v - hi`` (exact), laid out
+    ``[hi | lo]`` (PARTS = 2, a bank) or ``[hi | hi | lo]`` (PARTS = 3, images)."""
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK_D], dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
@@ -705,13 +721,23 @@ def _bank_operand_kernel(
             tl.store(bank_ptr + row * D + offs, _round_tf32(v.to(tl.float32)), mask=inside)
         elif MODE == 3:
             tl.store(bank_ptr + row * D + offs, _round_bf16(v.to(tl.float32)), mask=inside)
+        if PARTS > 0:
+            hi = _round_tf32(v.to(tl.float32))
+            part_row = parts_ptr + row * (PARTS * D) + offs
+            tl.store(part_row, hi, mask=inside)
+            if PARTS == 3:
+                tl.store(part_row + D, hi, mask=inside)
+            tl.store(part_row + (PARTS - 1) * D, v.to(tl.float32) - hi, mask=inside)
     tl.store(mm_ptr + row + tl.arange(0, 1), tl.sum(acc, 0).to(tl.float32))
 
 
-def _isotropic_operand(mu2: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(bank, mm)`` of an isotropic bank ``mu2: [rows, D]`` for ``precision``: one launch of
-    ``_bank_operand_kernel``. A contiguous bank already in the operand dtype (fp32 for tf32x3,
-    bf16 for bf16) is its own operand (no copy); tf32 always writes a rounded copy."""
+def _isotropic_operand(
+    mu2: torch.Tensor, precision: str, parts: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(bank, mm, parts)`` of an isotropic bank ``mu2: [rows, D]`` for ``precision``: one launch
+    of ``_bank_operand_kernel``. A contiguous bank already in the operand dtype (fp32 for tf32x3,
+    bf16 for bf16) is its own operand (no copy); tf32 always writes a rounded copy. ``parts``
+    (tf32x3 only): 2 or 3 also writes ``tf32_parts(mu2, parts)`` in the same pass, else None."""
     if mu2.stride(-1) != 1:
         mu2 = mu2.contiguous()
     rows, d = mu2.shape
@@ -719,22 +745,47 @@ def _isotropic_operand(mu2: torch.Tensor, precision: str) -> tuple[torch.Tensor,
     own = precision != "tf32" and mu2.dtype == dtype and mu2.is_contiguous()
     bank = mu2 if own else torch.empty(rows, d, dtype=dtype, device=mu2.device)
     mm = torch.empty(rows, dtype=torch.float32, device=mu2.device)
+    split = torch.empty(rows, parts * d, dtype=torch.float32, device=mu2.device) if parts else None
     mode = 0 if own else _OPERAND_MODES[precision]
 
     def run(config):
         _bank_operand_kernel[(rows,)](
-            mu2, bank, mm, d, mu2.stride(0), MODE=mode, **tuning.fit_blocks(
-                config, BLOCK_D=triton.next_power_of_2(d)
-            )
+            mu2, bank, mm, mm if split is None else split, d, mu2.stride(0), MODE=mode,
+            PARTS=parts, **tuning.fit_blocks(config, BLOCK_D=triton.next_power_of_2(d)),
         )  # fmt: skip
 
     tuning.tuned("_bank_operand_kernel", (PREP_CONFIG,), (), mu2.device, run)
-    return bank, mm
+    return bank, mm, split
 
 
-def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor, precision: str) -> GemmOperands:
+def tf32_parts(a: torch.Tensor, parts: int) -> torch.Tensor:
+    """The split tf32x3 form's operand of ``a: [rows, K]`` (torch; ``_bank_operand_kernel`` writes
+    the same in its pass): each value split into ``hi = round_tf32(a)`` and ``lo = a - hi``
+    (exact in fp32), as ``[rows, 2K] = [hi | lo]`` (``parts=2``, the bank) or ``[rows, 3K] =
+    [hi | hi | lo]`` (``parts=3``, the images), so that ``[x_hi | x_hi] @ [hi | lo]^T + x_lo @
+    hi^T`` is tf32x3's three products in two tf32 GEMMs (``_split_product``). ``hi`` is exact in
+    tf32 whether the tensor cores round or truncate their operands; ``lo`` loses at most 2^-10 of
+    itself, about 2^-21 of the value. Chunks of ``PREP_CHUNK_VALUES`` keep the temporaries small."""
+    rows, k = a.shape
+    out = torch.empty(rows, parts * k, dtype=torch.float32, device=a.device)
+    step = max(1, PREP_CHUNK_VALUES // max(k, 1))
+    for r0 in range(0, rows, step):
+        v = a[r0 : r0 + step].float()
+        hi = round_tf32_(v.clone())
+        chunk = out[r0 : r0 + step]
+        chunk[:, :k] = hi
+        if parts == 3:
+            chunk[:, k : 2 * k] = hi
+        chunk[:, (parts - 1) * k :] = v - hi
+    return out
+
+
+def gemm_operands(
+    mu: torch.Tensor, sigma: torch.Tensor, precision: str, *, split: bool = False
+) -> GemmOperands:
     """``GemmOperands`` of a shared bank ``mu: [C, T, *latent]``, sigma isotropic or diagonal, for
-    ``precision`` (``"tf32x3"``, ``"tf32"`` or ``"bf16"``).
+    ``precision`` (``"tf32x3"``, ``"tf32"`` or ``"bf16"``); ``split`` (tf32x3): with the split
+    form's operand (``GemmOperands.split``), in the same pass over an isotropic bank.
 
     A contiguous isotropic ``mu`` already in the operand dtype (fp32 for tf32x3, bf16 for bf16)
     becomes ``bank`` itself (a view, no copy); otherwise one kernel writes the operand and the
@@ -746,6 +797,8 @@ def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor, precision: str) -> Gemm
             f"precision must be one of {sorted(GEMM_OPERAND_DTYPES)} for the GEMM form, got "
             f"{precision!r}"
         )
+    if split and precision != "tf32x3":
+        raise ValueError(f"split=True: only tf32x3 has a split operand, got {precision!r}")
     c, t = mu.shape[0], mu.shape[1]
     d = mu[0, 0].numel()
     rows = c * t
@@ -767,11 +820,13 @@ def gemm_operands(mu: torch.Tensor, sigma: torch.Tensor, precision: str) -> Gemm
             bank[r0 : r0 + step, d:] = gemm_operand(ivar.float(), precision)
             mm[r0 : r0 + step] = (mud.square() * ivar).sum(-1)
             log_norm[r0 : r0 + step] = const - torch.log(sig).sum(-1)
-        return GemmOperands(bank, mm, torch.ones(rows, **f32), log_norm)
+        parts = tf32_parts(bank, 2) if split else None
+        return GemmOperands(bank, mm, torch.ones(rows, **f32), log_norm, parts)
     sig = sigma.expand(c, t).reshape(rows).double()
-    bank, mm = _isotropic_operand(mu2, precision)  # bf16 straight from mu: one rounding
+    # bf16 straight from mu: one rounding
+    bank, mm, parts = _isotropic_operand(mu2, precision, 2 if split else 0)
     return GemmOperands(
-        bank, mm, sig.square().reciprocal().float(), (const - d * torch.log(sig)).float()
+        bank, mm, sig.square().reciprocal().float(), (const - d * torch.log(sig)).float(), parts
     )
 
 
@@ -838,41 +893,47 @@ def mixture_lse_gemm(
 
     ``operands``: ``gemm_operands(mu, sigma, precision)`` computed earlier (a prepared bank), for
     this very precision; None computes them here, from the tensors as they are now. ``config``:
-    one of ``GEMM_CONFIGS`` (default the first) or a ``SplitGemmConfig`` (bf16 and tf32: the
-    library GEMM and ``_gemm_lse_kernel``). ``classes_per_program``: classes per program
+    one of ``GEMM_CONFIGS`` (default the first) or a ``SplitGemmConfig`` (the library GEMM and
+    ``_gemm_lse_kernel``; tf32x3 over ``operands.split``, made here where it is None). ``classes_per_program``: classes per program
     (default ``gemm_classes_per_program``). Pairs with a non-finite image or bank row are then
     redone in the difference form (``redo_nonfinite_pairs``).
     """
-    if operands is None:
-        operands = gemm_operands(mu, sigma, precision)
-    elif operands.bank.dtype != GEMM_OPERAND_DTYPES[precision]:
-        raise ValueError(
-            f"operands: bank is {operands.bank.dtype}, precision {precision!r} reads "
-            f"{GEMM_OPERAND_DTYPES[precision]} (use gemm_operands(mu, sigma, {precision!r}))"
-        )
     cfg = GEMM_CONFIGS[0] if config is None else config
     b = x.shape[0]
     c, t = mu.shape[0], mu.shape[1]
-    diagonal = is_diagonal(mu, sigma)
     split = isinstance(cfg, SplitGemmConfig)
     if split and (max(c * t, b * c) >= 2**31 or triton.next_power_of_2(t) > SPLIT_MAX_BLOCK_T):
         raise ValueError(
             f"the split GEMM form needs C*T and B*C below 2^31 and T <= {SPLIT_MAX_BLOCK_T}, "
             f"got B={b}, C={c}, T={t} (use a config of GEMM_CONFIGS)"
         )
+    parts = split and precision == "tf32x3"  # the split tf32x3 form reads tf32_parts operands
+    if operands is None:
+        operands = gemm_operands(mu, sigma, precision, split=parts)
+    elif operands.bank.dtype != GEMM_OPERAND_DTYPES[precision]:
+        raise ValueError(
+            f"operands: bank is {operands.bank.dtype}, precision {precision!r} reads "
+            f"{GEMM_OPERAND_DTYPES[precision]} (use gemm_operands(mu, sigma, {precision!r}))"
+        )
+    diagonal = is_diagonal(mu, sigma)
     if diagonal:  # [x, -x^2/2] against [mu/sigma^2, 1/sigma^2]; |x|^2 is not a term
         x32 = x.reshape(b, -1).float()
         xx = x32.double().square().sum(-1).float()
         xa = gemm_operand(torch.cat([x32, -0.5 * x32.square()], 1), precision)
         xx_term = torch.zeros_like(xx)
+        if parts:
+            xa = tf32_parts(xa, 3)
     else:
         # The operand and |x|^2 (float64 sum) in one launch, as for the bank: each torch op costs
         # the host ~25 us on the H100 machine, and calls there were host-bound (bench/results/
         # gpu-h100-20261127).
-        xa, xx = _isotropic_operand(x.reshape(b, -1), precision)
+        xa, xx, x_parts = _isotropic_operand(x.reshape(b, -1), precision, 3 if parts else 0)
+        xa = x_parts if parts else xa
         xx_term = xx
     k = xa.shape[1]
     if split:
+        if parts and operands.split is None:  # a prepared bank made without it
+            operands = operands._replace(split=tf32_parts(operands.bank, 2))
         out, bad_c = mixture_lse_split(xa, xx_term, operands, c, t, precision, cfg)
         redo_nonfinite_pairs(out, x, mu, sigma, xx, operands.mm, bad_c)
         return out
@@ -926,7 +987,10 @@ class SplitGemmConfig(NamedTuple):
     ``GEMM_CONFIGS``: the fused kernel re-reads the bank once per 64-image block and keeps one
     8-warp block per SM (H100, bf16: 2.7x a plain GEMM, bench/results/gpu-h100-20261126c); the
     split form costs one plain GEMM plus a write and a read of ``acc`` (``B*C*T`` fp32: 102 MB
-    at B=256, C=1000, T=100, 0.07 ms at 3 TB/s)."""
+    at B=256, C=1000, T=100, 0.07 ms at 3 TB/s). tf32x3: two tf32 GEMMs reading 3x the fp32
+    bank (its hi / lo parts, then hi again), modelled at 4.9 GB, about 1.7 ms at 2.9 TB/s at that
+    shape, against the fused kernel's 4.4 ms measured (bench/results/gpu-h100-20261127); not yet
+    timed on a GPU."""
 
     BLOCK_C: int
     IMAGES_PER_PROGRAM: int
@@ -941,6 +1005,9 @@ SPLIT_CHUNK_VALUES = 2**26
 # The epilogue holds BLOCK_C x next_power_of_2(T) values of four tensors per program, at most
 # this many (BLOCK_C shrinks as T grows): T up to it.
 SPLIT_MAX_BLOCK_T = 1024
+# The precisions the split form runs: bf16 and tf32 as one library product, tf32x3 as two over
+# hi / lo parts (``tf32_parts``).
+SPLIT_PRECISIONS = ("bf16", "tf32", "tf32x3")
 
 
 @triton.jit
@@ -1005,20 +1072,49 @@ def _gemm_lse_kernel(
 
 def _split_product(xa: torch.Tensor, bank: torch.Tensor, precision: str) -> torch.Tensor:
     """``xa @ bank^T`` fp32 ``[b, rows]`` in the arithmetic of ``precision`` (the operands come
-    prepared, ``gemm_operand``). CUDA: cuBLAS, bf16 with fp32 accumulation and output
-    (``out_dtype``), tf32 on its tensor cores (exact products of the rounded operands). Off CUDA
-    (the interpreter, tests): an fp32 product of the operands, whose products are exact in fp32:
-    the same mode, another summation order."""
+    prepared, ``gemm_operand``; tf32x3: ``tf32_parts``, ``xa = [x_hi | x_hi | x_lo]`` and
+    ``bank = [hi | lo]``, so ``x_hi.hi + x_hi.lo`` in one product over 2K and ``x_lo.hi`` added
+    by a second). CUDA: cuBLAS, bf16 with fp32 accumulation and output (``out_dtype``), tf32 on
+    its tensor cores (exact products of the rounded operands; the ``lo`` parts lose at most 2^-10
+    of themselves whether the tensor cores round or truncate them). Off CUDA (the interpreter,
+    tests): an fp32 product of the operands as the tensor cores read them (tf32x3's ``lo`` parts
+    truncated to tf32, the worse of the two), whose products are exact in fp32: the same mode,
+    another summation order."""
+    if precision == "tf32x3":
+        k = xa.shape[1] // 3
+        if xa.device.type != "cuda":
+            xa, bank = (_truncate_tf32(a) for a in (xa, bank))
+        with _tf32_matmul(xa.device):
+            acc = torch.mm(xa[:, : 2 * k], bank.t())
+            return acc.addmm_(xa[:, 2 * k :], bank[:, :k].t())
     if xa.device.type == "cuda":
         if precision == "bf16":
             return torch.mm(xa, bank.t(), out_dtype=torch.float32)
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
+        with _tf32_matmul(xa.device):
             return torch.mm(xa, bank.t())
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
     return torch.mm(xa.float(), bank.float().t())
+
+
+@contextlib.contextmanager
+def _tf32_matmul(device: torch.device):
+    """Within: fp32 matrix products on CUDA run on the tf32 tensor cores (cuBLAS)."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _truncate_tf32(a: torch.Tensor) -> torch.Tensor:
+    """A copy of fp32 ``a`` with the 13 low mantissa bits cleared: the operand as tensor cores that
+    truncate read it (exact for values already in tf32)."""
+    out = a.float().clone()
+    out.view(torch.int32).bitwise_and_(~0x1FFF)
+    return out
 
 
 def mixture_lse_split(
@@ -1032,11 +1128,17 @@ def mixture_lse_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The split GEMM form (``SplitGemmConfig``) of ``mixture_lse_gemm``: ``(out [B, C]`` float32,
     ``bad_c [C]`` int8 the classes with a non-finite bank row) from the prepared image operand
-    ``xa [B, K]`` and its ``xx [B]`` term. bf16 and tf32 only:
-    torch's product has no tf32x3 (the fused kernel's), and a full fp32 product is another
-    precision. Images go in chunks of ``SPLIT_CHUNK_VALUES // (C*T)`` (``acc``'s memory)."""
-    if precision not in ("bf16", "tf32"):
-        raise ValueError(f"the split GEMM form runs bf16 and tf32, got precision {precision!r}")
+    ``xa [B, K]`` (tf32x3: ``tf32_parts(x, 3)``, with ``operands.split``) and its ``xx [B]``
+    term. Images go in chunks of ``SPLIT_CHUNK_VALUES // (C*T)`` (``acc``'s memory)."""
+    if precision not in SPLIT_PRECISIONS:
+        raise ValueError(
+            f"the split GEMM form runs {', '.join(SPLIT_PRECISIONS)}, got precision {precision!r}"
+        )
+    if precision == "tf32x3" and operands.split is None:
+        raise ValueError(
+            "operands: the split tf32x3 form needs operands.split (gemm_operands(..., split=True))"
+        )
+    product_bank = operands.split if precision == "tf32x3" else operands.bank
     b = xa.shape[0]
     rows = classes * steps
     out = torch.empty(b, classes, dtype=torch.float32, device=xa.device)
@@ -1046,7 +1148,7 @@ def mixture_lse_split(
     block_c = max(1, min(config.BLOCK_C, SPLIT_MAX_BLOCK_T // block_t))
     for b0 in range(0, b, step):
         n = min(step, b - b0)
-        acc = _split_product(xa[b0 : b0 + n], operands.bank, precision)
+        acc = _split_product(xa[b0 : b0 + n], product_bank, precision)
         grid = (triton.cdiv(classes, block_c), triton.cdiv(n, config.IMAGES_PER_PROGRAM))
         _gemm_lse_kernel[grid](
             acc,
@@ -1093,16 +1195,16 @@ def mixture_lse(
             x[0].numel(),
             is_diagonal(mu, sigma),
             x.dtype,
+            # prepared operands or made per call: the split tf32x3 form makes its bank parts per
+            # call from raw tensors (a pass over the bank), so the fastest form may differ
+            operands is not None,
         )
         # Below GEMM_TUNE_MIN_BATCH images only the first config: at a 16-image tile the tf32
         # 128x64 and the tf32x3 256x32 configs spill at 255 registers (24-100 B, sm_80 / sm_90,
         # the compile gate), and such a batch is cheap whatever its tile.
         small = triton.next_power_of_2(x.shape[0]) < GEMM_TUNE_MIN_BATCH
         configs = GEMM_CONFIGS[:1] if small else list(GEMM_CONFIGS)
-        if (
-            precision in ("bf16", "tf32")
-            and triton.next_power_of_2(mu.shape[1]) <= SPLIT_MAX_BLOCK_T
-        ):
+        if split_applies(mu, precision):
             configs.append(SPLIT_CONFIG)  # the split form competes (never the default)
         return tuning.tuned(
             "_mixture_gemm_kernel",
@@ -1112,6 +1214,14 @@ def mixture_lse(
             lambda cfg: mixture_lse_gemm(x, mu, sigma, precision, operands, config=cfg),
         )
     return mixture_lse_diff(x, mu, sigma, class_index)
+
+
+def split_applies(mu: torch.Tensor, precision: str) -> bool:
+    """True where ``mixture_lse``'s tuner times the split form for a shared bank ``mu``: a
+    precision of ``SPLIT_PRECISIONS`` and T up to ``SPLIT_MAX_BLOCK_T`` (the epilogue's limit)."""
+    return (
+        precision in SPLIT_PRECISIONS and triton.next_power_of_2(mu.shape[1]) <= SPLIT_MAX_BLOCK_T
+    )
 
 
 def uses_gemm_form(

@@ -188,13 +188,15 @@ def test_public_api_triton_backend_forward_and_backward(layout):
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
 def test_gemm_operands_prepared_in_row_chunks(monkeypatch, kind, precision):
     # The float64 preparation runs over chunks of rows (bounded temporaries at ImageNet scale):
-    # 2-row chunks of a 15-row bank give the one-chunk operands bitwise.
+    # 2-row chunks of a 15-row bank give the one-chunk operands bitwise (tf32x3 with its split
+    # form's parts, which tf32_parts makes in chunks too).
     _, mu, sigma = make_bank(2, 3, 5, (7,), sigma_kind=kind)
-    whole = M.gemm_operands(mu, sigma, precision)
+    split = precision == "tf32x3"
+    whole = M.gemm_operands(mu, sigma, precision, split=split)
     monkeypatch.setattr(M, "PREP_CHUNK_VALUES", 14)
-    chunked = M.gemm_operands(mu, sigma, precision)
+    chunked = M.gemm_operands(mu, sigma, precision, split=split)
     for name, a, b in zip(whole._fields, whole, chunked):
-        assert torch.equal(a, b), name
+        assert (a is None and b is None and not split) or torch.equal(a, b), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,8 +264,8 @@ def test_every_gemm_config_matches_f64(index, kind, device, precision):
 
 @pytest.mark.parametrize(
     "device, precision",
-    [("cpu", "bf16"), ("cpu", "tf32")]
-    + [pytest.param("cuda", p, marks=pytest.mark.gpu) for p in ("tf32", "bf16")],
+    [("cpu", "bf16"), ("cpu", "tf32"), ("cpu", "tf32x3")]
+    + [pytest.param("cuda", p, marks=pytest.mark.gpu) for p in ("tf32x3", "tf32", "bf16")],
 )
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
 @pytest.mark.parametrize("c, t", [(11, 75), (40, 3), (9, 100)], ids=["T75", "T3", "T100"])
@@ -271,7 +273,8 @@ def test_split_gemm_form_matches_f64(c, t, kind, device, precision, monkeypatch)
     # The library product, then _gemm_lse_kernel: 19 images over image blocks of 16 (the last
     # partial), C = 11 over class blocks of 8 (T = 75; T = 3 packs up to 8 classes of 4 masked
     # steps per program), D = 37, and acc chunked 7 images at a time. A non-finite image and a
-    # non-finite bank class go through the redo as in the fused form.
+    # non-finite bank class go through the redo as in the fused form. tf32x3 (two tf32 products
+    # over hi / lo parts) is held to the fp32 GEMM form's error: one lost lo product is tf32's.
     monkeypatch.setattr(M, "SPLIT_CHUNK_VALUES", 7 * c * t)
     x, mu, sigma = make_bank(19, c, t, (37,), sigma_kind=kind)
     x[3, 5] = math.inf
@@ -279,9 +282,8 @@ def test_split_gemm_form_matches_f64(c, t, kind, device, precision, monkeypatch)
     want = lse_f64(x, mu, sigma)
     good = torch.isfinite(want)
     assert torch.isnan(want[:, 2]).all() and torch.isneginf(want[3, 3:]).all()
-    torch_err = (
-        (torch_gemm_form_lse(x, mu, sigma, precision).double() - want)[good].abs().max().item()
-    )
+    ref = "ieee" if precision == "tf32x3" else precision
+    torch_err = (torch_gemm_form_lse(x, mu, sigma, ref).double() - want)[good].abs().max().item()
     xd, mud, sigd = (a.to(device) for a in (x, mu, sigma))
     got = M.mixture_lse_gemm(xd, mud, sigd, precision, config=M.SPLIT_CONFIG).double().cpu()
     assert torch.equal(torch.isneginf(got), torch.isneginf(want))
@@ -293,8 +295,12 @@ def test_split_gemm_form_matches_f64(c, t, kind, device, precision, monkeypatch)
 def test_split_gemm_form_limits():
     x, mu, sigma = make_bank(2, 2, 5, (6,))
     ops = M.gemm_operands(mu, sigma, "tf32x3")
-    with pytest.raises(ValueError, match="the split GEMM form runs bf16 and tf32, got"):
-        M.mixture_lse_split(x, x.square().sum(-1), ops, 2, 5, "tf32x3")
+    with pytest.raises(ValueError, match="the split GEMM form runs bf16, tf32, tf32x3, got"):
+        M.mixture_lse_split(x, x.square().sum(-1), ops, 2, 5, "ieee")
+    with pytest.raises(ValueError, match=r"needs operands.split \(gemm_operands"):
+        M.mixture_lse_split(M.tf32_parts(x, 3), x.square().sum(-1), ops, 2, 5, "tf32x3")
+    with pytest.raises(ValueError, match="split=True: only tf32x3 has a split operand"):
+        M.gemm_operands(mu, sigma, "bf16", split=True)
     x, mu, sigma = make_bank(2, 1, M.SPLIT_MAX_BLOCK_T + 1, (4,))
     with pytest.raises(ValueError, match=r"T <= 1024, got B=2, C=1, T=1025"):
         M.mixture_lse_gemm(x, mu, sigma, "bf16", config=M.SPLIT_CONFIG)
@@ -323,7 +329,7 @@ def test_isotropic_operand_kernel_matches_torch_bitwise(precision, dtype, device
     padded = torch.randn(40, 1200, generator=g).to(dtype)[:, :1100]  # rows 1200 apart
     strided = torch.randn(40, 2200, generator=g).to(dtype)[:, ::2]  # D not unit-stride
     for bank_in in (mu, padded, strided):
-        bank, mm = M._isotropic_operand(bank_in.to(device), precision)
+        bank, mm, _ = M._isotropic_operand(bank_in.to(device), precision)
         want = _round_operand(bank_in.float(), precision)
         if precision == "bf16":
             want = bank_in.to(torch.bfloat16)  # straight from mu: one rounding
@@ -331,13 +337,53 @@ def test_isotropic_operand_kernel_matches_torch_bitwise(precision, dtype, device
         assert torch.equal(bank.cpu(), want.to(bank.dtype))
     # Row norms: every value of the row (both D steps, the tail) in, rounded once to fp32.
     normal = (torch.randn(40, 1100, generator=g) * 3).to(dtype)
-    _, mm = M._isotropic_operand(normal.to(device), precision)
+    _, mm, _ = M._isotropic_operand(normal.to(device), precision)
     norms = normal.double().square().sum(-1)
     torch.testing.assert_close(mm.cpu(), norms.float(), rtol=2**-23, atol=0)
     mu_dev = mu.to(device)
-    own, _ = M._isotropic_operand(mu_dev, precision)
+    own, _, _ = M._isotropic_operand(mu_dev, precision)
     is_own = precision != "tf32" and dtype == M.GEMM_OPERAND_DTYPES[precision]
     assert (own.data_ptr() == mu_dev.data_ptr()) == is_own  # a view exactly where no copy is due
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tf32_parts_split_each_value_exactly(dtype, device):
+    # The split tf32x3 form's operands: hi rounded to nearest tf32 (13 low bits clear), lo = v -
+    # hi exactly (hi + lo == v in float64), laid out [hi | lo] (bank) or [hi | hi | lo] (images);
+    # the operand kernel's pass writes the torch function's values bit for bit, with the same
+    # operand and row norms as without parts. D = 1100: two BLOCK_D steps with a tail.
+    g = torch.Generator().manual_seed(7)
+    a = (torch.randn(30, 1100, generator=g) * torch.logspace(-20, 20, 1100)).to(dtype)
+    d = a.shape[1]
+    for parts in (2, 3):
+        got = M.tf32_parts(a.to(device), parts).cpu()
+        assert got.shape == (30, parts * d) and got.dtype == torch.float32
+        hi, lo = got[:, :d], got[:, (parts - 1) * d :]
+        if parts == 3:
+            assert torch.equal(got[:, d : 2 * d], hi)
+        assert torch.equal(hi, _round_operand(a.float(), "tf32"))
+        assert torch.equal(hi.double() + lo.double(), a.double())
+        assert (lo.abs() <= hi.abs() * 2**-11).all()  # lo is at most half a tf32 ulp of hi
+        bank, mm, kernel_parts = M._isotropic_operand(a.to(device), "tf32x3", parts)
+        plain, plain_mm, none = M._isotropic_operand(a.to(device), "tf32x3")
+        assert none is None
+        assert torch.equal(kernel_parts.cpu(), got)
+        assert torch.equal(bank.cpu(), plain.cpu()) and torch.equal(mm.cpu(), plain_mm.cpu())
+
+
+@pytest.mark.parametrize("kind", ["c_t", "diag"])
+def test_gemm_operands_split_for_tf32x3(kind):
+    # gemm_operands(..., split=True) adds the bank's [hi | lo] parts (the isotropic bank in the
+    # operand kernel's pass, the diagonal one from its [mu/sigma^2, 1/sigma^2] rows) and leaves
+    # the fused kernel's operands as they were.
+    _, mu, sigma = make_bank(2, 3, 5, (7,), sigma_kind=kind)
+    plain = M.gemm_operands(mu, sigma, "tf32x3")
+    split = M.gemm_operands(mu, sigma, "tf32x3", split=True)
+    assert plain.split is None
+    for a, b in zip(plain[:4], split[:4]):
+        assert torch.equal(a, b)
+    assert torch.equal(split.split, M.tf32_parts(plain.bank, 2))
 
 
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
@@ -381,6 +427,40 @@ def test_prepared_bank_keeps_gemm_operands_per_precision():
         want = G.mixture_log_likelihood(x, mu, sigma, precision=p, backend="triton")
         assert torch.equal(got, want), p
     assert sorted(bank._triton_operands) == ["bf16", "tf32", "tf32x3"]
+
+
+def test_prepared_bank_keeps_the_split_tf32x3_parts_where_they_are_timed(monkeypatch):
+    # A tf32x3 snapshot keeps the split form's [hi | lo] parts only where the tuner times that
+    # form (CUDA, tuning on): none here. Made to keep them, it holds twice the fp32 bank more,
+    # hands them through the op's tensor list, and the split form then reads them: the bank's
+    # parts are not remade per call (only the images'), and the result is the raw tensors'.
+    from genrep_fast.prepared_bank import PreparedBank
+
+    x, mu, sigma = make_bank(3, 4, 6, (40,))
+    cpu = G.prepare_bank(mu, sigma)
+    cpu.log_likelihood(x, precision="tf32x3", backend="triton")
+    assert cpu._triton_operands["tf32x3"].split is None
+    monkeypatch.setattr(PreparedBank, "_split_for", lambda self, precision: precision == "tf32x3")
+    monkeypatch.setattr(M, "GEMM_CONFIGS", [])  # the tuner's only candidate: the split form
+    bank = G.prepare_bank(mu, sigma)
+    made = []
+    real = M._isotropic_operand
+    monkeypatch.setattr(
+        M, "_isotropic_operand", lambda a, p, parts=0: made.append(parts) or real(a, p, parts)
+    )
+    real_parts = M.tf32_parts
+    monkeypatch.setattr(
+        M, "tf32_parts", lambda a, parts: made.append(f"torch {parts}") or real_parts(a, parts)
+    )
+    got = bank.log_likelihood(x, precision="tf32x3", backend="triton")
+    assert made == [2, 3]  # the bank's parts once, at preparation; the images' per call
+    bank.log_likelihood(x, precision="tf32x3", backend="triton")
+    assert made == [2, 3, 3]
+    ops = bank._triton_operands["tf32x3"]
+    assert torch.equal(ops.split, real_parts(ops.bank, 2))
+    assert bank.nbytes == cpu.nbytes + ops.split.numel() * 4
+    want = G.mixture_log_likelihood(x, mu, sigma, precision="tf32x3", backend="triton")
+    assert torch.equal(got, want)
 
 
 def test_eager_path_skips_the_custom_op_and_matches_it(monkeypatch):

@@ -78,10 +78,10 @@ def test_gemm_dispatch_picks_its_config_through_the_tuner():
     assert seen == [M.GEMM_CONFIGS[0].BLOCK_N]
 
 
-def test_split_gemm_form_is_a_tuner_candidate_for_bf16_and_tf32():
+def test_split_gemm_form_is_a_tuner_candidate_for_every_gemm_precision():
     # In every-config mode mixture_lse runs the split form (_gemm_lse_kernel) after the fused
-    # configs for bf16 and tf32, at any batch; never for tf32x3 (torch has no such product) nor
-    # past SPLIT_MAX_BLOCK_T steps. Off the GPU the fused first config stays the choice.
+    # configs for bf16, tf32 and tf32x3, at any batch; never past SPLIT_MAX_BLOCK_T steps. Off
+    # the GPU the fused first config stays the choice.
     seen = []
     M._gemm_lse_kernel.add_pre_run_hook(lambda *a, **kw: seen.append(kw["BLOCK_C"]))
     try:
@@ -101,7 +101,7 @@ def test_split_gemm_form_is_a_tuner_candidate_for_bf16_and_tf32():
     finally:
         M._gemm_lse_kernel.pre_run_hooks.pop()
     assert runs == {
-        "bf16": 1, "tf32": 1, "tf32x3": 0, "bf16, tuned off the GPU": 0, "T = 1025": 0
+        "bf16": 1, "tf32": 1, "tf32x3": 1, "bf16, tuned off the GPU": 0, "T = 1025": 0
     }  # fmt: skip
 
 

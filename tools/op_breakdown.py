@@ -121,7 +121,9 @@ def _kl_case(b: int, c: int, calls: int, cuda: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="256,1000,100,4096", help="B,C,T,D (default ImageNet)")
-    ap.add_argument("--precisions", default="bf16,tf32x3", help="comma-separated GEMM precisions")
+    ap.add_argument(
+        "--precisions", default="bf16,tf32,tf32x3", help="comma-separated GEMM precisions"
+    )
     ap.add_argument("--calls", type=int, default=5, help="profiled calls per case (default 5)")
     ap.add_argument("--out", default=None, help="JSON file for the results")
     ap.add_argument("--kl", action="store_true", help="add the fused KL forward + backward")
