@@ -25,8 +25,9 @@ registers.
   reads the scores once (204 MB at B=256, C=1000, T=100: 0.07 ms at an H100's copy bandwidth)
   but runs the library's GEMM; the autotuner times it against ``GEMM_CONFIGS`` and keeps the
   faster. bf16 and tf32 are one product; tf32x3 is two tf32 products over the operands split
-  into tf32 hi and lo parts (``tf32_parts``: ``[x_hi | x_hi] @ [hi | lo]^T + x_lo @ hi^T``),
-  whose bank parts a ``PreparedBank`` keeps (twice the fp32 bank).
+  into tf32 hi and lo parts (``tf32_parts``: ``[x_hi | x_lo] @ [lo | hi]^T``, the small
+  products, then ``x_hi @ hi^T`` added to them), whose bank parts a ``PreparedBank`` keeps
+  (twice the fp32 bank).
 
 Under ``TRITON_INTERPRET=1`` the interpreter computes every ``tl.dot`` in exact fp32 (and cannot do
 a bf16 dot), so the launcher sets ``EMULATE`` and the kernel dots the prepared operands in fp32
@@ -631,7 +632,7 @@ class GemmOperands(NamedTuple):
     difference-free terms). They depend on the bank only: ``genrep_fast.PreparedBank`` computes
     them once per snapshot and precision; a raw ``(mu, sigma)`` gets them recomputed on every
     call. ``split``: tf32x3 only, None unless asked for (``gemm_operands(..., split=True)``): the
-    bank rows as ``tf32_parts(bank, 2)`` ``[C*T, 2K]``, the operand of the split tf32x3 form
+    bank rows as ``tf32_parts(bank, "bank")`` ``[C*T, 2K]``, the operand of the split tf32x3 form
     (twice the fp32 bank's memory); without it that form makes them per call.
     """
 
@@ -705,8 +706,8 @@ def _bank_operand_kernel(
     GEMM precision. One read of the bank instead of a float64 copy, a square and a sum per chunk
     (5.4-6.2 ms per raw-tensor call at C=1000, T=100, D=4096 on the H100, bench/results/
     gpu-h100-20261126c). PARTS > 0 (the split tf32x3 form, ``tf32_parts``): ``parts[r]`` the row's
-    fp32 value split into ``hi`` (rounded to nearest tf32) and ``lo = v - hi`` (exact), laid out
-    ``[hi | lo]`` (PARTS = 2, a bank) or ``[hi | hi | lo]`` (PARTS = 3, images)."""
+    fp32 values split into ``hi`` (rounded to nearest tf32) and ``lo = v - hi`` (exact), laid out
+    ``[hi | lo]`` (PARTS = 1, images) or ``[lo | hi]`` (PARTS = 2, a bank)."""
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK_D], dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
@@ -723,21 +724,20 @@ def _bank_operand_kernel(
             tl.store(bank_ptr + row * D + offs, _round_bf16(v.to(tl.float32)), mask=inside)
         if PARTS > 0:
             hi = _round_tf32(v.to(tl.float32))
-            part_row = parts_ptr + row * (PARTS * D) + offs
-            tl.store(part_row, hi, mask=inside)
-            if PARTS == 3:
-                tl.store(part_row + D, hi, mask=inside)
-            tl.store(part_row + (PARTS - 1) * D, v.to(tl.float32) - hi, mask=inside)
+            part_row = parts_ptr + row * (2 * D) + offs
+            tl.store(part_row + (PARTS - 1) * D, hi, mask=inside)
+            tl.store(part_row + (2 - PARTS) * D, v.to(tl.float32) - hi, mask=inside)
     tl.store(mm_ptr + row + tl.arange(0, 1), tl.sum(acc, 0).to(tl.float32))
 
 
 def _isotropic_operand(
-    mu2: torch.Tensor, precision: str, parts: int = 0
+    mu2: torch.Tensor, precision: str, parts: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(bank, mm, parts)`` of an isotropic bank ``mu2: [rows, D]`` for ``precision``: one launch
     of ``_bank_operand_kernel``. A contiguous bank already in the operand dtype (fp32 for tf32x3,
     bf16 for bf16) is its own operand (no copy); tf32 always writes a rounded copy. ``parts``
-    (tf32x3 only): 2 or 3 also writes ``tf32_parts(mu2, parts)`` in the same pass, else None."""
+    (tf32x3 only): ``"x"`` or ``"bank"`` also writes ``tf32_parts(mu2, parts)`` in the same
+    pass, else None."""
     if mu2.stride(-1) != 1:
         mu2 = mu2.contiguous()
     rows, d = mu2.shape
@@ -745,38 +745,47 @@ def _isotropic_operand(
     own = precision != "tf32" and mu2.dtype == dtype and mu2.is_contiguous()
     bank = mu2 if own else torch.empty(rows, d, dtype=dtype, device=mu2.device)
     mm = torch.empty(rows, dtype=torch.float32, device=mu2.device)
-    split = torch.empty(rows, parts * d, dtype=torch.float32, device=mu2.device) if parts else None
+    split = torch.empty(rows, 2 * d, dtype=torch.float32, device=mu2.device) if parts else None
     mode = 0 if own else _OPERAND_MODES[precision]
 
     def run(config):
         _bank_operand_kernel[(rows,)](
             mu2, bank, mm, mm if split is None else split, d, mu2.stride(0), MODE=mode,
-            PARTS=parts, **tuning.fit_blocks(config, BLOCK_D=triton.next_power_of_2(d)),
+            PARTS=_PARTS_CODES[parts],
+            **tuning.fit_blocks(config, BLOCK_D=triton.next_power_of_2(d)),
         )  # fmt: skip
 
     tuning.tuned("_bank_operand_kernel", (PREP_CONFIG,), (), mu2.device, run)
     return bank, mm, split
 
 
-def tf32_parts(a: torch.Tensor, parts: int) -> torch.Tensor:
+# The layouts of tf32_parts (the operand kernel's PARTS): 0 none, 1 images [hi | lo], 2 bank
+# [lo | hi].
+_PARTS_CODES = {None: 0, "x": 1, "bank": 2}
+
+
+def tf32_parts(a: torch.Tensor, side: str) -> torch.Tensor:
     """The split tf32x3 form's operand of ``a: [rows, K]`` (torch; ``_bank_operand_kernel`` writes
     the same in its pass): each value split into ``hi = round_tf32(a)`` and ``lo = a - hi``
-    (exact in fp32), as ``[rows, 2K] = [hi | lo]`` (``parts=2``, the bank) or ``[rows, 3K] =
-    [hi | hi | lo]`` (``parts=3``, the images), so that ``[x_hi | x_hi] @ [hi | lo]^T + x_lo @
-    hi^T`` is tf32x3's three products in two tf32 GEMMs (``_split_product``). ``hi`` is exact in
-    tf32 whether the tensor cores round or truncate their operands; ``lo`` loses at most 2^-10 of
-    itself, about 2^-21 of the value. Chunks of ``PREP_CHUNK_VALUES`` keep the temporaries small."""
+    (exact in fp32), as ``[rows, 2K]``: ``[hi | lo]`` for ``side="x"`` (the images), ``[lo |
+    hi]`` for ``side="bank"``. Then ``[x_hi | x_lo] @ [lo | hi]^T`` is the two small products
+    in one tf32 GEMM, and ``x_hi @ hi^T`` (views) the big one, added on top of them
+    (``_split_product``), as the fused kernel keeps its small products apart. ``hi`` is exact
+    in tf32 whether the tensor cores round or truncate their operands; ``lo`` loses at most
+    2^-10 of itself, about 2^-21 of the value. Chunks of ``PREP_CHUNK_VALUES`` rows keep the
+    temporaries small."""
+    if side not in ("x", "bank"):
+        raise ValueError(f"side must be 'x' or 'bank', got {side!r}")
     rows, k = a.shape
-    out = torch.empty(rows, parts * k, dtype=torch.float32, device=a.device)
+    out = torch.empty(rows, 2 * k, dtype=torch.float32, device=a.device)
+    hi_at, lo_at = (slice(0, k), slice(k, 2 * k)) if side == "x" else (slice(k, 2 * k), slice(0, k))
     step = max(1, PREP_CHUNK_VALUES // max(k, 1))
     for r0 in range(0, rows, step):
         v = a[r0 : r0 + step].float()
         hi = round_tf32_(v.clone())
         chunk = out[r0 : r0 + step]
-        chunk[:, :k] = hi
-        if parts == 3:
-            chunk[:, k : 2 * k] = hi
-        chunk[:, (parts - 1) * k :] = v - hi
+        chunk[:, hi_at] = hi
+        chunk[:, lo_at] = v - hi
     return out
 
 
@@ -820,11 +829,11 @@ def gemm_operands(
             bank[r0 : r0 + step, d:] = gemm_operand(ivar.float(), precision)
             mm[r0 : r0 + step] = (mud.square() * ivar).sum(-1)
             log_norm[r0 : r0 + step] = const - torch.log(sig).sum(-1)
-        parts = tf32_parts(bank, 2) if split else None
+        parts = tf32_parts(bank, "bank") if split else None
         return GemmOperands(bank, mm, torch.ones(rows, **f32), log_norm, parts)
     sig = sigma.expand(c, t).reshape(rows).double()
     # bf16 straight from mu: one rounding
-    bank, mm, parts = _isotropic_operand(mu2, precision, 2 if split else 0)
+    bank, mm, parts = _isotropic_operand(mu2, precision, "bank" if split else None)
     return GemmOperands(
         bank, mm, sig.square().reciprocal().float(), (const - d * torch.log(sig)).float(), parts
     )
@@ -894,9 +903,10 @@ def mixture_lse_gemm(
     ``operands``: ``gemm_operands(mu, sigma, precision)`` computed earlier (a prepared bank), for
     this very precision; None computes them here, from the tensors as they are now. ``config``:
     one of ``GEMM_CONFIGS`` (default the first) or a ``SplitGemmConfig`` (the library GEMM and
-    ``_gemm_lse_kernel``; tf32x3 over ``operands.split``, made here where it is None). ``classes_per_program``: classes per program
-    (default ``gemm_classes_per_program``). Pairs with a non-finite image or bank row are then
-    redone in the difference form (``redo_nonfinite_pairs``).
+    ``_gemm_lse_kernel``; tf32x3 over ``operands.split``, made here where it is None).
+    ``classes_per_program``: classes per program (default ``gemm_classes_per_program``). Pairs
+    with a non-finite image or bank row are then redone in the difference form
+    (``redo_nonfinite_pairs``).
     """
     cfg = GEMM_CONFIGS[0] if config is None else config
     b = x.shape[0]
@@ -922,18 +932,18 @@ def mixture_lse_gemm(
         xa = gemm_operand(torch.cat([x32, -0.5 * x32.square()], 1), precision)
         xx_term = torch.zeros_like(xx)
         if parts:
-            xa = tf32_parts(xa, 3)
+            xa = tf32_parts(xa, "x")
     else:
         # The operand and |x|^2 (float64 sum) in one launch, as for the bank: each torch op costs
         # the host ~25 us on the H100 machine, and calls there were host-bound (bench/results/
         # gpu-h100-20261127).
-        xa, xx, x_parts = _isotropic_operand(x.reshape(b, -1), precision, 3 if parts else 0)
+        xa, xx, x_parts = _isotropic_operand(x.reshape(b, -1), precision, "x" if parts else None)
         xa = x_parts if parts else xa
         xx_term = xx
     k = xa.shape[1]
     if split:
         if parts and operands.split is None:  # a prepared bank made without it
-            operands = operands._replace(split=tf32_parts(operands.bank, 2))
+            operands = operands._replace(split=tf32_parts(operands.bank, "bank"))
         out, bad_c = mixture_lse_split(xa, xx_term, operands, c, t, precision, cfg)
         redo_nonfinite_pairs(out, x, mu, sigma, xx, operands.mm, bad_c)
         return out
@@ -1072,21 +1082,21 @@ def _gemm_lse_kernel(
 
 def _split_product(xa: torch.Tensor, bank: torch.Tensor, precision: str) -> torch.Tensor:
     """``xa @ bank^T`` fp32 ``[b, rows]`` in the arithmetic of ``precision`` (the operands come
-    prepared, ``gemm_operand``; tf32x3: ``tf32_parts``, ``xa = [x_hi | x_hi | x_lo]`` and
-    ``bank = [hi | lo]``, so ``x_hi.hi + x_hi.lo`` in one product over 2K and ``x_lo.hi`` added
-    by a second). CUDA: cuBLAS, bf16 with fp32 accumulation and output (``out_dtype``), tf32 on
-    its tensor cores (exact products of the rounded operands; the ``lo`` parts lose at most 2^-10
-    of themselves whether the tensor cores round or truncate them). Off CUDA (the interpreter,
-    tests): an fp32 product of the operands as the tensor cores read them (tf32x3's ``lo`` parts
-    truncated to tf32, the worse of the two), whose products are exact in fp32: the same mode,
-    another summation order."""
+    prepared, ``gemm_operand``; tf32x3: ``tf32_parts``, ``xa = [x_hi | x_lo]`` and ``bank = [lo |
+    hi]``: the two small products ``x_hi.lo + x_lo.hi`` in one product over 2K, then the big one
+    ``x_hi.hi`` with them added once at its end, ``addmm``). CUDA: cuBLAS, bf16 with fp32
+    accumulation and output (``out_dtype``), tf32 on its tensor cores (exact products of the
+    rounded operands; the ``lo`` parts lose at most 2^-10 of themselves whether the tensor cores
+    round or truncate them). Off CUDA (the interpreter, tests): an fp32 product of the operands as
+    the tensor cores read them (tf32x3's ``lo`` parts truncated to tf32, the worse of the two),
+    whose products are exact in fp32: the same mode, another summation order."""
     if precision == "tf32x3":
-        k = xa.shape[1] // 3
+        k = xa.shape[1] // 2
         if xa.device.type != "cuda":
             xa, bank = (_truncate_tf32(a) for a in (xa, bank))
         with _tf32_matmul(xa.device):
-            acc = torch.mm(xa[:, : 2 * k], bank.t())
-            return acc.addmm_(xa[:, 2 * k :], bank[:, :k].t())
+            small = torch.mm(xa, bank.t())
+            return torch.addmm(small, xa[:, :k], bank[:, k:].t())
     if xa.device.type == "cuda":
         if precision == "bf16":
             return torch.mm(xa, bank.t(), out_dtype=torch.float32)
@@ -1128,7 +1138,7 @@ def mixture_lse_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The split GEMM form (``SplitGemmConfig``) of ``mixture_lse_gemm``: ``(out [B, C]`` float32,
     ``bad_c [C]`` int8 the classes with a non-finite bank row) from the prepared image operand
-    ``xa [B, K]`` (tf32x3: ``tf32_parts(x, 3)``, with ``operands.split``) and its ``xx [B]``
+    ``xa [B, K]`` (tf32x3: ``tf32_parts(x, "x")``, with ``operands.split``) and its ``xx [B]``
     term. Images go in chunks of ``SPLIT_CHUNK_VALUES // (C*T)`` (``acc``'s memory)."""
     if precision not in SPLIT_PRECISIONS:
         raise ValueError(

@@ -298,7 +298,9 @@ def test_split_gemm_form_limits():
     with pytest.raises(ValueError, match="the split GEMM form runs bf16, tf32, tf32x3, got"):
         M.mixture_lse_split(x, x.square().sum(-1), ops, 2, 5, "ieee")
     with pytest.raises(ValueError, match=r"needs operands.split \(gemm_operands"):
-        M.mixture_lse_split(M.tf32_parts(x, 3), x.square().sum(-1), ops, 2, 5, "tf32x3")
+        M.mixture_lse_split(M.tf32_parts(x, "x"), x.square().sum(-1), ops, 2, 5, "tf32x3")
+    with pytest.raises(ValueError, match="side must be 'x' or 'bank', got 3"):
+        M.tf32_parts(x, 3)
     with pytest.raises(ValueError, match="split=True: only tf32x3 has a split operand"):
         M.gemm_operands(mu, sigma, "bf16", split=True)
     x, mu, sigma = make_bank(2, 1, M.SPLIT_MAX_BLOCK_T + 1, (4,))
@@ -350,22 +352,20 @@ def test_isotropic_operand_kernel_matches_torch_bitwise(precision, dtype, device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tf32_parts_split_each_value_exactly(dtype, device):
     # The split tf32x3 form's operands: hi rounded to nearest tf32 (13 low bits clear), lo = v -
-    # hi exactly (hi + lo == v in float64), laid out [hi | lo] (bank) or [hi | hi | lo] (images);
+    # hi exactly (hi + lo == v in float64), laid out [hi | lo] (images) or [lo | hi] (bank);
     # the operand kernel's pass writes the torch function's values bit for bit, with the same
     # operand and row norms as without parts. D = 1100: two BLOCK_D steps with a tail.
     g = torch.Generator().manual_seed(7)
     a = (torch.randn(30, 1100, generator=g) * torch.logspace(-20, 20, 1100)).to(dtype)
     d = a.shape[1]
-    for parts in (2, 3):
-        got = M.tf32_parts(a.to(device), parts).cpu()
-        assert got.shape == (30, parts * d) and got.dtype == torch.float32
-        hi, lo = got[:, :d], got[:, (parts - 1) * d :]
-        if parts == 3:
-            assert torch.equal(got[:, d : 2 * d], hi)
+    for side in ("x", "bank"):
+        got = M.tf32_parts(a.to(device), side).cpu()
+        assert got.shape == (30, 2 * d) and got.dtype == torch.float32
+        hi, lo = (got[:, :d], got[:, d:]) if side == "x" else (got[:, d:], got[:, :d])
         assert torch.equal(hi, _round_operand(a.float(), "tf32"))
         assert torch.equal(hi.double() + lo.double(), a.double())
         assert (lo.abs() <= hi.abs() * 2**-11).all()  # lo is at most half a tf32 ulp of hi
-        bank, mm, kernel_parts = M._isotropic_operand(a.to(device), "tf32x3", parts)
+        bank, mm, kernel_parts = M._isotropic_operand(a.to(device), "tf32x3", side)
         plain, plain_mm, none = M._isotropic_operand(a.to(device), "tf32x3")
         assert none is None
         assert torch.equal(kernel_parts.cpu(), got)
@@ -374,7 +374,7 @@ def test_tf32_parts_split_each_value_exactly(dtype, device):
 
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
 def test_gemm_operands_split_for_tf32x3(kind):
-    # gemm_operands(..., split=True) adds the bank's [hi | lo] parts (the isotropic bank in the
+    # gemm_operands(..., split=True) adds the bank's [lo | hi] parts (the isotropic bank in the
     # operand kernel's pass, the diagonal one from its [mu/sigma^2, 1/sigma^2] rows) and leaves
     # the fused kernel's operands as they were.
     _, mu, sigma = make_bank(2, 3, 5, (7,), sigma_kind=kind)
@@ -383,7 +383,28 @@ def test_gemm_operands_split_for_tf32x3(kind):
     assert plain.split is None
     for a, b in zip(plain[:4], split[:4]):
         assert torch.equal(a, b)
-    assert torch.equal(split.split, M.tf32_parts(plain.bank, 2))
+    assert torch.equal(split.split, M.tf32_parts(plain.bank, "bank"))
+
+
+def test_split_tf32x3_sums_the_small_products_apart():
+    # Near a mean at sigma = 1e-3 the GEMM form's error is the fp32 rounding of x.mu (docs/
+    # NUMERICS.md: 95 nats for the fused tf32x3 kernel and torch's fp32 GEMM form). The split
+    # form adds the small products x_hi.lo + x_lo.hi, summed in their own GEMM, once to the big
+    # one; added into the big sum term by term ([x_hi | x_hi | x_lo] against [hi | lo | hi] in
+    # one product) it measured 220 nats on this case.
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, 8, 1024, generator=g)
+    cls, steps = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 3, 5, 7])
+    x = mu[cls, steps] + 1e-3 * torch.randn(4, 1024, generator=g)
+    sigma = torch.full((4, 8), 1e-3)
+    rows = torch.arange(4)
+    want = R.mixture_log_likelihood(x.double(), mu.double(), sigma.double())[rows, cls]
+    lt = math.log(8)
+    fp32 = torch_gemm_form_lse(x, mu, sigma, "ieee")[rows, cls] - lt
+    fp32 = (fp32.double() - want).abs().max()
+    split = M.mixture_lse_gemm(x, mu, sigma, "tf32x3", config=M.SPLIT_CONFIG)[rows, cls] - lt
+    err = (split.double() - want).abs().max()
+    assert err <= 1.5 * fp32, (err.item(), fp32.item())
 
 
 @pytest.mark.parametrize("kind", ["c_t", "diag"])
@@ -430,7 +451,7 @@ def test_prepared_bank_keeps_gemm_operands_per_precision():
 
 
 def test_prepared_bank_keeps_the_split_tf32x3_parts_where_they_are_timed(monkeypatch):
-    # A tf32x3 snapshot keeps the split form's [hi | lo] parts only where the tuner times that
+    # A tf32x3 snapshot keeps the split form's [lo | hi] parts only where the tuner times that
     # form (CUDA, tuning on): none here. Made to keep them, it holds twice the fp32 bank more,
     # hands them through the op's tensor list, and the split form then reads them: the bank's
     # parts are not remade per call (only the images'), and the result is the raw tensors'.
@@ -446,18 +467,18 @@ def test_prepared_bank_keeps_the_split_tf32x3_parts_where_they_are_timed(monkeyp
     made = []
     real = M._isotropic_operand
     monkeypatch.setattr(
-        M, "_isotropic_operand", lambda a, p, parts=0: made.append(parts) or real(a, p, parts)
+        M, "_isotropic_operand", lambda a, p, parts=None: made.append(parts) or real(a, p, parts)
     )
     real_parts = M.tf32_parts
     monkeypatch.setattr(
         M, "tf32_parts", lambda a, parts: made.append(f"torch {parts}") or real_parts(a, parts)
     )
     got = bank.log_likelihood(x, precision="tf32x3", backend="triton")
-    assert made == [2, 3]  # the bank's parts once, at preparation; the images' per call
+    assert made == ["bank", "x"]  # the bank's parts once, at preparation; the images' per call
     bank.log_likelihood(x, precision="tf32x3", backend="triton")
-    assert made == [2, 3, 3]
+    assert made == ["bank", "x", "x"]
     ops = bank._triton_operands["tf32x3"]
-    assert torch.equal(ops.split, real_parts(ops.bank, 2))
+    assert torch.equal(ops.split, real_parts(ops.bank, "bank"))
     assert bank.nbytes == cpu.nbytes + ops.split.numel() * 4
     want = G.mixture_log_likelihood(x, mu, sigma, precision="tf32x3", backend="triton")
     assert torch.equal(got, want)
