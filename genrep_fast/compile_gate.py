@@ -210,6 +210,7 @@ def _mixture_variants() -> list[Variant]:
             if dtype != "fp64":  # fp64's forward: below
                 out += _mixture(shape, dtype, "shared", sigma, ("ieee",), (), **bank)
                 out += _mixture(shape, dtype, "candidates", sigma, ("ieee",), (), **bank)
+                out += _mixture(shape, dtype, "per_image", sigma, ("ieee",), ())
             out += _mixture(shape, dtype, "shared", sigma, (), (MU_SIGMA_GRADS,), **bank)
             out += _mixture(shape, dtype, "per_image_candidates", sigma, (), (ALL_GRADS,))
     out += _mixture(LDM8, "fp64", "shared", "CT", ("ieee",), ())

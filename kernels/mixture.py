@@ -74,6 +74,11 @@ DIFF_CONFIGS = (
         "maxnreg": MAXNREG,
     },
     {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
+    # The per-image bf16 bank ran at 61% of the H100's copy bandwidth with #2 (ncu, bench/results/
+    # gpu-h100-20261127: 101 registers, 2 blocks of 8 warps per SM, warps stalled on their
+    # loads, 2.42 waves): ~30 KB in flight per SM, at the edge of what 3 TB/s needs. Pipelined,
+    # the next two 16 x 512 tiles are in flight in shared memory, not in registers.
+    {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 3, "num_warps": 8, "num_stages": 3},
 )
 # Diagonal sigma adds a sigma tile and a second accumulator: pipelined at 16 x 256 the fp32 kernel
 # sat at 255 registers and spilled 12 B on sm_90 (the compile gate); 16 x 128 halves the tiles.
