@@ -54,11 +54,11 @@ PRECISION_CODES = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 # Launch configs of the difference kernel (kernels/tuning.py: the first is the default, the
 # interpreter's and the pinned one; on CUDA the fastest per shape is picked). The tile is
 # [BLOCK_T, BLOCK_D], capped at the sizes; 4096 fp32 values (32 registers a thread at 4 warps) per
-# operand.
+# operand in the first configs, 8192 in the last two.
 # D_STAGES: the D loop software-pipelined with that many stages (cp.async), or not (1); see
 # row_scores. Pipelined, the fp32 isotropic kernel holds 108 registers and 34 KiB of shared
-# memory; not, 156 registers (sm_90, the compile gate). Every T tile is 16 steps: 6% masked rows
-# at T = 75, 11% at T = 100 (32: 22% at both); masked rows load nothing.
+# memory; not, 156 registers (sm_90, the compile gate). T tiles of 16 (and 8) steps: 6% masked
+# rows at T = 75, 11% (4%) at T = 100 (32: 22% at both); masked rows load nothing.
 # maxnreg: without it ptxas capped these kernels at 128 (or 168) registers and spilled 4-32 B on
 # sm_80 / sm_90 (the compile gate); with the ceiling at 255 the same configs fit in registers
 # (e.g. DIFF_CONFIGS[1] on sm_80: 152 registers, no spill).
@@ -76,9 +76,14 @@ DIFF_CONFIGS = (
     {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 1, "num_warps": 8, "num_stages": 2},
     # The per-image bf16 bank ran at 61% of the H100's copy bandwidth with #2 (ncu, bench/results/
     # gpu-h100-20261127: 101 registers, 2 blocks of 8 warps per SM, warps stalled on their
-    # loads, 2.42 waves): ~30 KB in flight per SM, at the edge of what 3 TB/s needs. Pipelined,
-    # the next two 16 x 512 tiles are in flight in shared memory, not in registers.
-    {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 3, "num_warps": 8, "num_stages": 3},
+    # loads, 2.42 waves): ~30 KB of loads in flight per SM, at the edge of what 3 TB/s needs.
+    # Pipelined deeper, the next tiles wait in shared memory, not in registers: 4 stages of
+    # 16 x 256 at 4 warps (121 registers, 26 KB: 4 blocks and ~96 KB in flight per SM in bf16),
+    # 3 stages of 8 x 1024 at 8 warps (117 registers, 37 KB: 2 blocks, ~64 KB); sm_90, ptxas
+    # 12.8 (triton 3.6, the GPU machine's). 16 x 512 at 8 warps needs 133 registers there: one
+    # block per SM.
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 4, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 8, "BLOCK_D": 1024, "D_STAGES": 3, "num_warps": 8, "num_stages": 3},
 )
 # Diagonal sigma adds a sigma tile and a second accumulator: pipelined at 16 x 256 the fp32 kernel
 # sat at 255 registers and spilled 12 B on sm_90 (the compile gate); 16 x 128 halves the tiles.
