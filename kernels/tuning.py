@@ -176,14 +176,15 @@ def _cuda_time(fn: Callable[[], object]) -> float:
 
 def _times(configs: Sequence[Config], run: Callable[[Config], object], timer) -> list[float]:
     """``timer`` of each config; inf for a config that does not fit the device (Triton's
-    ``OutOfResources``: shared memory, registers)."""
+    ``OutOfResources``: shared memory, registers; or out of device memory, e.g. a split GEMM
+    form's scratch or per-call operand parts where the fused kernel needs none)."""
     from triton.runtime.errors import OutOfResources
 
     times = []
     for cfg in configs:
         try:
             times.append(timer(lambda cfg=cfg: run(cfg)))
-        except OutOfResources:
+        except (OutOfResources, torch.OutOfMemoryError):
             times.append(math.inf)
     if all(math.isinf(t) for t in times):
         raise RuntimeError(f"no config of {list(configs)} fits this device")

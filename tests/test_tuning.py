@@ -136,6 +136,27 @@ def test_choice_is_cached_per_kernel_shape_and_device():
     assert set(tuning.chosen().values()) == {1, 2} and len(tuning.chosen()) == 4
 
 
+def test_a_config_out_of_device_memory_is_skipped_not_raised():
+    # A candidate the caller never asked for (the split GEMM form's scratch and per-call parts)
+    # may not fit in memory where the default does: the tuner records it as not fitting (inf)
+    # and keeps another; only when no config fits does the call fail.
+    ran = []
+
+    def run(cfg):
+        ran.append(cfg)
+        if cfg["BLOCK_D"] in oom:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.3 GiB")
+
+    oom = {32}
+    timer = _table_timer({16: 3.0, 32: 1.0, 64: 2.0}, ran)
+    assert tuning.choose("k_oom", CONFIGS, (1,), CPU, run, timer) == 2
+    (row,) = [r for r in tuning.report() if r["kernel"] == "k_oom"]
+    assert row["ms"] == [3.0, None, 2.0]
+    oom = {16, 32, 64}
+    with pytest.raises(RuntimeError, match="no config of .* fits this device"):
+        tuning.choose("k_oom", CONFIGS, (2,), CPU, run, timer)
+
+
 def test_report_lists_each_timed_choice_with_its_times():
     ran = []
 
