@@ -181,7 +181,7 @@ class PreparedBank:
         return []
 
     def _split_for(self, precision: str) -> bool:
-        """Whether the tf32x3 operands include the split form's ``[hi | lo]`` parts: where the
+        """Whether the tf32x3 operands include the split form's ``[lo | hi]`` parts: where the
         autotuner times that form (a CUDA bank, tuning on, T within the split form's limit), so
         that its timing and its use read them prepared, not remade per call."""
         from genrep_fast.kernels import mixture as mixture_kernels

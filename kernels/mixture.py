@@ -1008,9 +1008,9 @@ class SplitGemmConfig(NamedTuple):
     8-warp block per SM (H100, bf16: 2.7x a plain GEMM, bench/results/gpu-h100-20261126c); the
     split form costs one plain GEMM plus a write and a read of ``acc`` (``B*C*T`` fp32: 102 MB
     at B=256, C=1000, T=100, 0.07 ms at 3 TB/s). tf32x3: two tf32 GEMMs reading 3x the fp32
-    bank (its hi / lo parts, then hi again), modelled at 4.9 GB, about 1.7 ms at 2.9 TB/s at that
-    shape, against the fused kernel's 4.4 ms measured (bench/results/gpu-h100-20261127); not yet
-    timed on a GPU."""
+    bank (its lo / hi parts, then hi again), 4.9 GB at that shape: about 1.7 ms at 2.9 TB/s
+    (modelled), against the fused kernel's 3.83 ms measured on a prepared bank (bench/results/
+    gpu-h100-20261127); not yet timed on a GPU."""
 
     BLOCK_C: int
     IMAGES_PER_PROGRAM: int
