@@ -340,10 +340,10 @@ _PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 _PTXAS_FRAME = re.compile(
     r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
 )
-# Operand rounding onto tf32: tf32x3's cvt.rna, or the bit trick of kernels/mixture.py's
-# _round_tf32 (add half a tf32 ulp, clear the 13 low bits: `and.b32 ..., -8192`).
 # A global load (``ld.global[.qualifiers][.v2|.v4].type``); the group holds its qualifiers.
 _PTX_GLOBAL_LOAD = re.compile(r"\bld\.global((?:\.[\w:]+)*)")
+# Operand rounding onto tf32: tf32x3's cvt.rna, or the bit trick of kernels/mixture.py's
+# _round_tf32 (add half a tf32 ulp, clear the 13 low bits: `and.b32 ..., -8192`).
 _PTX_TF32_ROUND = re.compile(
     r"cvt\.rna\.tf32\.f32|and\.b32\s[^;]*,\s*(?:-8192|0[xX][fF]{4}[eE]000);"
 )
@@ -723,7 +723,8 @@ def markdown(report: dict) -> str:
                 f"| {e['kernel']} | {_constexpr_text(e)} | {_dtypes_text(e)} | {e['num_warps']} | "
                 f"{e['num_stages']} | {e['registers']} | {e['spill_stores']}/{e['spill_loads']} | "
                 f"{e['stack_frame']} | {e['shared']} | {e['mma'] or '-'} | {e['tf32_rounds']} | "
-                f"{e.get('vector_loads', '?')}/{e.get('global_loads', '?')} | {spill_kind(e) or '-'} | {len(e['variants'])}: {e['variants'][0]} |"
+                f"{e.get('vector_loads', '?')}/{e.get('global_loads', '?')} | "
+                f"{spill_kind(e) or '-'} | {len(e['variants'])}: {e['variants'][0]} |"
             )
         gemm_rows = _gemm_config_rows(a)
         if gemm_rows:
