@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -55,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from itertools import product
@@ -405,9 +407,10 @@ class _Recorder:
     """Compiles each launch of the current variant and records the compiled kernels (one entry
     per distinct binary, with the variants that launch it) and the compile errors."""
 
-    def __init__(self, arch: int, dry_run: bool = False):
+    def __init__(self, arch: int, dry_run: bool = False, shard: tuple[int, int] = (0, 1)):
         self.arch = arch
         self.dry_run = dry_run
+        self.shard = shard
         self.kernels: dict[str, dict] = {}
         self.failures: list[dict] = []
         self.launches = 0
@@ -423,10 +426,14 @@ class _Recorder:
         pointers = {
             n: _dtype_name(a.dtype) for n, a in bound.items() if isinstance(a, torch.Tensor)
         }
-        if self.dry_run:
+        index, count = self.shard
+        if self.dry_run or count > 1:
             # Triton's own specialisation of the launch, as its JIT cache keys it.
             _, specialization, options = fn.device_caches[0][4](*args, **kwargs)
             key = f"{name}{specialization}{options}"
+            if zlib.crc32(key.encode()) % count != index:
+                return  # another worker's specialisation (see ``merge_sections``)
+        if self.dry_run:
             entry = self.kernels.setdefault(
                 key, {"kernel": name, "constexprs": constexprs, "pointers": pointers}
             )
@@ -444,6 +451,7 @@ class _Recorder:
         if entry is None:
             entry = self._entry(name, fn, compiled, constexprs, pointers, log.getvalue())
             entry["compile_s"] = round(time.perf_counter() - start, 2)
+            entry["hash"] = compiled.hash
             self.kernels[compiled.hash] = entry
         entry["variants"].append(self.variant.name)
 
@@ -554,14 +562,18 @@ def _ptxas_version(arch: int) -> str:
     return match[0] if match else text.strip().splitlines()[-1]
 
 
-def compile_variants(arch: int, variants: list[Variant], dry_run: bool = False) -> dict:
+def compile_variants(
+    arch: int, variants: list[Variant], dry_run: bool = False, shard: tuple[int, int] = (0, 1)
+) -> dict:
     """Compile every launch of ``variants`` for ``sm_<arch>`` in this process; the result
     section of one architecture (see ``write_report``). ``dry_run``: only count the distinct
-    specialisations (Triton's JIT cache keys), compile nothing."""
+    specialisations (Triton's JIT cache keys), compile nothing. ``shard=(i, n)``: every variant
+    is launched, but only the specialisations whose key hashes to ``i`` of ``n`` are compiled
+    (``n`` workers share an architecture; ``merge_sections`` joins their sections)."""
     import triton
 
     start = time.perf_counter()
-    recorder = _Recorder(arch, dry_run)
+    recorder = _Recorder(arch, dry_run, shard)
     with _compile_only(arch, recorder):
         for v in variants:
             recorder.variant = v
@@ -580,6 +592,40 @@ def compile_variants(arch: int, variants: list[Variant], dry_run: bool = False) 
         ),
         "failures": recorder.failures,
         "wall_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def merge_sections(parts: list[dict]) -> dict:
+    """One architecture's section from its workers' (``compile_variants(..., shard=(i, n))``):
+    the kernels of all (one entry per binary, its variants joined), each compile error once.
+    Every worker launches every variant, so ``variants`` and ``launches`` are any worker's and a
+    launcher's own error appears in each; the wall time is the slowest worker's."""
+    if len(parts) == 1:
+        return parts[0]
+    kernels: dict[str, dict] = {}
+    for part in parts:
+        for e in part["kernels"]:
+            key = e.get("hash") or json.dumps(
+                [e["kernel"], e["constexprs"], e["pointers"], e.get("num_warps")], sort_keys=True
+            )
+            if key in kernels:
+                kernels[key]["variants"] += e["variants"]
+            else:
+                kernels[key] = dict(e, variants=list(e["variants"]))
+    failures, seen = [], set()
+    for part in parts:
+        for f in part["failures"]:
+            key = json.dumps([f["kernel"], f["constexprs"], f["variant"], f["summary"]])
+            if key not in seen:
+                seen.add(key)
+                failures.append(f)
+    first = parts[0]
+    return {
+        **{k: first[k] for k in ("arch", "triton", "ptxas", "variants", "launches")},
+        "kernels": sorted(kernels.values(), key=lambda e: (e["kernel"], _constexpr_text(e))),
+        "failures": failures,
+        "wall_s": max(p["wall_s"] for p in parts),
+        "workers": len(parts),
     }
 
 
@@ -686,10 +732,12 @@ def markdown(report: dict) -> str:
         "",
         f"- command: `{report['command']}`",
         f"- commit: {report['commit']}",
+        f"- source fingerprint: {report.get('fingerprint', '-')} (`compile_gate.source_fingerprint`)",
         f"- triton {report['triton']}, torch {report['torch']}, python {report['python']}",
         "- ptxas: " + ", ".join(f"sm_{a['arch']} {a.get('ptxas', '?')}" for a in archs),
         f"- machine: {report['machine']}",
-        f"- wall time: {report['wall_s']} s (one worker process per architecture, in parallel)",
+        f"- wall time: {report['wall_s']} s ({report.get('workers_per_arch', 1)} worker "
+        "process(es) per architecture, all in parallel)",
         f"- verdict: {'pass' if report['ok'] else 'FAIL'}",
         "",
         "| arch | variants | launches | kernels compiled | compile errors | spilling kernels "
@@ -862,42 +910,65 @@ def select(only: str | None) -> list[Variant]:
     return [v for v in VARIANTS if only is None or only in v.name]
 
 
-def _run_workers(archs: list[int], only: str | None, dry_run: bool) -> dict[str, dict]:
-    """One worker process per architecture, in parallel (TRITON_INTERPRET unset, a fresh Triton
-    cache each); their sections by architecture."""
+def _run_workers(
+    archs: list[int], only: str | None, dry_run: bool, jobs: int = 1
+) -> dict[str, dict]:
+    """``jobs`` worker processes per architecture, all in parallel (TRITON_INTERPRET unset, a
+    fresh Triton cache each), each compiling its share of the specialisations; their sections
+    merged by architecture."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     sections = {}
     with tempfile.TemporaryDirectory(prefix="genrep-compile-gate-") as tmp:
-        procs = {}
+        procs = []
         for arch in archs:
-            path = Path(tmp) / f"sm_{arch}.json"
-            cmd = [sys.executable, "-m", "genrep_fast.compile_gate", "--worker"]
-            cmd += ["--arch", str(arch), "--json", str(path)]
-            cmd += (["--only", only] if only else []) + (["--dry-run"] if dry_run else [])
-            wenv = env | {"TRITON_CACHE_DIR": str(Path(tmp) / f"cache_sm_{arch}")}
-            procs[arch] = (path, subprocess.Popen(cmd, env=wenv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
-        for arch, (path, proc) in procs.items():
+            for i in range(jobs):
+                path = Path(tmp) / f"sm_{arch}_{i}.json"
+                cmd = [sys.executable, "-m", "genrep_fast.compile_gate", "--worker"]
+                cmd += ["--arch", str(arch), "--json", str(path), "--shard", f"{i}/{jobs}"]
+                cmd += (["--only", only] if only else []) + (["--dry-run"] if dry_run else [])
+                wenv = env | {"TRITON_CACHE_DIR": str(Path(tmp) / f"cache_sm_{arch}_{i}")}
+                proc = subprocess.Popen(cmd, env=wenv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                procs.append((arch, path, proc))
+        parts: dict[int, list[dict]] = {}
+        for arch, path, proc in procs:
             output, _ = proc.communicate()
             if proc.returncode == 0 and path.exists():
-                sections[str(arch)] = json.loads(path.read_text())
+                parts.setdefault(arch, []).append(json.loads(path.read_text()))
             else:
                 sections[str(arch)] = {"arch": arch, "error": output[-6000:]}
-    return sections
+        for arch, sections_of_arch in parts.items():
+            sections.setdefault(str(arch), merge_sections(sections_of_arch))
+    return {str(a): sections[str(a)] for a in archs}
 
 
-def run_gate(archs: list[int], out: Path, only: str | None, command: str) -> dict:
+def source_fingerprint() -> str:
+    """What a compile report was made from: a sha256 of the kernels' sources (``kernels/*.py``)
+    and of the names of ``VARIANTS`` (every launch, config and shape the gate compiles). A
+    committed report whose fingerprint differs is out of date (tests/test_triton_compile.py)."""
+    from genrep_fast import kernels
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update("\n".join(v.name for v in VARIANTS).encode())
+    return digest.hexdigest()[:16]
+
+
+def run_gate(archs: list[int], out: Path, only: str | None, command: str, jobs: int = 1) -> dict:
     """Compile the variants for each architecture; write the report into ``out`` and return it."""
     start = time.perf_counter()
-    sections = _run_workers(archs, only, dry_run=False)
+    sections = _run_workers(archs, only, dry_run=False, jobs=jobs)
     first = next((s for s in sections.values() if "triton" in s), {})
     report = {
         "command": command,
         "commit": _git_commit(),
+        "fingerprint": source_fingerprint() if only is None else f"partial (--only {only})",
         "triton": first.get("triton", "unknown"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU needed",
         "wall_s": round(time.perf_counter() - start, 1),
+        "workers_per_arch": jobs,
         "archs": sections,
     }
     report["problems"] = verdict(report)
@@ -934,12 +1005,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dry-run", action="store_true", help="count the distinct specialisations, compile none"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes per architecture (default 1), each compiling a share",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.worker:
         (arch,) = args.arch
-        section = compile_variants(arch, select(args.only), dry_run=args.dry_run)
+        index, count = (int(n) for n in args.shard.split("/"))
+        section = compile_variants(arch, select(args.only), args.dry_run, (index, count))
         args.json.write_text(json.dumps(section))
         return 0
     try:
@@ -951,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
         return _print_dry_run(_run_workers(args.arch, args.only, dry_run=True))
     raw = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m genrep_fast.compile_gate", *raw])
-    report = run_gate(args.arch, args.out, args.only, command)
+    report = run_gate(args.arch, args.out, args.only, command, args.jobs)
     for a in report["archs"].values():
         if "error" not in a:
             print(

@@ -2,14 +2,23 @@
 compiles for sm_80 (A100) and sm_90 (H100/H200) with Triton's compiler and ptxas, without a GPU,
 and none spills registers except in float64 (genrep_fast/compile_gate.py).
 
-The interpreter that runs the other tests here checks neither. This conftest sets
-TRITON_INTERPRET=1, so the gate runs as a subprocess without it; it writes its report into
-bench/results/smoke/ (git-ignored).
+The interpreter that runs the other tests here checks neither. Each check below runs on three
+reports:
+
+- ``live``: the gate run here, for sm_90 (the H100, the product's target), two worker processes
+  sharing the specialisations. This conftest sets TRITON_INTERPRET=1, so the gate runs as a
+  subprocess without it; it writes its report into bench/results/smoke/ (git-ignored).
+- ``committed`` and ``committed-triton-3.6``: the reports in bench/results/ (this machine's
+  triton) and bench/results/triton-3.6/ (the GPU machine's triton), for sm_80 and sm_90. They must
+  have been made from these very kernels (``compile_gate.source_fingerprint``): a change to
+  kernels/ or to the gate's variants fails ``test_committed_report_is_of_these_kernels`` until
+  both are regenerated (README, "Tests").
 """
 
 from __future__ import annotations
 
 import ast
+import collections
 import json
 import os
 import subprocess
@@ -22,7 +31,19 @@ from genrep_fast import compile_gate
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "smoke"
-ARCHS = (80, 90)
+LIVE_ARCHS = (90,)
+# The committed reports: path, and the command that regenerates it.
+COMMITTED = {
+    "committed": (
+        ROOT / "bench" / "results",
+        "python -m genrep_fast.compile_gate --arch 80 90 --out bench/results/",
+    ),
+    "committed-triton-3.6": (
+        ROOT / "bench" / "results" / "triton-3.6",
+        "<a venv with triton 3.6>/bin/python -m genrep_fast.compile_gate --arch 80 90 "
+        "--out bench/results/triton-3.6/",
+    ),
+}
 
 
 def _nvidia_backend_missing() -> str | None:
@@ -41,22 +62,37 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def report() -> dict:
+def live() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "genrep_fast.compile_gate", "--out", str(OUT), "--arch"]
-    res = subprocess.run(
-        cmd + [str(a) for a in ARCHS], env=env, capture_output=True, text=True, timeout=1500
-    )
+    cmd = [sys.executable, "-m", "genrep_fast.compile_gate", "--out", str(OUT), "--jobs", "2"]
+    cmd += ["--arch", *(str(a) for a in LIVE_ARCHS)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     path = OUT / f"{compile_gate.REPORT_NAME}.json"
     assert path.exists(), f"the gate wrote no report:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     data = json.loads(path.read_text())
     data["returncode"] = res.returncode
     data["output"] = res.stdout[-4000:] + res.stderr[-4000:]
+    data["expected_archs"] = LIVE_ARCHS
     return data
 
 
+def _committed(name: str) -> dict:
+    folder, _ = COMMITTED[name]
+    data = json.loads((folder / f"{compile_gate.REPORT_NAME}.json").read_text())
+    data["expected_archs"] = (80, 90)
+    return data
+
+
+@pytest.fixture(scope="module", params=["live", *COMMITTED])
+def report(request) -> dict:
+    if request.param == "live":
+        return request.getfixturevalue("live")
+    return _committed(request.param)
+
+
 def _sections(report: dict) -> list[dict]:
-    sections = [report["archs"][str(a)] for a in ARCHS]
+    assert sorted(report["archs"]) == sorted(str(a) for a in report["expected_archs"])
+    sections = [report["archs"][str(a)] for a in report["expected_archs"]]
     for s in sections:
         assert "error" not in s, f"sm_{s['arch']} worker failed:\n{s['error']}"
     return sections
@@ -90,7 +126,59 @@ def test_spill_rule():
 
 def test_gate_verdict_and_exit_code(report):
     assert report["ok"] and not report["problems"], report["problems"]
-    assert report["returncode"] == 0, report["output"]
+    assert compile_gate.verdict(report) == [], "the report's verdict is not its own"
+    assert report.get("returncode", 0) == 0, report["output"]
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_report_is_of_these_kernels(name):
+    # Changing kernels/*.py (or the gate's variants) without regenerating both committed reports
+    # fails here: the sm_80 and triton 3.6 compiles are checked from those reports only.
+    rep = _committed(name)
+    _, command = COMMITTED[name]
+    assert rep.get("fingerprint") == compile_gate.source_fingerprint(), (
+        f"bench/results/{name} was compiled from other kernels or variants (fingerprint "
+        f"{rep.get('fingerprint')}, these are {compile_gate.source_fingerprint()}): rerun {command}"
+    )
+    if name == "committed-triton-3.6":
+        assert rep["triton"].startswith("3.6"), rep["triton"]
+
+
+def _spec_counts(section: dict) -> collections.Counter:
+    return collections.Counter(
+        json.dumps([e["kernel"], e["constexprs"], e["pointers"], e["num_warps"], e["num_stages"]])
+        for e in section["kernels"]
+    )
+
+
+def test_two_workers_compile_what_one_process_compiled(live):
+    # The live gate shares sm_90's specialisations between two workers; the committed report
+    # compiled them in one process. With the same triton the two must list the same kernels.
+    rep = _committed("committed")
+    if rep["triton"] != live["triton"]:
+        pytest.skip(f"committed with triton {rep['triton']}, this is {live['triton']}")
+    section = live["archs"]["90"]
+    assert section["workers"] == 2
+    assert _spec_counts(section) == _spec_counts(rep["archs"]["90"])
+
+
+def test_merge_sections_joins_workers_and_reports_each_error_once():
+    def kernel(name, h, variants):
+        return dict(kernel=name, hash=h, constexprs={"B": 1}, pointers={}, variants=variants)
+
+    launcher = dict(kernel="(launcher)", constexprs={}, variant="v3", summary="bad")
+    compile_error = dict(kernel="k", constexprs={"B": 2}, variant="v1", summary="ptxas")
+    common = dict(arch=90, triton="3.9", ptxas="13", variants=3, launches=7)
+    a = dict(common, kernels=[kernel("k", "h1", ["v1"]), kernel("k", "h2", ["v2"])], wall_s=2.0)
+    b = dict(common, kernels=[kernel("k", "h1", ["v3"]), kernel("j", "h3", ["v1"])], wall_s=3.0)
+    a["failures"], b["failures"] = [launcher, compile_error], [dict(launcher)]
+    merged = compile_gate.merge_sections([a, b])
+    by_hash = {e["hash"]: e["variants"] for e in merged["kernels"]}
+    assert by_hash == {"h1": ["v1", "v3"], "h2": ["v2"], "h3": ["v1"]}
+    assert merged["failures"] == [launcher, compile_error]
+    assert (merged["variants"], merged["launches"], merged["wall_s"]) == (3, 7, 3.0)
+    assert merged["workers"] == 2
+    assert a["kernels"][0]["variants"] == ["v1"]  # the workers' sections are left as they were
 
 
 def _jit_kernels() -> set[str]:
