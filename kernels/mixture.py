@@ -4,7 +4,8 @@ The kernels return ``lse[b, k] = logsumexp_t log N(x_b; mu[k, t], sigma[k, t]^2)
 the fused ones never write the ``[B, C, T]`` scores: the log-sum-exp over T runs online in
 registers.
 
-* ``_mixture_diff_kernel``: one program per (image, class) pair, images fastest; the exact
+* ``_mixture_diff_kernel``: one program per (image, class) pair, images fastest (or, with a
+  config's ``T_TILES``, per pair and span of steps, the spans' log-sum-exps reduced after); the exact
   difference form ``sum_d (x_d - mu_d)^2`` with fp32 accumulation (fp64 for fp64 inputs) in a 2-D
   tile reduced once per T tile (``row_scores``). Serves the per-image bank, candidate classes
   (``class_index`` gathers rows of a shared bank) and the shared bank at ``precision="ieee"``.
@@ -84,6 +85,13 @@ DIFF_CONFIGS = (
     # block per SM.
     {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 4, "num_warps": 4, "num_stages": 3},
     {"BLOCK_T": 8, "BLOCK_D": 1024, "D_STAGES": 3, "num_warps": 8, "num_stages": 3},
+    # The same ncu profile: 640 programs (B=64 x C=10) in 2.42 waves, the last 0.42 of a wave on
+    # a mostly idle machine. T_TILES splits each row's steps into spans of that many tiles, one
+    # program each, and the launcher takes the log-sum-exp over the spans (torch.logsumexp on
+    # [B, K, spans]): at T = 75, 5 spans of 16 steps (3200 programs, ~6 waves at 4 blocks per
+    # SM) and 3 spans of 32 (1920 programs, ~7 waves at 2).
+    {"BLOCK_T": 16, "BLOCK_D": 256, "D_STAGES": 4, "num_warps": 4, "num_stages": 3, "T_TILES": 1},
+    {"BLOCK_T": 16, "BLOCK_D": 512, "D_STAGES": 1, "num_warps": 8, "num_stages": 2, "T_TILES": 2},
 )
 # Diagonal sigma adds a sigma tile and a second accumulator: pipelined at 16 x 256 the fp32 kernel
 # sat at 255 registers and spilled 12 B on sm_90 (the compile gate); 16 x 128 halves the tiles.
@@ -256,12 +264,37 @@ def row_lse(
     """``(m [1], l [1])`` with ``logsumexp_t s = m + log(l)`` over all T steps of one row: the
     online log-sum-exp of ``row_scores`` tile by tile. The forward kernel and the backward row
     kernel both call this, so the backward's weights use the forward's very arithmetic."""
+    return steps_lse(
+        x_row, mu_row, sig_row, 0, T, D, stride_mt, stride_st, stride_sd, log_norm_const,
+        DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
+    )  # fmt: skip
+
+
+@triton.jit
+def steps_lse(
+    x_row,
+    mu_row,
+    sig_row,
+    t_lo,
+    t_hi,
+    D,
+    stride_mt,
+    stride_st,
+    stride_sd,
+    log_norm_const,
+    DIAG: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D_STAGES: tl.constexpr,
+):
+    """``row_lse`` over the steps ``t_lo <= t < t_hi`` of one row."""
     acc_t = tl.float64 if ACC_F64 else tl.float32
     m = tl.full([1], float("-inf"), acc_t)
     l = tl.zeros([1], acc_t)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(t_lo, t_hi, BLOCK_T):
         offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        t_mask = offs_t < T
+        t_mask = offs_t < t_hi
         s, _, _ = row_scores(
             x_row, mu_row, sig_row, offs_t, t_mask, D, stride_mt, stride_st, stride_sd,
             log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
@@ -302,23 +335,43 @@ def _mixture_diff_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_STAGES: tl.constexpr,
+    T_TILES: tl.constexpr,
 ):
+    """One program per (image b, column k), over all T steps (``T_TILES`` = 0): ``out[b, k]``;
+    or, with ``T_TILES`` > 0, one per (b, k, span of ``T_TILES`` tiles of steps), each writing
+    its span's log-sum-exp to ``out[b, k, span]`` (the launcher reduces over the spans)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 from here on (see class_rows)
-    # Batch-fastest order: the programs in flight together share a column k, so a shared bank's
-    # [T, D] block of class k is read from DRAM once and from L2 by the other images (b-major
-    # order streams every class's block past each image instead).
-    batch = tl.num_programs(0).to(tl.int64) // K
+    # Batch-fastest order: the programs in flight together share a column k (and a span of
+    # steps), so a shared bank's [T, D] block of class k is read from DRAM once and from L2 by
+    # the other images (b-major order streams every class's block past each image instead).
+    if T_TILES == 0:
+        spans = 1
+        span = 0
+    else:
+        spans = tl.cdiv(T, BLOCK_T * T_TILES)
+    batch = tl.num_programs(0).to(tl.int64) // (K * spans)
     b = pid % batch
-    k = pid // batch
+    rest = pid // batch
+    if T_TILES != 0:
+        span = rest % spans
+    k = rest // spans
     _, mu_row, sig_row = class_rows(
         mu_ptr, sig_ptr, idx_ptr, b, k, stride_mb, stride_mc, stride_sb, stride_sc, stride_ib,
         HAS_INDEX,
     )  # fmt: skip
-    m, l = row_lse(
-        x_ptr + b * stride_xb, mu_row, sig_row, T, D, stride_mt, stride_st, stride_sd,
-        log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
-    )  # fmt: skip
-    tl.store(out_ptr + b * K + k + tl.arange(0, 1), m + tl.log(l))
+    if T_TILES == 0:
+        m, l = row_lse(
+            x_ptr + b * stride_xb, mu_row, sig_row, T, D, stride_mt, stride_st, stride_sd,
+            log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
+        )  # fmt: skip
+    else:
+        t_lo = span * (BLOCK_T * T_TILES)
+        t_hi = tl.minimum(t_lo + BLOCK_T * T_TILES, T)
+        m, l = steps_lse(
+            x_ptr + b * stride_xb, mu_row, sig_row, t_lo, t_hi, D, stride_mt, stride_st,
+            stride_sd, log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
+        )  # fmt: skip
+    tl.store(out_ptr + (b * K + k) * spans + span + tl.arange(0, 1), m + tl.log(l))
 
 
 def _expand_strides(t: torch.Tensor, ndim: int) -> list[int]:
@@ -400,8 +453,11 @@ def mixture_lse_diff(
     b, k = x.shape[0], lay.num_candidates
 
     def run(config):
-        out = torch.empty(b, k, dtype=lay.acc_dtype, device=x.device)
-        _mixture_diff_kernel[(b * k,)](
+        # T_TILES: 0 (a program per row) unless the config splits the steps.
+        blocks = {"T_TILES": 0} | diff_blocks(config, lay.num_steps, lay.dim)
+        spans = diff_spans(blocks, lay.num_steps)
+        out = torch.empty(b, k, spans, dtype=lay.acc_dtype, device=x.device)
+        _mixture_diff_kernel[(b * k * spans,)](
             lay.x,
             lay.mu,
             lay.sigma,
@@ -415,9 +471,11 @@ def mixture_lse_diff(
             HAS_INDEX=class_index is not None,
             DIAG=lay.diagonal,
             ACC_F64=lay.acc_dtype == torch.float64,
-            **diff_blocks(config, lay.num_steps, lay.dim),
+            **blocks,
         )
-        return out
+        # The spans' log-sum-exps into the row's (a row at -inf in every span stays -inf, NaN
+        # stays NaN).
+        return out[:, :, 0] if spans == 1 else torch.logsumexp(out, dim=2)
 
     configs = DIFF_CONFIGS_DIAG if lay.diagonal else DIFF_CONFIGS
     return tuning.tuned("_mixture_diff_kernel", configs, diff_key(lay, b), x.device, run)
@@ -428,6 +486,13 @@ def diff_blocks(config, steps: int, dim: int) -> dict:
     return tuning.fit_blocks(
         config, BLOCK_T=triton.next_power_of_2(steps), BLOCK_D=triton.next_power_of_2(dim)
     )
+
+
+def diff_spans(blocks: dict, steps: int) -> int:
+    """Programs per (image, column) row of ``_mixture_diff_kernel``: spans of ``T_TILES`` tiles of
+    ``BLOCK_T`` steps (1 without ``T_TILES``)."""
+    tiles = blocks.get("T_TILES", 0)
+    return triton.cdiv(steps, blocks["BLOCK_T"] * tiles) if tiles else 1
 
 
 def diff_key(lay: DiffLayout, batch: int) -> tuple:

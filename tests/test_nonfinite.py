@@ -147,6 +147,29 @@ def test_mixture_log_likelihood_values(backend, precision, layout, case):
     torch.testing.assert_close(got[fin].double(), want[fin], rtol=1e-5, atol=tol)
 
 
+# A difference-form config that splits T = 4 steps into 2 spans of one 2-step tile (T_TILES):
+# each span's log-sum-exp can be finite, -inf or NaN on its own before the launcher reduces them.
+SPLIT_CONFIG = dict(BLOCK_T=2, BLOCK_D=4, D_STAGES=1, num_warps=1, num_stages=1, T_TILES=1)
+
+
+@pytest.mark.parametrize("case", LL_CASES)
+@pytest.mark.parametrize("layout", ["shared", "candidates", "per_image"])
+def test_difference_form_split_over_steps_keeps_the_policy(monkeypatch, layout, case):
+    from genrep_fast.kernels import mixture as M
+
+    monkeypatch.setattr(M, "DIFF_CONFIGS", (SPLIT_CONFIG,))
+    assert M.diff_spans(M.diff_blocks(SPLIT_CONFIG, T, D), T) == 2
+    x, mu, sigma, ci = bank(layout)
+    nan, neg = poison(case, layout, x, mu, sigma)
+    got = run_ll("triton", "ieee", x, mu, sigma, ci, validate=False)
+    assert torch.equal(got.isnan(), nan), got
+    assert torch.equal(got.isneginf(), neg), got
+    assert not got.isposinf().any()
+    want = R.mixture_log_likelihood(x.double(), mu.double(), sigma.double(), class_index=ci)
+    fin = ~(nan | neg)
+    torch.testing.assert_close(got[fin].double(), want[fin], rtol=1e-5, atol=1e-4)
+
+
 def finite_sum(ll):
     """The loss of a caller that drops -inf entries: they must pass no gradient."""
     return torch.where(torch.isfinite(ll), ll, 0.0).sum()
