@@ -25,9 +25,15 @@ Without a device Triton's ``n_regs`` / ``n_spills`` stay unset (the driver fills
 loads the binary), so the numbers come from ptxas's own log. Writes
 ``triton-compile-report.json`` and ``.md`` into ``--out``.
 
-Command (one worker process per architecture, in parallel)::
+Command (one worker process per architecture, in parallel; ``--jobs N``: N per architecture,
+each compiling the specialisations whose key hashes to its share, ``merge_sections``)::
 
     python -m genrep_fast.compile_gate --arch 80 90 --out bench/results/
+
+Each report records ``source_fingerprint()`` (the kernels' sources and ``VARIANTS``): the
+committed reports (this machine's triton in bench/results/, triton 3.6 in
+bench/results/triton-3.6/) are checked against it by tests/test_triton_compile.py, which compiles
+only sm_90 itself.
 
 ``VARIANTS`` below is the one list of launches. A launcher that picks its config through
 ``kernels/tuning.py`` (``tuned``) launches every config of its list here, so each variant compiles
