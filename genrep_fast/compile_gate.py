@@ -611,13 +611,10 @@ def merge_sections(parts: list[dict]) -> dict:
     kernels: dict[str, dict] = {}
     for part in parts:
         for e in part["kernels"]:
-            key = e.get("hash") or json.dumps(
-                [e["kernel"], e["constexprs"], e["pointers"], e.get("num_warps")], sort_keys=True
-            )
-            if key in kernels:
-                kernels[key]["variants"] += e["variants"]
+            if e["hash"] in kernels:
+                kernels[e["hash"]]["variants"] += e["variants"]
             else:
-                kernels[key] = dict(e, variants=list(e["variants"]))
+                kernels[e["hash"]] = dict(e, variants=list(e["variants"]))
     failures, seen = [], set()
     for part in parts:
         for f in part["failures"]:

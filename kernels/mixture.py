@@ -249,32 +249,6 @@ def row_lse(
     x_row,
     mu_row,
     sig_row,
-    T,
-    D,
-    stride_mt,
-    stride_st,
-    stride_sd,
-    log_norm_const,
-    DIAG: tl.constexpr,
-    ACC_F64: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    D_STAGES: tl.constexpr,
-):
-    """``(m [1], l [1])`` with ``logsumexp_t s = m + log(l)`` over all T steps of one row: the
-    online log-sum-exp of ``row_scores`` tile by tile. The forward kernel and the backward row
-    kernel both call this, so the backward's weights use the forward's very arithmetic."""
-    return steps_lse(
-        x_row, mu_row, sig_row, 0, T, D, stride_mt, stride_st, stride_sd, log_norm_const,
-        DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
-    )  # fmt: skip
-
-
-@triton.jit
-def steps_lse(
-    x_row,
-    mu_row,
-    sig_row,
     t_lo,
     t_hi,
     D,
@@ -288,7 +262,10 @@ def steps_lse(
     BLOCK_D: tl.constexpr,
     D_STAGES: tl.constexpr,
 ):
-    """``row_lse`` over the steps ``t_lo <= t < t_hi`` of one row."""
+    """``(m [1], l [1])`` with ``logsumexp_t s = m + log(l)`` over the steps ``t_lo <= t < t_hi``
+    of one row (all T: 0 and T): the online log-sum-exp of ``row_scores`` tile by tile. The
+    forward kernel and the backward row kernel both call this, so the backward's weights use the
+    forward's very arithmetic."""
     acc_t = tl.float64 if ACC_F64 else tl.float32
     m = tl.full([1], float("-inf"), acc_t)
     l = tl.zeros([1], acc_t)
@@ -344,33 +321,22 @@ def _mixture_diff_kernel(
     # Batch-fastest order: the programs in flight together share a column k (and a span of
     # steps), so a shared bank's [T, D] block of class k is read from DRAM once and from L2 by
     # the other images (b-major order streams every class's block past each image instead).
-    if T_TILES == 0:
-        spans = 1
-        span = 0
-    else:
-        spans = tl.cdiv(T, BLOCK_T * T_TILES)
+    SPAN: tl.constexpr = BLOCK_T * T_TILES
+    spans = 1 if T_TILES == 0 else tl.cdiv(T, SPAN)
     batch = tl.num_programs(0).to(tl.int64) // (K * spans)
     b = pid % batch
-    rest = pid // batch
-    if T_TILES != 0:
-        span = rest % spans
-    k = rest // spans
+    span = (pid // batch) % spans
+    k = pid // batch // spans
     _, mu_row, sig_row = class_rows(
         mu_ptr, sig_ptr, idx_ptr, b, k, stride_mb, stride_mc, stride_sb, stride_sc, stride_ib,
         HAS_INDEX,
     )  # fmt: skip
-    if T_TILES == 0:
-        m, l = row_lse(
-            x_ptr + b * stride_xb, mu_row, sig_row, T, D, stride_mt, stride_st, stride_sd,
-            log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
-        )  # fmt: skip
-    else:
-        t_lo = span * (BLOCK_T * T_TILES)
-        t_hi = tl.minimum(t_lo + BLOCK_T * T_TILES, T)
-        m, l = steps_lse(
-            x_ptr + b * stride_xb, mu_row, sig_row, t_lo, t_hi, D, stride_mt, stride_st,
-            stride_sd, log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
-        )  # fmt: skip
+    t_lo = 0 if T_TILES == 0 else span * SPAN
+    t_hi = T if T_TILES == 0 else tl.minimum(t_lo + SPAN, T)
+    m, l = row_lse(
+        x_ptr + b * stride_xb, mu_row, sig_row, t_lo, t_hi, D, stride_mt, stride_st, stride_sd,
+        log_norm_const, DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
+    )  # fmt: skip
     tl.store(out_ptr + (b * K + k) * spans + span + tl.arange(0, 1), m + tl.log(l))
 
 
@@ -1364,8 +1330,8 @@ def _mixture_diff_redo_kernel(
             c = c0 + i
             if image_bad | (tl.load(bad_c_ptr + c) != 0):
                 m, l = row_lse(
-                    x_ptr + b * stride_xb, mu_ptr + c * stride_mc, sig_ptr + c * stride_sc, T, D,
-                    stride_mt, stride_st, stride_sd, log_norm_const, DIAG, False, BLOCK_T,
+                    x_ptr + b * stride_xb, mu_ptr + c * stride_mc, sig_ptr + c * stride_sc, 0, T,
+                    D, stride_mt, stride_st, stride_sd, log_norm_const, DIAG, False, BLOCK_T,
                     BLOCK_D, D_STAGES,
                 )  # fmt: skip
                 tl.store(out_ptr + b * K + c + tl.arange(0, 1), m + tl.log(l))

@@ -243,7 +243,7 @@ def _mixture_bwd_rows_kernel(
             # kept as (max, log sum): the fp32 LSE saved by the forward rounds to ulp(|lse|)
             # (0.06 nats at -6e5), which would scale every weight by up to e^0.03.
             m, l = row_lse(
-                x_row, mu_row, sig_row, T, D, stride_mt, stride_st, stride_sd, log_norm_const,
+                x_row, mu_row, sig_row, 0, T, D, stride_mt, stride_st, stride_sd, log_norm_const,
                 DIAG, ACC_F64, BLOCK_T, BLOCK_D, D_STAGES,
             )  # fmt: skip
             log_l = tl.log(l)
