@@ -114,6 +114,32 @@ def time_fn(
     return statistics.median(times)
 
 
+def cuda_graph(fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3):
+    """``fn`` captured into a CUDA graph: returns the graph's ``replay`` (a callable for
+    ``time_fn``). A small op's eager time is the host's (Python, argument checks, one launch per
+    torch op: about 25 us per op on the H100 machine, bench/results/gpu-h100-20261127); its
+    replay time is the GPU's. Timing both tells the kernels' speed from the host's.
+
+    ``fn`` runs ``warmup`` times on a side stream first (autotuning, lazy allocations, the
+    autograd engine's first backward), then once under capture. It must read and write the same
+    tensors on every call (a replay repeats the captured kernels on the captured addresses) and
+    must not sync the host: capture raises there, which names the offending call."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device: CUDA graph capture needs a CUDA device, got {device}")
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    return graph.replay
+
+
 @functools.cache
 def copy_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20) -> float:
     """Measured copy bandwidth in bytes/s (read + write counted) of one large buffer copy."""

@@ -29,6 +29,7 @@ EXPECTED = {  # bench/results/gpu-h100-20261126/README.md, read from the JSON
     "alignment fp32 ops, speedup over eager": "miss",
     "alignment fp32 ops, speedup over flattened": "miss",
     "fused KL fwd+bwd, speedup over eager": "miss",
+    "fused KL fwd+bwd, both replayed from CUDA graphs, speedup over eager": "not measured",
 }
 
 
@@ -83,3 +84,19 @@ def test_cli_writes_table(tmp_path):
     assert gpu_targets.main([str(H100), "--out", str(out)]) == 0
     assert "NVIDIA H100 80GB HBM3" in out.read_text()
     assert gpu_targets.main([str(tmp_path / "absent.json")]) == 2
+
+
+def test_graph_replayed_kl_row_reads_its_own_case():
+    """The graph-replayed KL row reads ``kl_loss_fwd_bwd_graph`` (reference time / fused time),
+    not the eager case beside it in the same file."""
+    results = json.loads(H100.read_text())
+    label = "fused KL fwd+bwd, both replayed from CUDA graphs, speedup over eager"
+    for fused_s, verdict in ((15e-6, "met"), (30e-6, "miss")):
+        data = copy.deepcopy(results)
+        data["records"] += [
+            {"case": "kl_loss_fwd_bwd_graph", "impl": "reference", "seconds": 60e-6},
+            {"case": "kl_loss_fwd_bwd_graph", "impl": "genrep_fast", "seconds": fused_s},
+        ]
+        got = {row[0]: row for row in gpu_targets.evaluate(data)}
+        assert got[label][1] == 60e-6 / fused_s and got[label][3] == verdict
+        assert got["fused KL fwd+bwd, speedup over eager"][3] == "miss"  # the eager row unchanged
