@@ -30,7 +30,17 @@ def demo_out(tmp_path_factory):
     return cwd
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+# A block whose first line is "# needs CUDA" runs with the GPU tests (marked gpu).
+CUDA_MARK = "# needs CUDA\n"
+PARAMS = [
+    pytest.param(
+        code, id=f"block{i}", marks=[pytest.mark.gpu] if code.startswith(CUDA_MARK) else []
+    )
+    for i, code in enumerate(BLOCKS)
+]
+
+
+@pytest.mark.parametrize("code", PARAMS)
 def test_readme_example_runs(code, request, monkeypatch):
     if "demo_out" in code:  # an example over the demo's output
         monkeypatch.chdir(request.getfixturevalue("demo_out"))
