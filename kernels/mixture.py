@@ -484,15 +484,17 @@ def diff_key(lay: DiffLayout, batch: int) -> tuple:
 
 class GemmConfig(NamedTuple):
     """Launch parameters of ``_mixture_gemm_kernel``: the output tile, ``BLOCK_B`` images x
-    ``BLOCK_N`` flattened bank rows ``c * T + t``, the reduction step ``BLOCK_D`` (both capped for
-    tf32x3: ``gemm_tile``), ``num_warps`` and ``num_stages``. ``BLOCK_B`` is a maximum: a
-    batch smaller than it gets ``max(16, next_power_of_2(B))``."""
+    ``BLOCK_N`` flattened bank rows ``c * T + t``, the reduction step ``BLOCK_D`` (both capped
+    where a precision or architecture needs it: ``gemm_tile``), ``num_warps`` and ``num_stages``.
+    ``BLOCK_B`` is a maximum: a batch smaller than it gets ``max(16, next_power_of_2(B))``.
+    ``IMAGES_ON_M``: the tile turned, images on the MMA's M side (``_mixture_gemm_kernel``)."""
 
     BLOCK_B: int
     BLOCK_N: int
     BLOCK_D: int
     num_warps: int
     num_stages: int
+    IMAGES_ON_M: bool = False
 
 
 # The configs an autotuner may choose from (every one compiled for sm_80 and sm_90 by the compile
@@ -500,12 +502,16 @@ class GemmConfig(NamedTuple):
 # the default, the only one under the interpreter. Every N tile spans >= 128 bank rows: at T = 75
 # or 100 a tile holds parts of 2-3 classes, whose log-sum-exps the epilogue finishes in turn.
 # Measured with the compile gate (ptxas 12.9, sm_80 / sm_90): 128 x 128 tiles spill at 8 warps
-# in every precision, 64 x 256 and a 4-warp 32 x 128 tile spill in tf32x3; these fit.
+# in every precision, 64 x 256 and a 4-warp 32 x 128 tile spill in tf32x3; these fit. The
+# turned tiles (IMAGES_ON_M, 64-row N tiles): 256 images x 64 rows (the whole ImageNet batch,
+# the bank read once; bf16 250 registers on sm_90) and 128 x 64; 256 x 128 spills 0.5-1.6 KB.
 GEMM_CONFIGS: list[GemmConfig] = [
     GemmConfig(BLOCK_B=64, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=3),
     GemmConfig(BLOCK_B=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3),
     GemmConfig(BLOCK_B=64, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=4),
     GemmConfig(BLOCK_B=32, BLOCK_N=256, BLOCK_D=32, num_warps=8, num_stages=3),
+    GemmConfig(BLOCK_B=256, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=3, IMAGES_ON_M=True),
+    GemmConfig(BLOCK_B=128, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=4, IMAGES_ON_M=True),
 ]
 GEMM_MIN_BLOCK = 16  # tl.dot needs >= 16 on every side
 GEMM_TUNE_MIN_BATCH = 32  # mixture_lse tunes among all of GEMM_CONFIGS from this batch (pow. of 2)
@@ -562,6 +568,43 @@ def _gemm_dot(a, b, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _per_row(v, IMAGES_ON_M: tl.constexpr):
+    """A per-bank-row vector ``[BLOCK_N]`` broadcast against the score tile (bank rows on the
+    tile's N side when ``IMAGES_ON_M``, else on its M side)."""
+    if IMAGES_ON_M:
+        out = v[None, :]
+    else:
+        out = v[:, None]
+    return out
+
+
+@triton.jit
+def _per_image(v, IMAGES_ON_M: tl.constexpr):
+    """A per-image vector ``[BLOCK_B]`` broadcast against the score tile."""
+    if IMAGES_ON_M:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
+
+
+@triton.jit
+def _over_rows(v, MAX: tl.constexpr, IMAGES_ON_M: tl.constexpr):
+    """The score tile's max (``MAX``) or sum over its bank rows: ``[BLOCK_B]``."""
+    if IMAGES_ON_M:
+        if MAX:
+            out = tl.max(v, 1)
+        else:
+            out = tl.sum(v, 1)
+    else:
+        if MAX:
+            out = tl.max(v, 0)
+        else:
+            out = tl.sum(v, 0)
+    return out
+
+
+@triton.jit
 def _mixture_gemm_kernel(
     x_ptr,
     bank_ptr,
@@ -580,6 +623,7 @@ def _mixture_gemm_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    IMAGES_ON_M: tl.constexpr,
 ):
     """``out[b, c] = logsumexp_t s[b, c*T + t]`` for one block of images and a contiguous range
     of ``CLASSES_PER_PROGRAM`` classes, whose bank rows ``[c_begin*T, c_end*T)`` it walks in
@@ -597,7 +641,13 @@ def _mixture_gemm_kernel(
     The tile is ``[BLOCK_N, BLOCK_B]``: bank rows are the MMA's M side (64 rows per warpgroup on
     sm_90), so the per-row vectors of the epilogue (``mm``, ``scale``, ``log_norm``, the class of
     each row) take a few registers per thread; with rows on the N side they took 32 each at 128
-    rows and the kernel spilled (compile gate, sm_90).
+    rows and the kernel spilled (compile gate, sm_90). ``IMAGES_ON_M`` (``GemmConfig``) turns the
+    tile: ``[BLOCK_B, BLOCK_N]``, images on the M side. The per-image running state (``m``,
+    ``l``, ``xx``) then takes a few registers per thread and the per-row vectors ``BLOCK_N / 4``
+    each, so a tile of all 256 images of an ImageNet batch fits (256 x 64, bf16, 8 warps: 254
+    registers, no spill, wgmma; 171 for the 64 x 128 tile the other way round) and the bank is
+    read once per batch instead of once per 64 images. Its per-class reductions run along the
+    N side, within a warp, instead of across the warps.
 
     The per-class log-sum-exp is one running ``(m, l)`` per image: the tile's classes are folded
     in order, a class is stored (and the state reset) when its last row has been seen, and the
@@ -612,7 +662,11 @@ def _mixture_gemm_kernel(
     b_mask = offs_b < B
     offs_k = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    x_cols = (pid_b * BLOCK_B).to(tl.int64) * K + tl.arange(0, BLOCK_B)[None, :] * K
+    x_base = (pid_b * BLOCK_B).to(tl.int64) * K
+    if IMAGES_ON_M:
+        x_offs = x_base + tl.arange(0, BLOCK_B)[:, None] * K  # [BLOCK_B, 1]
+    else:
+        x_offs = x_base + tl.arange(0, BLOCK_B)[None, :] * K  # [1, BLOCK_B]
     row_end = tl.minimum(c_begin + CLASSES_PER_PROGRAM, C) * T
     m = tl.full([BLOCK_B], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_B], tl.float32)
@@ -620,22 +674,39 @@ def _mixture_gemm_kernel(
     for n0 in range(c_begin * T, row_end, BLOCK_N):
         rows = n0 + offs_n
         n_mask = rows < row_end
-        bank_rows = tile_base + offs_n[:, None] * K  # [BLOCK_N, 1]
+        if IMAGES_ON_M:
+            bank_offs = tile_base + offs_n[None, :] * K  # [1, BLOCK_N]
+            acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+        else:
+            bank_offs = tile_base + offs_n[:, None] * K  # [BLOCK_N, 1]
+            acc = tl.zeros([BLOCK_N, BLOCK_B], tl.float32)
         tile_base += BLOCK_N * K
-        acc = tl.zeros([BLOCK_N, BLOCK_B], tl.float32)
         for k0 in range(0, K, BLOCK_D):
             k_mask = offs_k < K - k0
-            bank = tl.load(
-                bank_ptr + (bank_rows + (k0 + offs_k)[None, :]),
-                mask=n_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            xt = tl.load(
-                x_ptr + (x_cols + (k0 + offs_k)[:, None]),  # [BLOCK_D, BLOCK_B]: x^T, K-major
-                mask=k_mask[:, None] & b_mask[None, :],
-                other=0.0,
-            )
-            acc = _gemm_dot(bank, xt, acc, PRECISION, EMULATE)
+            if IMAGES_ON_M:
+                xs = tl.load(
+                    x_ptr + (x_offs + (k0 + offs_k)[None, :]),  # [BLOCK_B, BLOCK_D]
+                    mask=b_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                bank = tl.load(
+                    bank_ptr + (bank_offs + (k0 + offs_k)[:, None]),  # [BLOCK_D, BLOCK_N]: bank^T
+                    mask=k_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+                acc = _gemm_dot(xs, bank, acc, PRECISION, EMULATE)
+            else:
+                bank = tl.load(
+                    bank_ptr + (bank_offs + (k0 + offs_k)[None, :]),
+                    mask=n_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                xt = tl.load(
+                    x_ptr + (x_offs + (k0 + offs_k)[:, None]),  # [BLOCK_D, BLOCK_B]: x^T, K-major
+                    mask=k_mask[:, None] & b_mask[None, :],
+                    other=0.0,
+                )
+                acc = _gemm_dot(bank, xt, acc, PRECISION, EMULATE)
         xx = tl.load(xx_ptr + offs_b, mask=b_mask, other=0.0)
         mm = tl.load(mm_ptr + rows, mask=n_mask, other=0.0)
         scale = tl.load(scale_ptr + rows, mask=n_mask, other=0.0)
@@ -644,16 +715,19 @@ def _mixture_gemm_kernel(
         # -2 x.mu + |x|^2 first (~ -|mu|^2), then |mu|^2: each sum rounds at the size of its
         # result, and |mu|^2 + |x|^2 (~2 |mu|^2) first rounds more coarsely near a mean
         # (docs/NUMERICS.md's script, tf32x3 at BLOCK_D = 16: 270 instead of 240 nats).
-        quad = tl.maximum((xx[None, :] - 2.0 * acc) + mm[:, None], 0.0)
-        s = -0.5 * quad * scale[:, None] + log_norm[:, None]
+        quad = tl.maximum(
+            (_per_image(xx, IMAGES_ON_M) - 2.0 * acc) + _per_row(mm, IMAGES_ON_M), 0.0
+        )
+        s = -0.5 * quad * _per_row(scale, IMAGES_ON_M) + _per_row(log_norm, IMAGES_ON_M)
         # The classes of this tile, in order; rows past row_end (masked) belong to none of them.
         cls = rows // T
         tile_end = tl.minimum(n0 + BLOCK_N, row_end)
         for c in range(n0 // T, (tile_end - 1) // T + 1):
-            s_c = tl.where((cls == c)[:, None], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s_c, 0))
+            s_c = tl.where(_per_row(cls == c, IMAGES_ON_M), s, float("-inf"))
+            m_new = tl.maximum(m, _over_rows(s_c, True, IMAGES_ON_M))
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in row_lse
-            l = l * tl.exp(m - m_shift) + tl.sum(tl.exp(s_c - m_shift[None, :]), 0)
+            e = tl.exp(s_c - _per_image(m_shift, IMAGES_ON_M))
+            l = l * tl.exp(m - m_shift) + _over_rows(e, False, IMAGES_ON_M)
             m = m_new
             # Its last row is in this tile: finish the class.
             done = tl.full([BLOCK_B], (c + 1) * T, tl.int32) <= tile_end
@@ -885,11 +959,22 @@ def gemm_tile(config: GemmConfig, precision: str, arch: int | None) -> tuple[int
     ``sm_<arch>`` (None: the interpreter). tf32x3 splits every operand into hi and lo in
     registers and keeps a second accumulator tile for the small products: BLOCK_D at most 32
     (64 spills), and before sm_90 (mma.sync, operands in registers) BLOCK_B at most 32 (64 x 128
-    tiles spill 8-16 B at 255 registers on sm_80; compile gate, ptxas 12.9)."""
+    tiles spill 8-16 B at 255 registers on sm_80; compile gate, ptxas 12.9). A turned tile
+    (``IMAGES_ON_M``): BLOCK_D at most 32 for the fp32 operands (shared memory), BLOCK_B at most
+    128 before sm_90 and for tf32x3 (spills; compile gate, triton 3.9, sm_80 / sm_90)."""
+    block_b, block_d = config.BLOCK_B, config.BLOCK_D
+    if config.IMAGES_ON_M:
+        if precision != "bf16":
+            # fp32 operands: 256 x 64 x 64 in 3 stages needs 240 KiB of shared memory (sm_90: 227).
+            block_d = min(block_d, 32)
+        if arch is not None and arch < 90:
+            block_b = min(block_b, 128)  # mma.sync: 256 x 64 spills 112-116 B (sm_80)
     if precision != "tf32x3":
-        return config.BLOCK_B, config.BLOCK_D
-    block_b = config.BLOCK_B if arch is None or arch >= 90 else min(config.BLOCK_B, 32)
-    return block_b, min(config.BLOCK_D, 32)
+        return block_b, block_d
+    if config.IMAGES_ON_M:
+        block_b = min(block_b, 128)  # 256 images x 64 rows spill 48-80 B at 255 registers (sm_90)
+    block_b = block_b if arch is None or arch >= 90 else min(block_b, 32)
+    return block_b, min(block_d, 32)
 
 
 def _target_arch() -> int | None:
@@ -1019,6 +1104,7 @@ def mixture_lse_gemm(
         BLOCK_B=block_b,
         BLOCK_N=cfg.BLOCK_N,
         BLOCK_D=block_d,
+        IMAGES_ON_M=cfg.IMAGES_ON_M,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

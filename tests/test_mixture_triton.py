@@ -224,12 +224,24 @@ STRADDLE_CASES = [
     pytest.param(7, 75, 3, TILE, id="last-program-holds-fewer-classes"),
     pytest.param(4, 40, 4, TILE._replace(BLOCK_N=16, BLOCK_D=16), id="T40-over-16-row-tiles"),
 ]
+# The tile turned (images on the MMA's M side, 64-row N tiles): the same edges, and 20 images over
+# two 16-image blocks (the second partial) of a 16 x 16 tile.
+TILE_M = next(cfg for cfg in M.GEMM_CONFIGS if cfg.IMAGES_ON_M)  # BLOCK_N = 64
+STRADDLE_CASES += [
+    pytest.param(5, 75, 5, TILE_M, id="images-on-M-T75-classes-straddle-64-row-tiles"),
+    pytest.param(2, 300, 2, TILE_M, id="images-on-M-a-class-spans-5-tiles"),
+    pytest.param(50, 3, 50, TILE_M, id="images-on-M-22-classes-in-a-tile"),
+    pytest.param(7, 75, 3, TILE_M, id="images-on-M-last-program-holds-fewer-classes"),
+    pytest.param(
+        4, 40, 4, TILE_M._replace(BLOCK_B=16, BLOCK_N=16, BLOCK_D=16), id="images-on-M-20-images"
+    ),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("c, t, per_program, config", STRADDLE_CASES)
 def test_gemm_kernel_classes_across_tile_edges(c, t, per_program, config, device):
-    x, mu, sigma = _flat_bank(3, c, t, 8)
+    x, mu, sigma = _flat_bank(20 if config.BLOCK_B == 16 else 3, c, t, 8)
     want = lse_f64(x, mu, sigma)
     torch_err = (torch_gemm_form_lse(x, mu, sigma, "ieee").double() - want).abs().max().item()
     xd, mud, sigd = (a.to(device) for a in (x, mu, sigma))
