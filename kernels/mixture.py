@@ -503,8 +503,8 @@ class GemmConfig(NamedTuple):
 # or 100 a tile holds parts of 2-3 classes, whose log-sum-exps the epilogue finishes in turn.
 # Measured with the compile gate (ptxas 12.9, sm_80 / sm_90): 128 x 128 tiles spill at 8 warps
 # in every precision, 64 x 256 and a 4-warp 32 x 128 tile spill in tf32x3; these fit. The
-# turned tiles (IMAGES_ON_M, 64-row N tiles): 256 images x 64 rows (the whole ImageNet batch,
-# the bank read once; bf16 250 registers on sm_90) and 128 x 64; 256 x 128 spills 0.5-1.6 KB.
+# turned tiles (IMAGES_ON_M, 64-row N tiles): 256 images x 64 rows (the whole ImageNet batch;
+# bf16 252 registers on sm_90) and 128 x 64; 256 x 128 spills 0.5-1.6 KB.
 GEMM_CONFIGS: list[GemmConfig] = [
     GemmConfig(BLOCK_B=64, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=3),
     GemmConfig(BLOCK_B=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3),
@@ -644,10 +644,12 @@ def _mixture_gemm_kernel(
     rows and the kernel spilled (compile gate, sm_90). ``IMAGES_ON_M`` (``GemmConfig``) turns the
     tile: ``[BLOCK_B, BLOCK_N]``, images on the M side. The per-image running state (``m``,
     ``l``, ``xx``) then takes a few registers per thread and the per-row vectors ``BLOCK_N / 4``
-    each, so a tile of all 256 images of an ImageNet batch fits (256 x 64, bf16, 8 warps: 254
-    registers, no spill, wgmma; 171 for the 64 x 128 tile the other way round) and the bank is
-    read once per batch instead of once per 64 images. Its per-class reductions run along the
-    N side, within a warp, instead of across the warps.
+    each, so a tile of all 256 images of an ImageNet batch fits (256 x 64, bf16, 8 warps:
+    252 registers with triton 3.9, 255 with 3.6, no spill, wgmma), where 256 images on the N
+    side spill 64 B to 2.7 KB. Its per-class reductions run across a quad's lanes (shuffles)
+    instead of across the warps (shared memory). Tile traffic from L2, modelled at B=256,
+    C=1000, T=75, D=4096 bf16 (the report's GEMM table): 4.3 GB against 4.9 GB for 64 x 128
+    (the bank once per call, but x again for every 64-row tile).
 
     The per-class log-sum-exp is one running ``(m, l)`` per image: the tile's classes are folded
     in order, a class is stored (and the state reset) when its last row has been seen, and the
