@@ -42,8 +42,10 @@ def test_dry_run_writes_results_in_the_bench_format(tmp_path):
     cases = {r["case"] for r in data["records"]}
     assert {"per_image_float32", "per_image_bfloat16"} <= cases, cases
     assert (tmp_path / "bench" / name.replace(".json", ".md")).exists()
-    # Each profiled script (bf16 diff, shared bank, KL, alignment) ran to its end (without ncu).
-    for name, workload in (("diff_bf16", "diff_bf16"), ("gemm", "gemm"), ("kl_fwd", "kl"),
+    # Each profiled script (bf16 diff, shared bank, the turned GEMM tile, KL, alignment) ran to
+    # its end (without ncu).
+    for name, workload in (("diff_bf16", "diff_bf16"), ("gemm", "gemm"),
+                           ("gemm_turned", "gemm_turned"), ("kl_fwd", "kl"),
                            ("kl_bwd", "kl"), ("align_combine", "align")):  # fmt: skip
         log = (tmp_path / "logs" / f"ncu_{name}.log").read_text()
         assert f"profiled {workload} on cpu" in log, log[-2000:]

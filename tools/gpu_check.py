@@ -14,8 +14,9 @@ skipped and says so. Everything lands in ``--out`` (default ``$OUT``, else ``gpu
 * ``breakdown.json``: ``tools/op_breakdown.py``, where one shared-bank call's and one KL step's
   time goes, device kernels and host functions;
 * ``ncu_<name>.ncu-rep`` + ``.csv``: Nsight Compute on the kernels of ``PROFILES``: the
-  difference-form kernel on a bf16 per-image bank, the shared-bank form the tuner chose, the fused
-  KL forward and backward, the alignment combine kernel.
+  difference-form kernel on a bf16 per-image bank, the shared-bank form the tuner chose and the
+  fused GEMM kernel's turned tile, the fused KL forward and backward, the alignment combine
+  kernel.
 
 Usage on the GPU machine (from the repository root; see README "Checking on a GPU")::
 
@@ -184,7 +185,7 @@ def step_breakdown(out: Path, timeout: float, dry_run: bool) -> dict:
 
 PROFILE = """
 import sys, torch, genrep_fast as G
-which = sys.argv[1]  # the workload: diff, diff_bf16, gemm, kl or align
+which = sys.argv[1]  # the workload: diff, diff_bf16, gemm, gemm_turned, kl or align
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 big = dev == "cuda"
 g = torch.Generator(device=dev).manual_seed(0)
@@ -206,6 +207,19 @@ elif which == "kl":
     def run():
         G.posterior_kl_loss(logits, ll).backward()
         logits.grad = None
+elif which == "gemm_turned":
+    # The fused GEMM kernel with its first turned tile (GemmConfig.IMAGES_ON_M: 256 images x 64
+    # bank rows), forced: the tuner may keep another form. B=256, C=1000, T=100, D=4096, bf16,
+    # the operands made once (a prepared bank's).
+    from genrep_fast.kernels import mixture as M
+    cfg = next(cfg for cfg in M.GEMM_CONFIGS if cfg.IMAGES_ON_M)
+    b, c, t, d = (256, 1000, 100, 4096) if big else (2, 3, 5, 16)
+    mu = torch.randn(c, t, d, device=dev, generator=g)
+    sigma = torch.full((c, t), 60.0, device=dev)
+    x = torch.randn(b, d, device=dev, generator=g)
+    ops = M.gemm_operands(mu, sigma, "bf16")
+    def run():
+        return M.mixture_lse_gemm(x, mu, sigma, "bf16", ops, config=cfg)
 else:
     if which.startswith("diff"):  # per-image bank, B=64, C=10, T=75, D=4096: memory-bound
         b, c, t, d = (64, 10, 75, 4096) if big else (2, 3, 5, 16)
@@ -236,10 +250,12 @@ print("profiled", which, "on", dev)
 # the autotuner chose (the profiled range starts after a first, tuning call).
 # The fp32 difference kernel, the fused GEMM kernel and the group sums were profiled in
 # bench/results/gpu-h100-20261126c; these are the kernels that run left unprofiled. The shared-bank
-# profile catches whichever form the tuner chose: the fused kernel or the split form's epilogue.
+# profile catches whichever form the tuner chose: the fused kernel or the split form's epilogue;
+# gemm_turned profiles the fused kernel's turned 256-image tile whatever the tuner chose.
 PROFILES = (
     ("diff_bf16", "diff_bf16", "regex:_mixture_diff_kernel"),
     ("gemm", "gemm", "regex:_mixture_gemm_kernel|_gemm_lse_kernel"),
+    ("gemm_turned", "gemm_turned", "regex:_mixture_gemm_kernel"),
     ("kl_fwd", "kl", "regex:_posterior_kl_fwd_kernel"),
     ("kl_bwd", "kl", "regex:_posterior_kl_bwd_kernel"),
     ("align_combine", "align", "regex:align_combine_kernel"),
