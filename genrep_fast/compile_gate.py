@@ -17,7 +17,9 @@ changes a loop variable's shape, or spills registers at BLOCK sizes the tests ne
 every interpreter test. Hence this gate, run by ``tests/test_triton_compile.py``.
 
 Fails on: any compile error (Triton front end, LLVM, ptxas), shared memory past the
-architecture's per-block limit (``SHARED_MEMORY_LIMIT``: the launch would fail), and any register
+architecture's per-block limit (``SHARED_MEMORY_LIMIT``: the launch would fail), more registers
+per thread than a block of that many warps can hold (``register_ceiling``: 64 Ki per block; a
+``maxnreg`` of 255 on a 16-warp launch compiles, then fails to launch), and any register
 spill (ptxas ``-v``: spill stores or loads) of a kernel without float64 pointers, however small
 (a config whose kernel ptxas would cap below its needs carries ``maxnreg``, see kernels/mixture.py).
 Reported, not failed: spills of float64 kernels (``spill_kind``).
@@ -656,6 +658,12 @@ def register_ceiling(num_warps: int) -> int:
     return min(255, 65536 // (32 * num_warps))
 
 
+def registers_too_many(entry: dict) -> bool:
+    """More registers per thread than ``register_ceiling`` allows for the kernel's warps: ptxas
+    keeps under it unless ``maxnreg`` lifts the cap, and then the launch fails (OutOfResources)."""
+    return (entry["registers"] or 0) > register_ceiling(entry["num_warps"])
+
+
 def spill_kind(entry: dict) -> str:
     """``""`` (no spill), ``"fp64"`` (allowed: a kernel with float64 pointers) or ``"FAIL"``: any
     spill of a kernel without float64 pointers."""
@@ -665,8 +673,8 @@ def spill_kind(entry: dict) -> str:
 
 
 def verdict(report: dict) -> list[str]:
-    """The reasons the gate fails (empty: it passes): compile errors, and failing spills
-    (``spill_kind``)."""
+    """The reasons the gate fails (empty: it passes): compile errors, shared memory or registers
+    past what one block may have, and failing spills (``spill_kind``)."""
     problems = []
     for arch in report["archs"].values():
         sm = f"sm_{arch['arch']}"
@@ -680,6 +688,12 @@ def verdict(report: dict) -> list[str]:
                 problems.append(
                     f"{sm}: {e['kernel']} {_constexpr_text(e)} needs {e['shared']} B of shared "
                     f"memory (limit {SHARED_MEMORY_LIMIT[arch['arch']]} B)"
+                )
+            if registers_too_many(e):
+                problems.append(
+                    f"{sm}: {e['kernel']} {_constexpr_text(e)} needs {e['registers']} registers "
+                    f"per thread at {e['num_warps']} warps (limit "
+                    f"{register_ceiling(e['num_warps'])}: 64 Ki per block)"
                 )
             if spill_kind(e) == "FAIL":
                 problems.append(

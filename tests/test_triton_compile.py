@@ -303,6 +303,25 @@ def test_shared_memory_rule():
     assert not compile_gate.shared_memory_too_large(e | dict(arch=90, shared=e["shared"] + 1))
 
 
+def test_register_file_rule():
+    """A block's threads share 64 Ki registers: 255 per thread fit 8 warps, 128 fit 16. A 16-warp
+    kernel that ``maxnreg`` let past 128 compiles and then cannot launch; the verdict names it."""
+    e = dict(arch=90, registers=255, num_warps=8)
+    assert not compile_gate.registers_too_many(e)
+    assert not compile_gate.registers_too_many(e | dict(registers=128, num_warps=16))
+    assert compile_gate.registers_too_many(e | dict(registers=129, num_warps=16))
+    entry = dict(
+        e, kernel="_k", constexprs={"BLOCK": 64}, shared=0, spill_stores=0, spill_loads=0,
+        fp64=False, num_warps=16, registers=204,
+    )  # fmt: skip
+    report = {"archs": {"90": {"arch": 90, "failures": [], "kernels": [entry]}}}
+    assert compile_gate.verdict(report) == [
+        "sm_90: _k BLOCK=64 needs 204 registers per thread at 16 warps (limit 128: 64 Ki per block)"
+    ]
+    report["archs"]["90"]["kernels"] = [entry | dict(num_warps=8)]
+    assert compile_gate.verdict(report) == []
+
+
 def test_ptxas_log_parsing():
     log = (
         "ptxas info    : Compiling entry function '_k' for 'sm_90'\n"
