@@ -10,9 +10,11 @@ returns them. ``tuned`` then:
   runs each, on the current stream, CUDA events) and caches the fastest; later calls with that key
   launch the cached config with no timing and no host sync. ``key`` holds what the best config
   depends on (sizes, dtypes, constexpr flags), not the data;
-* under the interpreter (``TRITON_INTERPRET=1``), on any other device, while a CUDA graph is
-  being captured, with ``GENREP_FAST_AUTOTUNE=0``, or while ``torch.use_deterministic_algorithms``
-  is on, launches the first config only.
+* while a CUDA graph is being captured, launches the config chosen for that key before the
+  capture (a warm-up call), else the first (timing would sync);
+* under the interpreter (``TRITON_INTERPRET=1``), on any other device, with
+  ``GENREP_FAST_AUTOTUNE=0``, or while ``torch.use_deterministic_algorithms`` is on, launches the
+  first config only.
 
 Numerics across configs: every config computes the same sums in the same precision, but a
 different ``BLOCK_D`` (or ``num_warps``, which changes Triton's reduction tree) changes the
@@ -141,15 +143,18 @@ def choose(
 ) -> int:
     """Index into ``configs`` for ``(name, key, device)``: 0 with one config or autotuning off
     (``autotune_enabled``); else the cached choice, or the config of least ``timer(lambda:
-    run(config))`` (cached). ``timer`` None: CUDA events on the current stream, and 0 off CUDA,
-    under the interpreter and during a CUDA graph capture (no timing, no sync there)."""
+    run(config))`` (cached). ``timer`` None: CUDA events on the current stream, and 0 off CUDA
+    and under the interpreter; during a CUDA graph capture the cached choice (that of a warm-up
+    call before it), else 0 (no timing, no sync there)."""
     if len(configs) == 1 or not autotune_enabled():
         return 0
-    if timer is None:
-        if device.type != "cuda" or interpreted() or torch.cuda.is_current_stream_capturing():
-            return 0
-        timer = _cuda_time
     cache_key = (name, key, str(device))
+    if timer is None:
+        if device.type != "cuda" or interpreted():
+            return 0
+        if torch.cuda.is_current_stream_capturing():
+            return _BEST.get(cache_key, 0)
+        timer = _cuda_time
     best = _BEST.get(cache_key)
     if best is None:
         times = _times(configs, run, timer)

@@ -136,6 +136,20 @@ def test_choice_is_cached_per_kernel_shape_and_device():
     assert set(tuning.chosen().values()) == {1, 2} and len(tuning.chosen()) == 4
 
 
+def test_a_capture_launches_the_choice_made_before_it(monkeypatch):
+    """Inside a CUDA graph capture nothing is timed (it would sync): a key chosen in a warm-up
+    call keeps its config in the captured graph, an unseen key takes the first."""
+    cuda = torch.device("cuda")
+    ran = []
+    assert tuning.choose("k", CONFIGS, (75,), cuda, ran.append, _table_timer({16: 3.0, 32: 2.0, 64: 1.0}, ran)) == 2  # fmt: skip
+    monkeypatch.setattr(tuning, "interpreted", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    ran.clear()
+    assert tuning.choose("k", CONFIGS, (75,), cuda, ran.append) == 2
+    assert tuning.choose("k", CONFIGS, (100,), cuda, ran.append) == 0
+    assert ran == [] and (("k", (100,), "cuda") not in tuning.chosen())
+
+
 def test_a_config_out_of_device_memory_is_skipped_not_raised():
     # A candidate the caller never asked for (the split GEMM form's scratch and per-call parts)
     # may not fit in memory where the default does: the tuner records it as not fitting (inf)
