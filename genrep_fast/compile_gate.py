@@ -48,6 +48,11 @@ Every entry of ``kernels/mixture.py``'s ``GEMM_CONFIGS`` also gets variants of i
 every GEMM precision, isotropic and diagonal sigma), and the report's "GEMM configs" table lists,
 per config, its registers, shared memory, spills, tensor-core instruction (``wgmma`` on sm_90) and
 the modelled bytes / FLOPs at B = 256, C = 1000, T = 100, D = 4096 (``genrep_fast.roofline``).
+
+Occupancy (reported, not failed): every kernel's blocks per SM and what limits them
+(``genrep_fast.occupancy``, the rules that reproduce the block limits, occupancy and waves of the
+H100's ncu profiles), and, for the GEMM configs and the per-image configs (``DIFF_CONFIGS`` at
+the benchmark's B = 64, C = 10, T = 75, D = 4096), the waves their grid takes on the card.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ from itertools import product
 from pathlib import Path
 
 import torch
+
+from genrep_fast import occupancy
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_NAME = "triton-compile-report"
@@ -730,6 +737,23 @@ def _git_commit() -> str:
     return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
+def entry_occupancy(entry: dict) -> occupancy.Occupancy:
+    """``occupancy.occupancy`` of a compiled kernel of the report."""
+    return occupancy.occupancy(
+        entry["arch"], entry["num_warps"], entry["registers"] or 0, entry["shared"] or 0
+    )
+
+
+_LIMITER = {"registers": "regs", "shared": "smem", "warps": "warps", "blocks": "max"}
+
+
+def _blocks_text(entry: dict) -> str:
+    if entry.get("arch") not in occupancy.SM_LIMITS or entry["registers"] is None:
+        return "?"
+    occ = entry_occupancy(entry)
+    return f"{occ.blocks} {_LIMITER[occ.limiter]}"
+
+
 def markdown(report: dict) -> str:
     """The report as a markdown page: conditions, a summary per architecture, then one row per
     compiled kernel."""
@@ -741,7 +765,9 @@ def markdown(report: dict) -> str:
         "use, compiled without a GPU by Triton's compiler and ptxas (`genrep_fast/compile_gate.py`"
         "). Registers, spills and stack frame from `ptxas -v`; shared memory from Triton's "
         "metadata; `mma` the tensor-core instruction in the PTX; `tf32 rnd` the tf32 operand "
-        "roundings in the PTX; `ld vec/all` the PTX's vector global loads / all its global loads; "
+        "roundings in the PTX; `blocks/SM`: blocks resident on one SM and what limits them "
+        "(`genrep_fast.occupancy`: regs, smem, warps; the rules ncu's profiles confirm); "
+        "`ld vec/all` the PTX's vector global loads / all its global loads; "
         "`spill`: `FAIL` (any spill without float64), allowed: `fp64`; "
         "`variants`: how many launch the kernel, and the first "
         "(rows that look alike differ in the ints Triton specialises on: strides, sizes "
@@ -780,14 +806,15 @@ def markdown(report: dict) -> str:
             f"## sm_{a['arch']}",
             "",
             "| kernel | constexprs | dtypes | warps | stages | regs | spill st/ld B | stack B "
-            "| smem B | mma | tf32 rnd | ld vec/all | spill | variants |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| smem B | blocks/SM | mma | tf32 rnd | ld vec/all | spill | variants |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in a["kernels"]:
             lines.append(
                 f"| {e['kernel']} | {_constexpr_text(e)} | {_dtypes_text(e)} | {e['num_warps']} | "
                 f"{e['num_stages']} | {e['registers']} | {e['spill_stores']}/{e['spill_loads']} | "
-                f"{e['stack_frame']} | {e['shared']} | {e['mma'] or '-'} | {e['tf32_rounds']} | "
+                f"{e['stack_frame']} | {e['shared']} | {_blocks_text(e)} | {e['mma'] or '-'} | "
+                f"{e['tf32_rounds']} | "
                 f"{e.get('vector_loads', '?')}/{e.get('global_loads', '?')} | "
                 f"{spill_kind(e) or '-'} | {len(e['variants'])}: {e['variants'][0]} |"
             )
@@ -805,10 +832,30 @@ def markdown(report: dict) -> str:
                 "of the tiles, and the roofline bound at 3.0 TB/s and the nominal peaks.",
                 "",
                 "| cfg | precision | sigma | tile | warps | stages | regs | smem B | spill st/ld B "
-                "| mma | classes/prog | programs | DRAM GB | TFLOP | launched/useful | L2 GB "
-                "| bound us |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "| mma | blocks/SM | classes/prog | programs | waves | DRAM GB | TFLOP "
+                "| launched/useful | L2 GB | bound us |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                 *gemm_rows,
+            ]
+        diff_rows = diff_config_rows(a) if a["arch"] in occupancy.SM_LIMITS else []
+        if diff_rows:
+            sms = occupancy.SM_LIMITS[a["arch"]].sms
+            lines += [
+                "",
+                f"### Per-image configs on sm_{a['arch']}",
+                "",
+                "`DIFF_CONFIGS` of `kernels/mixture.py` for a per-image bank (isotropic sigma) at "
+                f"B = {PER_IMAGE_SHAPE.batch}, C = {PER_IMAGE_SHAPE.classes}, "
+                f"T = {PER_IMAGE_SHAPE.steps}, D = {PER_IMAGE_SHAPE.dim} (the benchmark's case): "
+                "tile BLOCK_T x BLOCK_D, D pipeline stages, T tiles per program (0: all T), "
+                f"programs (B x C x spans of steps), waves on {sms} SMs (how full the machine is "
+                "over them), and the DRAM floor at 3.0 TB/s. A memory-bound kernel needs enough "
+                "blocks per SM to keep loads in flight and whole waves.",
+                "",
+                "| cfg | dtype | tile | D stages | T tiles | warps | regs | smem B | blocks/SM "
+                "| programs | waves | floor us |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                *diff_rows,
             ]
         if a["failures"]:
             lines += [
@@ -879,6 +926,67 @@ def gemm_config_model(
     }
 
 
+# The per-image bank's benchmark case (bench/bench_posterior.py's PER_IMAGE_GPU, the issue's
+# per-image target): 64 images, each with its own bank of 10 classes x 75 steps, D = 4096. The
+# kernels are LDM-8's per-image variants (same T and D, so the same tiles); only the grid differs.
+PER_IMAGE_SHAPE = Shape("per-image-b64", batch=64, classes=10, steps=75, dim=4096, candidates=0)
+
+
+def diff_config_rows(arch: dict) -> list[str]:
+    """One row per (``DIFF_CONFIGS`` entry, fp32 / bf16) of ``arch``'s section: the compiled
+    per-image kernel, its blocks per SM and its grid at ``PER_IMAGE_SHAPE`` (B x C x spans
+    programs), and the DRAM floor at 3.0 TB/s (``roofline.per_image_bank``)."""
+    from genrep_fast import roofline
+    from genrep_fast.kernels.mixture import DIFF_CONFIGS, diff_blocks, diff_spans
+
+    sh = PER_IMAGE_SHAPE
+    rows = []
+    for dtype, size in (("fp32", 4), ("bf16", 2)):
+        variant = f"mixture/ldm8/{dtype}/per_image/sigma=CT/ieee"
+        cost = roofline.per_image_bank(
+            sh.batch, sh.classes, sh.steps, sh.dim, s_bank=size, s_x=size
+        )
+        floor_us = cost.bytes / 3.0e12 * 1e6
+        for i, cfg in enumerate(DIFF_CONFIGS):
+            blocks = {"T_TILES": 0} | diff_blocks(cfg, sh.steps, sh.dim)
+            e = next(
+                (
+                    e
+                    for e in arch["kernels"]
+                    if e["kernel"] == "_mixture_diff_kernel"
+                    and variant in e["variants"]
+                    and e["num_warps"] == blocks["num_warps"]
+                    and e["num_stages"] == blocks["num_stages"]
+                    and all(e["constexprs"].get(k, v) == v for k, v in blocks.items())
+                ),
+                None,
+            )
+            programs = sh.batch * sh.classes * diff_spans(blocks, sh.steps)
+            tile = f"{blocks['BLOCK_T']}x{blocks['BLOCK_D']}"
+            head = (
+                f"| {i} | {dtype} | {tile} | {blocks['D_STAGES']} | {blocks['T_TILES']} | "
+                f"{blocks['num_warps']} |"
+            )
+            if e is None:
+                rows.append(f"{head} not compiled | | | {programs} | | {floor_us:.0f} |")
+                continue
+            rows.append(
+                f"{head} {e['registers']} | {e['shared']} | {_blocks_text(e)} | {programs} | "
+                f"{_waves_text(e, programs)} | {floor_us:.0f} |"
+            )
+    return rows
+
+
+def _waves_text(entry: dict, programs: int) -> str:
+    """Waves of ``programs`` blocks of a compiled kernel on the card of its arch, and how full the
+    machine is over them (``occupancy.tail_fill``)."""
+    occ = entry_occupancy(entry)
+    if occ.blocks < 1:
+        return "does not fit"
+    w = occupancy.waves(entry["arch"], programs, occ.blocks)
+    return f"{w:.2f} ({occupancy.tail_fill(w):.0%})"
+
+
 def _gemm_config_rows(arch: dict) -> list[str]:
     """One row per (GEMM config, precision, sigma) of ``arch``'s section: the compiled kernel's
     resources and ``gemm_config_model``."""
@@ -896,17 +1004,19 @@ def _gemm_config_rows(arch: dict) -> list[str]:
         block_b, block_d = gemm_tile(cfg, v.precision, arch["arch"])
         tile = f"{block_b}x{cfg.BLOCK_N}x{block_d}"
         res = (
-            "| compile error | | | |"
+            "| compile error | | | | | |"
             if e is None
             else (
                 f"| {e['registers']} | {e['shared']} | {e['spill_stores']}/{e['spill_loads']} "
-                f"| {e['mma'] or '-'} |"
+                f"| {e['mma'] or '-'} | {_blocks_text(e)} |"
             )
         )
+        waves = "?" if e is None else _waves_text(e, mdl["programs"])
         rows.append(
             f"| {v.gemm_config} | {v.precision} | {'diagonal' if diagonal else 'isotropic'} "
             f"(T={v.shape.steps}) | {tile} | {cfg.num_warps} | {cfg.num_stages} {res} "
-            f"{mdl['classes_per_program']} | {mdl['programs']} | {mdl['dram_bytes'] / 1e9:.2f} | "
+            f"{mdl['classes_per_program']} | {mdl['programs']} | {waves} | "
+            f"{mdl['dram_bytes'] / 1e9:.2f} | "
             f"{mdl['flops'] / 1e12:.2f} | {mdl['launched_over_useful']:.3f} | "
             f"{mdl['l2_bytes'] / 1e9:.1f} | {mdl['bound_us']:.0f} {mdl['bound_kind']} |"
         )

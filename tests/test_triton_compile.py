@@ -283,6 +283,46 @@ def test_split_epilogue_loads_four_values_per_instruction_where_t_allows(report)
             assert e["vector_loads"] == e["global_loads"] - 1, (s["arch"], e)
 
 
+def test_every_per_image_config_is_modelled_from_its_own_kernel(report):
+    # The report's per-image table finds, for each DIFF_CONFIGS entry, the kernel compiled for it
+    # (same tile, stages, T tiles, warps). The H100's ncu profile of config 2 in bf16 (bench/
+    # results/gpu-h100-20261127, 101 registers there) read 2 blocks per SM and 2.42 waves.
+    from genrep_fast.kernels.mixture import DIFF_CONFIGS
+
+    for s in _sections(report):
+        rows = compile_gate.diff_config_rows(s)
+        assert len(rows) == 2 * len(DIFF_CONFIGS), s["arch"]
+        assert not [r for r in rows if "not compiled" in r], s["arch"]
+        for row in rows:
+            _, dtype, tile, stages, t_tiles, warps, regs, smem = row.split("|")[1:9]
+            block_t, block_d = tile.split("x")
+            want = dict(BLOCK_T=int(block_t), BLOCK_D=int(block_d), D_STAGES=int(stages))
+            want["T_TILES"] = int(t_tiles)
+            assert any(
+                e["kernel"] == "_mixture_diff_kernel"
+                and f"mixture/ldm8/{dtype.strip()}/per_image/sigma=CT/ieee" in e["variants"]
+                and want.items() <= e["constexprs"].items()
+                and (e["num_warps"], e["registers"], e["shared"])
+                == (int(warps), int(regs), int(smem))
+                for e in s["kernels"]
+            ), (s["arch"], row)
+        if s["arch"] == 90:
+            cells = [c.strip() for c in rows[len(DIFF_CONFIGS) + 2].split("|")]
+            assert cells[1:3] == ["2", "bf16"] and cells[9:12] == ["2 regs", "640", "2.42 (81%)"]
+
+
+def test_every_report_table_row_has_its_header_s_cells(report):
+    md = compile_gate.markdown(report)
+    header = None
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            header = None
+        elif header is None:
+            header = line.count("|")
+        else:
+            assert line.count("|") - line.count("\\|") == header, line
+
+
 def test_ptx_global_load_count():
     ptx = (
         "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n"
