@@ -255,6 +255,58 @@ def test_deterministic_bitwise_and_thread_independent():
         assert all(torch.equal(a, b) for a, b in zip(upd, runs[0][1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_loads_and_stores_are_exact(dtype):
+    """The CPU kernels convert 16-bit values to double and back themselves (vectorised, not
+    through c10's scalar conversions): every one of the 65536 bit patterns must load exactly
+    (group_sums of p alone: |p|^2 of one value, in double) and, for the non-NaN ones, store back
+    unchanged (out = 1 * p + 0 * 0 outside any group; -0 turns +0); a NaN stays NaN. Rounding on store, to
+    nearest even through float as c10 does: a * p + b * g against torch's own double -> float ->
+    16-bit conversion, bit for bit, over random values and the format's edges (subnormals, the
+    largest finite, the overflow threshold)."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    p = bits.view(dtype)
+    zeros = torch.zeros_like(p)
+    nan = torch.isnan(p)
+    # Loads: each value on its own as a tensor of one, so |p|^2 is one exact product.
+    vals = [p[i : i + 1] for i in range(0, 65536, 97)]
+    ids = list(range(len(vals)))
+    sums = torch.ops.genrep_fast.group_sums(vals, [None] * len(vals), ids, len(vals))
+    want = torch.cat(vals).double() ** 2
+    got = sums[:, 1]
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got[~torch.isnan(want)], want[~torch.isnan(want)])
+    # Round trip of every pattern.
+    out = torch.empty_like(p)
+    torch.ops.genrep_fast.align_combine([p], [zeros], torch.zeros(0, 3, dtype=torch.float64), [-1],
+                                        2.0, 1.0, 0.0, "symmetric", [out])  # fmt: skip
+    same = (1.0 * p.double() + 0.0 * zeros.double()).to(dtype)  # p itself; -0 + 0 is +0
+    assert torch.equal(out[~nan].view(torch.int16), same[~nan].view(torch.int16))
+    assert bool(torch.isnan(out[nan]).all())
+    # Rounding on store.
+    info = torch.finfo(dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=g, dtype=torch.float64)
+    x = x * torch.exp2(torch.randint(-30, 20, x.shape, generator=g).double())
+    edges = torch.tensor(
+        [info.max, info.tiny, info.smallest_normal / 2, info.eps], dtype=torch.float64
+    )
+    x = torch.cat([x, edges, edges * (1 + 2**-11), edges * (1 - 2**-12), -edges])
+    if dtype == torch.float16:
+        x = torch.cat(
+            [x, torch.tensor([65519.99, 65520.0, 65536.0, 2**-25, 3 * 2**-26, 2**-24 * 1.5])]
+        )
+    ps = x.to(dtype)
+    gs = (x * 0.37).to(dtype)
+    out = torch.empty_like(ps)
+    a, b = 1.0000001, -0.7000003
+    torch.ops.genrep_fast.align_combine([ps], [gs], torch.zeros(0, 3, dtype=torch.float64), [-1],
+                                        2.0, a, b, "symmetric", [out])  # fmt: skip
+    want = (a * ps.double() + b * gs.double()).float().to(dtype)
+    mismatch = out.view(torch.int16) != want.view(torch.int16)
+    assert not bool(mismatch.any()), (ps[mismatch][:5], gs[mismatch][:5], out[mismatch][:5])
+
+
 def test_out_in_place_strided_and_zero_size():
     p = torch.randn(64, 48)
     g = torch.randn(64, 48)
