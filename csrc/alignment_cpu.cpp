@@ -67,7 +67,12 @@ struct Elem<c10::Half> {
     const uint32_t normal = (em << 13) + 0x38000000u;
     const uint32_t small = bits_of_float(static_cast<float>(em) * 5.9604644775390625e-8f);
     const uint32_t special = (em << 13) | 0x7F800000u;
-    const uint32_t mag = em >= 0x7C00u ? special : (em < 0x0400u ? small : normal);
+    // Bit masks rather than ?: : GCC keeps a ?: over a float operation as a branch (the
+    // operation might trap), and then does not vectorise the loop.
+    const uint32_t is_small = 0u - uint32_t(em < 0x0400u);
+    const uint32_t is_special = 0u - uint32_t(em >= 0x7C00u);
+    uint32_t mag = (normal & ~is_small) | (small & is_small);
+    mag = (mag & ~is_special) | (special & is_special);
     return float_of_bits(sign | mag);
   }
   static uint16_t store(double v) {
@@ -80,9 +85,12 @@ struct Elem<c10::Half> {
     // Normal: rebias (127 -> 15) and round the 13 dropped bits to nearest even; a carry out of
     // the mantissa bumps the exponent, up to infinity from 65520 on.
     const uint32_t norm = (mag - 0x38000000u + 0xFFFu + ((mag >> 13) & 1u)) >> 13;
-    uint32_t h = mag < 0x38800000u ? sub : norm;
-    h = mag >= 0x47800000u ? 0x7C00u : h;  // 65536 and above (and inf): infinity
-    h = mag > 0x7F800000u ? 0x7E00u : h;   // NaN
+    const uint32_t is_sub = 0u - uint32_t(mag < 0x38800000u);
+    const uint32_t is_inf = 0u - uint32_t(mag >= 0x47800000u);  // 65536 and above, and inf
+    const uint32_t is_nan = 0u - uint32_t(mag > 0x7F800000u);
+    uint32_t h = (norm & ~is_sub) | (sub & is_sub);
+    h = (h & ~is_inf) | (0x7C00u & is_inf);
+    h = (h & ~is_nan) | (0x7E00u & is_nan);
     return static_cast<uint16_t>(sign | h);
   }
 };
