@@ -3,7 +3,8 @@
 //
 // Determinism: every tensor is cut into fixed-size chunks (independent of the thread count), each
 // chunk's partial sums are computed in double by one thread, and the partials are added in chunk
-// order by one pass. The result is bitwise identical across calls and thread counts.
+// order by one pass. The result is bitwise identical across calls and thread counts; between a CPU
+// with AVX2 and one without, group_sums may differ in the last bits (see chunk_sums_avx2).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,7 +12,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "alignment.h"
@@ -25,13 +28,13 @@ namespace {
 // and the fp16 one at 2.5 GB/s, against 30 GB/s in fp32. The conversions below give the same bits
 // as c10's: a store rounds the double to float, then to the 16-bit format to nearest even; a NaN
 // stores as c10 stores it (bf16: 0x7FC0; fp16: 0x7E00 with its sign).
-inline float float_of_bits(uint32_t u) {
+[[gnu::always_inline]] inline float float_of_bits(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-inline uint32_t bits_of_float(float f) {
+[[gnu::always_inline]] inline uint32_t bits_of_float(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
@@ -40,15 +43,15 @@ inline uint32_t bits_of_float(float f) {
 template <typename scalar_t>
 struct Elem {
   using storage = scalar_t;
-  static double load(storage v) { return static_cast<double>(v); }
-  static storage store(double v) { return static_cast<scalar_t>(v); }
+  [[gnu::always_inline]] static double load(storage v) { return static_cast<double>(v); }
+  [[gnu::always_inline]] static storage store(double v) { return static_cast<scalar_t>(v); }
 };
 
 template <>
 struct Elem<c10::BFloat16> {
   using storage = uint16_t;
-  static double load(uint16_t v) { return float_of_bits(uint32_t(v) << 16); }
-  static uint16_t store(double v) {
+  [[gnu::always_inline]] static double load(uint16_t v) { return float_of_bits(uint32_t(v) << 16); }
+  [[gnu::always_inline]] static uint16_t store(double v) {
     const float f = static_cast<float>(v);
     const uint32_t u = bits_of_float(f);
     const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
@@ -59,7 +62,7 @@ struct Elem<c10::BFloat16> {
 template <>
 struct Elem<c10::Half> {
   using storage = uint16_t;
-  static double load(uint16_t v) {
+  [[gnu::always_inline]] static double load(uint16_t v) {
     const uint32_t sign = uint32_t(v & 0x8000u) << 16;
     const uint32_t em = v & 0x7FFFu;  // exponent and mantissa
     // Normal: rebias the exponent (15 -> 127); subnormal or zero: em * 2^-24 exactly; inf / NaN:
@@ -75,7 +78,7 @@ struct Elem<c10::Half> {
     mag = (mag & ~is_special) | (special & is_special);
     return float_of_bits(sign | mag);
   }
-  static uint16_t store(double v) {
+  [[gnu::always_inline]] static uint16_t store(double v) {
     const uint32_t x = bits_of_float(static_cast<float>(v));
     const uint32_t sign = (x >> 16) & 0x8000u;
     const uint32_t mag = x & 0x7FFFFFFFu;
@@ -110,7 +113,8 @@ struct Partial {
 // Sums of one chunk in double: every product of two fp32 values is exact in double, so a chunk's
 // partial carries no rounding beyond the additions. `a` or `b` may be null (a missing gradient).
 template <typename scalar_t>
-Partial chunk_sums(const scalar_t* a_in, const scalar_t* b_in, int64_t n) {
+[[gnu::always_inline]] inline Partial chunk_sums_body(const scalar_t* a_in, const scalar_t* b_in,
+                                                      int64_t n) {
   using E = Elem<scalar_t>;
   using S = typename E::storage;
   const S* a = reinterpret_cast<const S*>(a_in);
@@ -144,8 +148,9 @@ Partial chunk_sums(const scalar_t* a_in, const scalar_t* b_in, int64_t n) {
 // out = a * p + b * g over one chunk, in double (see align_coefficients for why). `out` may alias
 // `p` or `g` element for element (in-place update of .grad), so no pointer is __restrict__.
 template <typename scalar_t>
-void chunk_combine(const scalar_t* p_in, const scalar_t* g_in, scalar_t* out_in, double a,
-                   double b, int64_t n) {
+[[gnu::always_inline]] inline void chunk_combine_body(const scalar_t* p_in, const scalar_t* g_in,
+                                                      scalar_t* out_in, double a, double b,
+                                                      int64_t n) {
   using E = Elem<scalar_t>;
   using S = typename E::storage;
   const S* p = reinterpret_cast<const S*>(p_in);
@@ -163,6 +168,54 @@ void chunk_combine(const scalar_t* p_in, const scalar_t* g_in, scalar_t* out_in,
   } else {
     std::fill(out, out + n, E::store(0.0));
   }
+}
+
+// Each chunk loop compiled twice: for the extension's baseline ISA, and (x86-64, GCC or Clang) for
+// AVX2, picked at run time when the CPU has it. Without FMA: every product and sum rounds as in the
+// baseline loop, so the combine's outputs are the same bits; group_sums adds its partial sums in
+// another order (wider vectors), so its sums may differ in the last bits between CPUs.
+// GENREP_FAST_CPU_ISA=baseline forces the baseline loops (read on every call: tests compare them).
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define GENREP_FAST_AVX2_CLONES 1
+template <typename scalar_t>
+__attribute__((target("avx2"))) Partial chunk_sums_avx2(const scalar_t* a, const scalar_t* b,
+                                                          int64_t n) {
+  return chunk_sums_body(a, b, n);
+}
+
+template <typename scalar_t>
+__attribute__((target("avx2"))) void chunk_combine_avx2(const scalar_t* p, const scalar_t* g,
+                                                         scalar_t* out, double a, double b,
+                                                         int64_t n) {
+  chunk_combine_body(p, g, out, a, b, n);
+}
+#endif
+
+bool use_avx2() {
+#ifdef GENREP_FAST_AVX2_CLONES
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  const char* isa = std::getenv("GENREP_FAST_CPU_ISA");
+  return has_avx2 && !(isa != nullptr && std::string(isa) == "baseline");
+#else
+  return false;
+#endif
+}
+
+template <typename scalar_t>
+Partial chunk_sums(const scalar_t* a, const scalar_t* b, int64_t n, bool avx2) {
+#ifdef GENREP_FAST_AVX2_CLONES
+  if (avx2) return chunk_sums_avx2(a, b, n);
+#endif
+  return chunk_sums_body(a, b, n);
+}
+
+template <typename scalar_t>
+void chunk_combine(const scalar_t* p, const scalar_t* g, scalar_t* out, double a, double b,
+                   int64_t n, bool avx2) {
+#ifdef GENREP_FAST_AVX2_CLONES
+  if (avx2) return chunk_combine_avx2(p, g, out, a, b, n);
+#endif
+  chunk_combine_body(p, g, out, a, b, n);
 }
 
 template <typename scalar_t>
@@ -201,6 +254,7 @@ at::Tensor group_sums_cpu(const OptionalTensorList& p_list, const OptionalTensor
     total += src.numel();
   }
   std::vector<Partial> partials(chunks.size());
+  const bool avx2 = use_avx2();
   for_chunks(static_cast<int64_t>(chunks.size()), total, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const Chunk ch = chunks[c];
@@ -210,7 +264,8 @@ at::Tensor group_sums_cpu(const OptionalTensorList& p_list, const OptionalTensor
                                       [&] {
         const scalar_t* a = data_or_null<scalar_t>(pc[ch.tensor]);
         const scalar_t* b = data_or_null<scalar_t>(gc[ch.tensor]);
-        partials[c] = chunk_sums(a ? a + ch.start : nullptr, b ? b + ch.start : nullptr, len);
+        partials[c] =
+            chunk_sums(a ? a + ch.start : nullptr, b ? b + ch.start : nullptr, len, avx2);
       });
     }
   });
@@ -257,6 +312,7 @@ void align_combine_cpu(const OptionalTensorList& p_list, const OptionalTensorLis
     for (int64_t st = 0; st < out[i].numel(); st += kChunk) chunks.push_back({int64_t(i), st});
     total += out[i].numel();
   }
+  const bool avx2 = use_avx2();
   for_chunks(static_cast<int64_t>(chunks.size()), total, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const Chunk ch = chunks[c];
@@ -268,7 +324,7 @@ void align_combine_cpu(const OptionalTensorList& p_list, const OptionalTensorLis
         const scalar_t* pp = data_or_null<scalar_t>(pc[ch.tensor]);
         const scalar_t* gp = data_or_null<scalar_t>(gc[ch.tensor]);
         chunk_combine(pp ? pp + ch.start : nullptr, gp ? gp + ch.start : nullptr,
-                      o.data_ptr<scalar_t>() + ch.start, coef_a[slot], coef_b[slot], len);
+                      o.data_ptr<scalar_t>() + ch.start, coef_a[slot], coef_b[slot], len, avx2);
       });
     }
   });

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,8 +256,21 @@ def test_deterministic_bitwise_and_thread_independent():
         assert all(torch.equal(a, b) for a, b in zip(upd, runs[0][1]))
 
 
+def _cpu_has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# The CPU kernels' chunk loops exist twice (csrc/alignment_cpu.cpp): the extension's baseline ISA
+# and an AVX2 clone picked at run time; GENREP_FAST_CPU_ISA=baseline forces the first.
+ISAS = ["native", "baseline"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_loads_and_stores_are_exact(dtype):
+def test_half_precision_loads_and_stores_are_exact(dtype, isa, monkeypatch):
     """The CPU kernels convert 16-bit values to double and back themselves (vectorised, not
     through c10's scalar conversions): every one of the 65536 bit patterns must load exactly
     (group_sums of p alone: |p|^2 of one value, in double) and, for the non-NaN ones, store back
@@ -264,6 +278,7 @@ def test_half_precision_loads_and_stores_are_exact(dtype):
     nearest even through float as c10 does: a * p + b * g against torch's own double -> float ->
     16-bit conversion, bit for bit, over random values and the format's edges (subnormals, the
     largest finite, the overflow threshold)."""
+    monkeypatch.setenv("GENREP_FAST_CPU_ISA", isa)
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     p = bits.view(dtype)
     zeros = torch.zeros_like(p)
@@ -305,6 +320,34 @@ def test_half_precision_loads_and_stores_are_exact(dtype):
     want = (a * ps.double() + b * gs.double()).float().to(dtype)
     mismatch = out.view(torch.int16) != want.view(torch.int16)
     assert not bool(mismatch.any()), (ps[mismatch][:5], gs[mismatch][:5], out[mismatch][:5])
+
+
+@pytest.mark.skipif(not _cpu_has_avx2(), reason="this CPU has no AVX2: only the baseline loops run")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_avx2_and_baseline_loops_agree(dtype, monkeypatch):
+    """The AVX2 clone adds group_sums' partials in 4 lanes where the baseline adds them in 2: the
+    sums agree to rounding (and each to the float64 oracle); given the same sums, the combine is
+    elementwise in double without FMA, so its outputs are the same bits."""
+    rng = random.Random(11)
+    ps, gs = random_case(rng, dtype, n_tensors=9)
+    ids = reference.resolve_groups(random_groups(rng, len(ps)), len(ps))
+    n = max(ids) + 1
+    sums, outs = {}, {}
+    for isa in ISAS:
+        monkeypatch.setenv("GENREP_FAST_CPU_ISA", isa)
+        sums[isa] = torch.ops.genrep_fast.group_sums(ps, gs, ids, n)
+        outs[isa] = [torch.empty_like(p) for p in ps]
+        torch.ops.genrep_fast.align_combine(ps, gs, sums["native"], ids, 2.0, 0.7, 0.3,
+                                            "symmetric", outs[isa])  # fmt: skip
+    want = torch.zeros(n, 3, dtype=torch.float64)
+    for p, g, i in zip(ps, gs, ids):
+        if i >= 0:
+            p, g = p.double(), g.double()
+            want[i] += torch.stack([(p * g).sum(), (p * p).sum(), (g * g).sum()])
+    for isa in ISAS:
+        torch.testing.assert_close(sums[isa], want, rtol=1e-13, atol=0)
+    for a, b in zip(outs["native"], outs["baseline"]):
+        assert torch.equal(a, b)
 
 
 def test_out_in_place_strided_and_zero_size():
