@@ -18,85 +18,10 @@
 #include <vector>
 
 #include "alignment.h"
+#include "elem_convert.h"
 
 namespace genrep_fast {
 namespace {
-
-// Element loads (to double) and stores (from double) that the compiler vectorises. c10's
-// BFloat16 / Half conversions stayed scalar at the extension's baseline ISA (-O3, no -march):
-// measured here on bench_alignment's 52M-parameter DiT-like list, the bf16 combine ran at 7 GB/s
-// and the fp16 one at 2.5 GB/s, against 30 GB/s in fp32. The conversions below give the same bits
-// as c10's: a store rounds the double to float, then to the 16-bit format to nearest even; a NaN
-// stores as c10 stores it (bf16: 0x7FC0; fp16: 0x7E00 with its sign).
-[[gnu::always_inline]] inline float float_of_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-[[gnu::always_inline]] inline uint32_t bits_of_float(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-template <typename scalar_t>
-struct Elem {
-  using storage = scalar_t;
-  [[gnu::always_inline]] static double load(storage v) { return static_cast<double>(v); }
-  [[gnu::always_inline]] static storage store(double v) { return static_cast<scalar_t>(v); }
-};
-
-template <>
-struct Elem<c10::BFloat16> {
-  using storage = uint16_t;
-  [[gnu::always_inline]] static double load(uint16_t v) { return float_of_bits(uint32_t(v) << 16); }
-  [[gnu::always_inline]] static uint16_t store(double v) {
-    const float f = static_cast<float>(v);
-    const uint32_t u = bits_of_float(f);
-    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    return f != f ? uint16_t(0x7FC0) : rounded;
-  }
-};
-
-template <>
-struct Elem<c10::Half> {
-  using storage = uint16_t;
-  [[gnu::always_inline]] static double load(uint16_t v) {
-    const uint32_t sign = uint32_t(v & 0x8000u) << 16;
-    const uint32_t em = v & 0x7FFFu;  // exponent and mantissa
-    // Normal: rebias the exponent (15 -> 127); subnormal or zero: em * 2^-24 exactly; inf / NaN:
-    // all-ones exponent, the mantissa (and a NaN's quiet bit) kept.
-    const uint32_t normal = (em << 13) + 0x38000000u;
-    const uint32_t small = bits_of_float(static_cast<float>(em) * 5.9604644775390625e-8f);
-    const uint32_t special = (em << 13) | 0x7F800000u;
-    // Bit masks rather than ?: : GCC keeps a ?: over a float operation as a branch (the
-    // operation might trap), and then does not vectorise the loop.
-    const uint32_t is_small = 0u - uint32_t(em < 0x0400u);
-    const uint32_t is_special = 0u - uint32_t(em >= 0x7C00u);
-    uint32_t mag = (normal & ~is_small) | (small & is_small);
-    mag = (mag & ~is_special) | (special & is_special);
-    return float_of_bits(sign | mag);
-  }
-  [[gnu::always_inline]] static uint16_t store(double v) {
-    const uint32_t x = bits_of_float(static_cast<float>(v));
-    const uint32_t sign = (x >> 16) & 0x8000u;
-    const uint32_t mag = x & 0x7FFFFFFFu;
-    // |f| < 2^-14 (subnormal or zero in fp16): adding 0.5f rounds |f| to a multiple of 2^-24
-    // (nearest even), which lands in the low mantissa bits of 0.5f.
-    const uint32_t sub = bits_of_float(float_of_bits(mag) + 0.5f) - 0x3F000000u;
-    // Normal: rebias (127 -> 15) and round the 13 dropped bits to nearest even; a carry out of
-    // the mantissa bumps the exponent, up to infinity from 65520 on.
-    const uint32_t norm = (mag - 0x38000000u + 0xFFFu + ((mag >> 13) & 1u)) >> 13;
-    const uint32_t is_sub = 0u - uint32_t(mag < 0x38800000u);
-    const uint32_t is_inf = 0u - uint32_t(mag >= 0x47800000u);  // 65536 and above, and inf
-    const uint32_t is_nan = 0u - uint32_t(mag > 0x7F800000u);
-    uint32_t h = (norm & ~is_sub) | (sub & is_sub);
-    h = (h & ~is_inf) | (0x7C00u & is_inf);
-    h = (h & ~is_nan) | (0x7E00u & is_nan);
-    return static_cast<uint16_t>(sign | h);
-  }
-};
 
 // 32K elements: large enough that the per-chunk bookkeeping is negligible, small enough that a
 // 1M-element tensor still spreads over all cores.
@@ -115,16 +40,15 @@ struct Partial {
 template <typename scalar_t>
 [[gnu::always_inline]] inline Partial chunk_sums_body(const scalar_t* a_in, const scalar_t* b_in,
                                                       int64_t n) {
-  using E = Elem<scalar_t>;
-  using S = typename E::storage;
-  const S* a = reinterpret_cast<const S*>(a_in);
-  const S* b = reinterpret_cast<const S*>(b_in);
+  using convert::to_acc;
+  const scalar_t* a = a_in;
+  const scalar_t* b = b_in;
   double dot = 0.0, pp = 0.0, gg = 0.0;
   if (a != nullptr && b != nullptr) {
 #pragma omp simd reduction(+ : dot, pp, gg)
     for (int64_t j = 0; j < n; ++j) {
-      const double x = E::load(a[j]);
-      const double y = E::load(b[j]);
+      const double x = to_acc<double>(a[j]);
+      const double y = to_acc<double>(b[j]);
       dot += x * y;
       pp += x * x;
       gg += y * y;
@@ -132,13 +56,13 @@ template <typename scalar_t>
   } else if (a != nullptr) {
 #pragma omp simd reduction(+ : pp)
     for (int64_t j = 0; j < n; ++j) {
-      const double x = E::load(a[j]);
+      const double x = to_acc<double>(a[j]);
       pp += x * x;
     }
   } else if (b != nullptr) {
 #pragma omp simd reduction(+ : gg)
     for (int64_t j = 0; j < n; ++j) {
-      const double y = E::load(b[j]);
+      const double y = to_acc<double>(b[j]);
       gg += y * y;
     }
   }
@@ -151,22 +75,22 @@ template <typename scalar_t>
 [[gnu::always_inline]] inline void chunk_combine_body(const scalar_t* p_in, const scalar_t* g_in,
                                                       scalar_t* out_in, double a, double b,
                                                       int64_t n) {
-  using E = Elem<scalar_t>;
-  using S = typename E::storage;
-  const S* p = reinterpret_cast<const S*>(p_in);
-  const S* g = reinterpret_cast<const S*>(g_in);
-  S* out = reinterpret_cast<S*>(out_in);
+  using convert::from_double;
+  using convert::to_acc;
+  const scalar_t* p = p_in;
+  const scalar_t* g = g_in;
+  scalar_t* out = out_in;
   if (p != nullptr && g != nullptr) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = E::store(a * E::load(p[j]) + b * E::load(g[j]));
+    for (int64_t j = 0; j < n; ++j) out[j] = from_double<scalar_t>(a * to_acc<double>(p[j]) + b * to_acc<double>(g[j]));
   } else if (p != nullptr) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = E::store(a * E::load(p[j]));
+    for (int64_t j = 0; j < n; ++j) out[j] = from_double<scalar_t>(a * to_acc<double>(p[j]));
   } else if (g != nullptr) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = E::store(b * E::load(g[j]));
+    for (int64_t j = 0; j < n; ++j) out[j] = from_double<scalar_t>(b * to_acc<double>(g[j]));
   } else {
-    std::fill(out, out + n, E::store(0.0));
+    std::fill(out, out + n, from_double<scalar_t>(0.0));
   }
 }
 

@@ -31,6 +31,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "elem_convert.h"
+
 // The hot loops are compiled twice on x86-64 with GCC: for AVX2+FMA (x86-64-v3) and for the
 // baseline (SSE2), picked once at load time (ifunc). The baseline alone reaches the copy bandwidth
 // in the isotropic forward at fp32; the divisions of diagonal sigma, the bf16 conversions and the
@@ -89,12 +91,12 @@ inline acc_t squared_distance(const acc_t* __restrict__ x, const scalar_t* __res
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const acc_t diff = x[d + j] - static_cast<acc_t>(mu[d + j]);
+      const acc_t diff = x[d + j] - convert::to_acc<acc_t>(mu[d + j]);
       part[j] += diff * diff;
     }
   }
   for (int j = 0; d < n; ++d, ++j) {
-    const acc_t diff = x[d] - static_cast<acc_t>(mu[d]);
+    const acc_t diff = x[d] - convert::to_acc<acc_t>(mu[d]);
     part[j] += diff * diff;
   }
   return sum_lanes(part);
@@ -108,12 +110,13 @@ inline acc_t scaled_squared_distance(const acc_t* __restrict__ x, const scalar_t
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const acc_t z = (x[d + j] - static_cast<acc_t>(mu[d + j])) / static_cast<acc_t>(sig[d + j]);
+      const acc_t z = (x[d + j] - convert::to_acc<acc_t>(mu[d + j])) /
+                      convert::to_acc<acc_t>(sig[d + j]);
       part[j] += z * z;
     }
   }
   for (int j = 0; d < n; ++d, ++j) {
-    const acc_t z = (x[d] - static_cast<acc_t>(mu[d])) / static_cast<acc_t>(sig[d]);
+    const acc_t z = (x[d] - convert::to_acc<acc_t>(mu[d])) / convert::to_acc<acc_t>(sig[d]);
     part[j] += z * z;
   }
   return sum_lanes(part);
@@ -141,7 +144,7 @@ GENREP_HOT double sum_log(const sigma_t* __restrict__ sig, int64_t n) {
       }
       for (int i = 0; i < kBlock; i += kLog) {
         for (int j = 0; j < kLog; ++j) {
-          const float v = static_cast<float>(sig[d + i + j]);
+          const float v = convert::to_acc<float>(sig[d + i + j]);
           uint32_t bits;
           std::memcpy(&bits, &v, sizeof(bits));
           exps[j] += static_cast<int32_t>((bits >> 23) & 0xffu) - 127;
@@ -268,7 +271,7 @@ GENREP_HOT void iso_step_grad(const acc_t* __restrict__ xa, const scalar_t* __re
                               acc_t coef, int64_t n, acc_t* __restrict__ gx,
                               acc_t* __restrict__ gm) {
   for (int64_t d = 0; d < n; ++d) {
-    const acc_t v = coef * (xa[d] - static_cast<acc_t>(mt[d]));
+    const acc_t v = coef * (xa[d] - convert::to_acc<acc_t>(mt[d]));
     if constexpr (kX) gx[d] -= v;
     if constexpr (kMu) gm[d] = kAdd ? gm[d] + v : v;
   }
@@ -283,8 +286,8 @@ GENREP_HOT void diag_step_grad(const acc_t* __restrict__ xa, const scalar_t* __r
                                acc_t* __restrict__ gx, acc_t* __restrict__ gm,
                                acc_t* __restrict__ gs) {
   for (int64_t d = 0; d < n; ++d) {
-    const acc_t sd = static_cast<acc_t>(sg[d]);
-    const acc_t z = (xa[d] - static_cast<acc_t>(mt[d])) / sd;
+    const acc_t sd = convert::to_acc<acc_t>(sg[d]);
+    const acc_t z = (xa[d] - convert::to_acc<acc_t>(mt[d])) / sd;
     const acc_t v = w * z / sd;
     if constexpr (kX) gx[d] -= v;
     if constexpr (kMu) gm[d] = kAdd ? gm[d] + v : v;
@@ -328,7 +331,7 @@ void step_grad(bool diagonal, const acc_t* xa, const scalar_t* mt, const sigma_t
 
 template <typename scalar_t, typename acc_t>
 void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = convert::to_acc<acc_t>(src[i]);
 }
 
 template <typename sigma_t, typename acc_t>
