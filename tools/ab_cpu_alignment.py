@@ -2,7 +2,7 @@
 
 CPU timings on a shared machine drift by tens of percent between runs, so a before / after
 comparison made from two benchmark files says little. This builds ``csrc/alignment_cpu.cpp`` (and
-its header) of ``--base`` and of the working tree into one JIT module, each under an op namespace
+the headers of csrc/) of ``--base`` and of the working tree into one JIT module, each under an op namespace
 of its own (``genrep_ab_base``, ``genrep_ab_head``), with the extension's compiler flags, then
 times one alignment step (``group_sums`` + ``align_combine``) of each, alternating, on
 bench/bench_alignment.py's DiT-like parameter list, per dtype. It reports the medians, their
@@ -35,7 +35,7 @@ from bench_alignment import dit_like_shapes  # noqa: E402
 
 from genrep_fast import reference, roofline  # noqa: E402
 
-FILES = ("csrc/alignment_cpu.cpp", "csrc/alignment.h")
+KERNEL = "csrc/alignment_cpu.cpp"
 SCHEMAS = (
     "group_sums(Tensor?[] p, Tensor?[] g, int[] group_ids, int num_groups) -> Tensor",
     "align_combine(Tensor?[] p, Tensor?[] g, Tensor sums, int[] group_ids, float k, float w_p, "
@@ -43,29 +43,38 @@ SCHEMAS = (
 )
 
 
+def _files(rev: str | None) -> dict[str, str]:
+    """``csrc/alignment_cpu.cpp`` and every header of csrc/ (what it may include), at ``rev`` (a
+    commit) or in the working tree (None)."""
+    if rev is None:
+        paths = [ROOT / KERNEL, *sorted((ROOT / "csrc").glob("*.h"))]
+        return {p.name: p.read_text() for p in paths}
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout
+
+    names = [n for n in git("ls-tree", "--name-only", rev, "csrc/").split() if n.endswith(".h")]
+    return {Path(n).name: git("show", f"{rev}:{n}") for n in [KERNEL, *names]}
+
+
 def _sources(base: str, work: Path) -> list[str]:
-    """Each side's kernel file (renamed to its namespace) beside its own header."""
+    """Each side's kernel file (registering under its own namespace) beside its own headers."""
     out = []
-    for side in ("base", "head"):
+    for side, rev in (("base", base), ("head", None)):
         folder = work / side
         folder.mkdir()
-        for name in FILES:
-            if side == "base":
-                text = subprocess.run(
-                    ["git", "show", f"{base}:{name}"], cwd=ROOT, check=True, capture_output=True,
-                    text=True,
-                ).stdout  # fmt: skip
-            else:
-                text = (ROOT / name).read_text()
-            text = text.replace(
-                "TORCH_LIBRARY_IMPL(genrep_fast, CPU, m)",
-                f"TORCH_LIBRARY_IMPL(genrep_ab_{side}, CPU, m)",
-            )
-            (folder / Path(name).name).write_text(text)
-        # The object files of one build share a folder: each side's source needs a name of its own.
-        (folder / f"alignment_cpu_{side}.cpp").write_text(
-            (folder / "alignment_cpu.cpp").read_text()
-        )
+        for name, text in _files(rev).items():
+            if name == Path(KERNEL).name:
+                # The object files of one build share a folder: each side's source needs a name
+                # of its own.
+                name = f"alignment_cpu_{side}.cpp"
+                text = text.replace(
+                    "TORCH_LIBRARY_IMPL(genrep_fast, CPU, m)",
+                    f"TORCH_LIBRARY_IMPL(genrep_ab_{side}, CPU, m)",
+                )
+            (folder / name).write_text(text)
         out.append(str(folder / f"alignment_cpu_{side}.cpp"))
     defs = "\n".join(
         f"TORCH_LIBRARY(genrep_ab_{side}, m) {{\n"
