@@ -117,7 +117,9 @@ __attribute__((target("avx2"))) void chunk_combine_avx2(const scalar_t* p, const
 
 bool use_avx2() {
 #ifdef GENREP_FAST_AVX2_CLONES
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  // __builtin_cpu_init: the CPU model may not be filled in yet when a static initialiser of a
+  // shared object asks (GCC's documentation); calling it again is harmless.
+  static const bool has_avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
   const char* isa = std::getenv("GENREP_FAST_CPU_ISA");
   return has_avx2 && !(isa != nullptr && std::string(isa) == "baseline");
 #else
