@@ -20,6 +20,14 @@
 #include "alignment.h"
 #include "elem_convert.h"
 
+// No a*b+c -> fma contraction, whatever flags the build adds (-march=native): the combine then
+// rounds the same way in every copy of its loop.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
 namespace genrep_fast {
 namespace {
 
@@ -38,11 +46,9 @@ struct Partial {
 // Sums of one chunk in double: every product of two fp32 values is exact in double, so a chunk's
 // partial carries no rounding beyond the additions. `a` or `b` may be null (a missing gradient).
 template <typename scalar_t>
-[[gnu::always_inline]] inline Partial chunk_sums_body(const scalar_t* a_in, const scalar_t* b_in,
+[[gnu::always_inline]] inline Partial chunk_sums_body(const scalar_t* a, const scalar_t* b,
                                                       int64_t n) {
   using convert::to_acc;
-  const scalar_t* a = a_in;
-  const scalar_t* b = b_in;
   double dot = 0.0, pp = 0.0, gg = 0.0;
   if (a != nullptr && b != nullptr) {
 #pragma omp simd reduction(+ : dot, pp, gg)
@@ -72,17 +78,16 @@ template <typename scalar_t>
 // out = a * p + b * g over one chunk, in double (see align_coefficients for why). `out` may alias
 // `p` or `g` element for element (in-place update of .grad), so no pointer is __restrict__.
 template <typename scalar_t>
-[[gnu::always_inline]] inline void chunk_combine_body(const scalar_t* p_in, const scalar_t* g_in,
-                                                      scalar_t* out_in, double a, double b,
+[[gnu::always_inline]] inline void chunk_combine_body(const scalar_t* p, const scalar_t* g,
+                                                      scalar_t* out, double a, double b,
                                                       int64_t n) {
   using convert::from_double;
   using convert::to_acc;
-  const scalar_t* p = p_in;
-  const scalar_t* g = g_in;
-  scalar_t* out = out_in;
   if (p != nullptr && g != nullptr) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = from_double<scalar_t>(a * to_acc<double>(p[j]) + b * to_acc<double>(g[j]));
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = from_double<scalar_t>(a * to_acc<double>(p[j]) + b * to_acc<double>(g[j]));
+    }
   } else if (p != nullptr) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) out[j] = from_double<scalar_t>(a * to_acc<double>(p[j]));
@@ -95,9 +100,10 @@ template <typename scalar_t>
 }
 
 // Each chunk loop compiled twice: for the extension's baseline ISA, and (x86-64, GCC or Clang) for
-// AVX2, picked at run time when the CPU has it. Without FMA: every product and sum rounds as in the
-// baseline loop, so the combine's outputs are the same bits; group_sums adds its partial sums in
-// another order (wider vectors), so its sums may differ in the last bits between CPUs.
+// AVX2, picked at run time when the CPU has it. Without FMA (and no contraction, below): every
+// product and sum rounds as in the baseline loop, so given the same sums the combine's outputs are
+// the same bits; group_sums adds its partial sums in another order (wider vectors), so its sums
+// may differ in the last bits between CPUs.
 // GENREP_FAST_CPU_ISA=baseline forces the baseline loops (read on every call: tests compare them).
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define GENREP_FAST_AVX2_CLONES 1
