@@ -5,6 +5,7 @@ registers, shared memory and block size, gets ncu's block limits, theoretical oc
 
 from __future__ import annotations
 
+import ast
 import csv
 from pathlib import Path
 
@@ -52,8 +53,8 @@ def test_the_committed_profiles_are_found():
 
 @pytest.mark.parametrize("name,m", KERNELS, ids=[k for k, _ in KERNELS])
 def test_model_matches_ncu(name, m):
-    threads = eval(m["Block Size"][2])  # "(256, 1, 1)"  # noqa: S307 - ncu's own tuple text
-    grid = eval(m["Grid Size"][3])  # noqa: S307
+    threads = ast.literal_eval(m["Block Size"][2])  # "(256, 1, 1)"
+    grid = ast.literal_eval(m["Grid Size"][3])
     num_warps = threads[0] * threads[1] * threads[2] // 32
     programs = grid[0] * grid[1] * grid[2]
     shared = sum(

@@ -311,6 +311,17 @@ def test_every_per_image_config_is_modelled_from_its_own_kernel(report):
             assert cells[1:3] == ["2", "bf16"] and cells[9:12] == ["2 regs", "640", "2.42 (81%)"]
 
 
+def test_per_image_table_is_at_the_benchmark_s_shape():
+    # compile_gate cannot import bench/ (not a package): the shape is written twice, held equal here.
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from bench_posterior import PER_IMAGE_GPU
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    sh = compile_gate.PER_IMAGE_SHAPE
+    assert PER_IMAGE_GPU == {"B": sh.batch, "C": sh.classes, "T": sh.steps, "D": sh.dim}
+
+
 def test_every_report_table_row_has_its_header_s_cells(report):
     md = compile_gate.markdown(report)
     header = None
