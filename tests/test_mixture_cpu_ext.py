@@ -167,7 +167,9 @@ def fp32_error_bounds(x, mu, sigma, cls, grad):
     return ll, gx, gmu, gsig
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"]
+)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
 def test_low_precision_within_the_float32_error_bound(dtype, layout):
     b, c, t, d = 3, 5, 75, 300
@@ -183,8 +185,11 @@ def test_low_precision_within_the_float32_error_bound(dtype, layout):
         assert g_.dtype == (torch.float32 if name == "ll" else dtype), name
         # The result is stored in its dtype: one more rounding of the (bounded) float32 value,
         # relative, or below the normal range absolute (the subnormal spacing: 2^-133 in bf16).
-        bf16 = g_.dtype == torch.bfloat16
-        out_u, out_abs = (2.0**-8, 2.0**-133) if bf16 else (U32, 2.0**-149)
+        # (float16: 2^-11 relative, 2^-24 its subnormal spacing.)
+        out_u, out_abs = {
+            torch.bfloat16: (2.0**-8, 2.0**-133),
+            torch.float16: (2.0**-11, 2.0**-24),
+        }.get(g_.dtype, (U32, 2.0**-149))
         tol = (1 + out_u) * bound + out_u * e.abs() + out_abs
         err = (g_.double() - e).abs()
         assert (err <= tol).all(), (name, (err - tol).max().item(), (err / tol).nan_to_num().max())
