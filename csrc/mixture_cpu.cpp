@@ -123,12 +123,13 @@ inline acc_t scaled_squared_distance(const acc_t* __restrict__ x, const scalar_t
 }
 
 // sum_d log sigma_d. Non-double sigma: sigma = m * 2^e with m in [1, 2) split by bit
-// manipulation; the exponents are summed as integers and the mantissas multiplied in double, 32 per
-// lane and 8 lanes (a product of 256 mantissas is < 2^256, far inside double; its rounding is
+// manipulation; the exponents are summed as integers and the mantissas multiplied in double, 16 per
+// lane and 16 lanes (a product of 256 mantissas is < 2^256, far inside double; its rounding is
 // ~1e-14 relative), so there is one log per 256 values instead of one per value (measured: the
 // per-value log took most of the diagonal forward's time). The split and the products are two
 // loops over a block: GCC vectorises each (one loop doing both, with float, int and double lanes
-// side by side, stayed scalar and took 60% of the diagonal fp32 forward). Valid for positive,
+// side by side, stayed scalar and took 60% of the diagonal fp32 forward); 16 lanes are four AVX2
+// chains of multiplies (8 lanes were two, bound by the multiply's latency: bf16 2x slower). Valid for positive,
 // normal, finite sigma (validated by the public API; a subnormal sigma has 1/sigma^2 = inf
 // anyway). Double sigma: one log per value.
 template <typename sigma_t>
