@@ -324,8 +324,9 @@ void step_grad(bool diagonal, const acc_t* xa, const scalar_t* mt, const sigma_t
 #undef GENREP_DIAG
 }
 
+// src[0:n] into dst in the accumulation type (one image of x, converted once per row).
 template <typename scalar_t, typename acc_t>
-void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
+void copy_to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = convert::to_acc<acc_t>(src[i]);
 }
 
@@ -477,7 +478,7 @@ at::Tensor mixture_ll_diff_cpu(const at::Tensor& x_in, const at::Tensor& mu_in,
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / g.K, k = r % g.K;
         if (b != x_row) {  // consecutive rows of one image share x
-          to_acc(typed.x + b * g.D, xa.data(), g.D);
+          copy_to_acc(typed.x + b * g.D, xa.data(), g.D);
           x_row = b;
         }
         row_scores(g, typed, xa.data(), b, g.class_of(b, k), s.data(), nullptr);
@@ -573,7 +574,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_ll_diff_backward_cpu(
         for (int64_t i = start[blk]; i < start[blk + 1]; ++i) {
           const int64_t r = order[i], b = r / g.K, k = r % g.K, c = g.class_of(b, k);
           const bool first = i == start[blk];
-          to_acc(typed.x + b * g.D, xa.data(), g.D);
+          copy_to_acc(typed.x + b * g.D, xa.data(), g.D);
           row_scores(g, typed, xa.data(), b, c, s.data(), q.data());
           acc_t m, l;
           max_and_normaliser(s.data(), g.T, m, l);

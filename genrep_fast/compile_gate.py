@@ -661,8 +661,9 @@ def spills(entry: dict) -> bool:
 
 
 def register_ceiling(num_warps: int) -> int:
-    """The most registers a thread can have: 255, less when 64 Ki registers per block run out."""
-    return min(255, 65536 // (32 * num_warps))
+    """The most registers a thread can have: 255, less when one block's warps fill the register
+    file (``occupancy.register_ceiling``, the rule the occupancy column uses)."""
+    return occupancy.register_ceiling(num_warps)
 
 
 def registers_too_many(entry: dict) -> bool:

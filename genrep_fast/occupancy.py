@@ -61,6 +61,28 @@ def _limits(arch: int) -> SmLimits:
     return SM_LIMITS[arch]
 
 
+def _warps_by_registers(sm: SmLimits, registers: int) -> int:
+    """Warps of ``registers``-register threads the SM's register file holds (whole warps per
+    sub-partition)."""
+    per_warp = max(1, math.ceil(registers * 32 / sm.register_unit)) * sm.register_unit
+    return (sm.registers_per_sm // sm.sub_partitions // per_warp) * sm.sub_partitions
+
+
+MAX_REGISTERS_PER_THREAD = 255
+
+
+def register_ceiling(num_warps: int, sm: SmLimits = SM_LIMITS[90]) -> int:
+    """The most registers per thread (at most 255) with which one block of ``num_warps`` warps
+    still fits the register file: past it ptxas caps the kernel (or, with ``maxnreg``, it
+    compiles and then cannot launch). 8.x and 9.0 share the register file, hence one default.
+    ``65536 // (32 * num_warps)`` for the power-of-two warp counts Triton uses."""
+    if num_warps < 1:
+        raise ValueError(f"num_warps={num_warps}: expected >= 1")
+    fits = [r for r in range(1, MAX_REGISTERS_PER_THREAD + 1)
+            if _warps_by_registers(sm, r) >= num_warps]  # fmt: skip
+    return max(fits, default=0)
+
+
 def occupancy(
     arch: int, num_warps: int, registers: int, shared: int, carveout: int | None = None
 ) -> Occupancy:
@@ -74,8 +96,7 @@ def occupancy(
             f"num_warps={num_warps}, registers={registers}, shared={shared}: expected num_warps "
             ">= 1 and registers, shared >= 0"
         )
-    per_warp = max(1, math.ceil(registers * 32 / sm.register_unit)) * sm.register_unit
-    warps_by_registers = (sm.registers_per_sm // sm.sub_partitions // per_warp) * sm.sub_partitions
+    warps_by_registers = _warps_by_registers(sm, registers)
     per_block = math.ceil(shared / sm.shared_unit) * sm.shared_unit + sm.shared_reserved_per_block
     limits = {
         "registers": warps_by_registers // num_warps,

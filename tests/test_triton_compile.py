@@ -361,6 +361,9 @@ def test_register_file_rule():
     assert not compile_gate.registers_too_many(e)
     assert not compile_gate.registers_too_many(e | dict(registers=128, num_warps=16))
     assert compile_gate.registers_too_many(e | dict(registers=129, num_warps=16))
+    # Whole warps per sub-partition: 12 warps are 3 per sub-partition, 168 registers each (5376 of
+    # 16 Ki), not 65536 // (32 * 12) = 170.
+    assert compile_gate.register_ceiling(12) == 168
     entry = dict(
         e, kernel="_k", constexprs={"BLOCK": 64}, shared=0, spill_stores=0, spill_loads=0,
         fp64=False, num_warps=16, registers=204,
