@@ -31,6 +31,10 @@
 #include <type_traits>
 #include <vector>
 
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "elem_convert.h"
 
 // The hot loops are compiled twice on x86-64 with GCC: for AVX2+FMA (x86-64-v3) and for the
@@ -83,10 +87,12 @@ inline acc_t sum_lanes(acc_t* part) {
   return part[0];
 }
 
-// sum_d (x_d - mu_d)^2 with x already in the accumulation type.
+// sum_d (x_d - mu_d)^2 with x already in the accumulation type. Always inlined, so it is compiled
+// for its caller's clone (AVX2 or baseline): left to itself, GCC kept a separate baseline (SSE)
+// copy for row_scores' fp16 path, half as fast.
 template <typename scalar_t, typename acc_t>
-inline acc_t squared_distance(const acc_t* __restrict__ x, const scalar_t* __restrict__ mu,
-                              int64_t n) {
+[[gnu::always_inline]] inline acc_t squared_distance(const acc_t* __restrict__ x,
+                                                     const scalar_t* __restrict__ mu, int64_t n) {
   acc_t part[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {
@@ -102,10 +108,12 @@ inline acc_t squared_distance(const acc_t* __restrict__ x, const scalar_t* __res
   return sum_lanes(part);
 }
 
-// sum_d ((x_d - mu_d) / sigma_d)^2 (diagonal sigma).
+// sum_d ((x_d - mu_d) / sigma_d)^2 (diagonal sigma); always inlined, as above.
 template <typename scalar_t, typename sigma_t, typename acc_t>
-inline acc_t scaled_squared_distance(const acc_t* __restrict__ x, const scalar_t* __restrict__ mu,
-                                     const sigma_t* __restrict__ sig, int64_t n) {
+[[gnu::always_inline]] inline acc_t scaled_squared_distance(const acc_t* __restrict__ x,
+                                                            const scalar_t* __restrict__ mu,
+                                                            const sigma_t* __restrict__ sig,
+                                                            int64_t n) {
   acc_t part[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {
@@ -129,9 +137,9 @@ inline acc_t scaled_squared_distance(const acc_t* __restrict__ x, const scalar_t
 // per-value log took most of the diagonal forward's time). The split and the products are two
 // loops over a block: GCC vectorises each (one loop doing both, with float, int and double lanes
 // side by side, stayed scalar and took 60% of the diagonal fp32 forward); 16 lanes are four AVX2
-// chains of multiplies (8 lanes were two, bound by the multiply's latency: bf16 2x slower). Valid for positive,
-// normal, finite sigma (validated by the public API; a subnormal sigma has 1/sigma^2 = inf
-// anyway). Double sigma: one log per value.
+// chains of multiplies (8 lanes were two, bound by the multiply's latency: bf16 2x slower).
+// Valid for positive, normal, finite sigma (validated by the public API; a subnormal sigma has
+// 1/sigma^2 = inf anyway). Double sigma: one log per value.
 template <typename sigma_t>
 GENREP_HOT double sum_log(const sigma_t* __restrict__ sig, int64_t n) {
   double total = 0.0;
@@ -208,6 +216,35 @@ int64_t iso_entry(const SigmaTables<acc_t>& st, const Geometry& g, int64_t b, in
   return ((st.bs > 1 ? b : 0) * st.cs + (st.cs > 1 ? c : 0)) * g.T;
 }
 
+// fp16 rows through F16C (x86-64 with GCC or Clang, picked at run time). The exact conversion of
+// csrc/elem_convert.h (bit operations with subnormal, normal and special paths blended, so that
+// every clone vectorises) cost more than the distance itself: fp16 ran at half bf16's bandwidth
+// with isotropic sigma. Where the CPU has AVX2 and F16C, row_scores converts each fp16 bank (and
+// diagonal sigma) row to float into a buffer in L1 with vcvtph2ps (exact for every value,
+// subnormals included, so the scores are the same bits) and runs the float loops on it.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define GENREP_FAST_F16C_ROWS 1
+__attribute__((target("avx2,f16c"))) void half_row_to_float(const c10::Half* src, float* dst,
+                                                            int64_t n) {
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
+    _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(raw));
+  }
+  for (; d < n; ++d) dst[d] = convert::to_acc<float>(src[d]);
+}
+#endif
+
+bool use_f16c_rows() {
+#ifdef GENREP_FAST_F16C_ROWS
+  static const bool has = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") &&
+                                                     __builtin_cpu_supports("f16c"));
+  return has;
+#else
+  return false;
+#endif
+}
+
 // The T scores of row (b, k) into s (and the quadratic terms into q if non-null). The forward
 // and the backward both call this, so their scores are bitwise identical.
 template <typename scalar_t, typename sigma_t>
@@ -218,6 +255,41 @@ GENREP_HOT void row_scores(const Geometry& g, const TypedInputs<scalar_t, sigma_
   const SigmaTables<acc_t>& st = in.st;
   const int64_t blk = g.block_of(b, c);
   const scalar_t* mu_blk = in.mu + blk * g.T * g.D;
+#ifdef GENREP_FAST_F16C_ROWS
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (use_f16c_rows()) {
+      // The same loops on float copies of the rows: a float TypedInputs over one row at a time.
+      constexpr bool kHalfSigma = std::is_same_v<sigma_t, c10::Half>;
+      std::vector<float> mrow(g.D), srow(kHalfSigma && g.diagonal ? g.D : 0);
+      for (int64_t t = 0; t < g.T; ++t) {
+        half_row_to_float(mu_blk + t * g.D, mrow.data(), g.D);
+        acc_t qt;
+        if (g.diagonal) {
+          const sigma_t* sig_row = in.sig + (blk * g.T + t) * g.D;
+          const float* sr = nullptr;
+          if constexpr (kHalfSigma) {
+            half_row_to_float(sig_row, srow.data(), g.D);
+            sr = srow.data();
+          }
+          qt = kHalfSigma ? scaled_squared_distance(xa, mrow.data(), sr, g.D)
+                          : scaled_squared_distance(xa, mrow.data(), sig_row, g.D);
+          const acc_t log_norm =
+              st.log_norm.empty()
+                  ? static_cast<acc_t>(-(kHalfSigma ? sum_log(sr, g.D) : sum_log(sig_row, g.D)) -
+                                       st.half_d_log2pi)
+                  : st.log_norm[blk * g.T + t];
+          s[t] = acc_t(-0.5) * qt + log_norm;
+        } else {
+          qt = squared_distance(xa, mrow.data(), g.D);
+          const int64_t e = iso_entry(st, g, b, c);
+          s[t] = acc_t(-0.5) * qt * st.inv_var[e + t] + st.log_norm[e + t];
+        }
+        if (q) q[t] = qt;
+      }
+      return;
+    }
+  }
+#endif
   if (g.diagonal) {
     const sigma_t* sig_blk = in.sig + blk * g.T * g.D;
     for (int64_t t = 0; t < g.T; ++t) {
