@@ -306,17 +306,18 @@ def test_auto_dispatch_layouts(monkeypatch):
     assert calls == [mixture_cpp, mixture_torch, mixture_cpp]
 
 
+@pytest.mark.parametrize("d", [5, 300], ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
 @pytest.mark.parametrize("bf16", [False, True], ids=["f16", "bf16"])
-def test_16bit_forward_is_the_float32_forward_of_the_same_values(layout, bf16):
+def test_16bit_forward_is_the_float32_forward_of_the_same_values(layout, bf16, d):
     """A 16-bit value converts to float exactly, and the kernels accumulate 16-bit inputs in float:
     the forward of fp16 / bf16 inputs is bit for bit the float32 forward of the same values. It
     holds whichever way the rows are converted (fp16 with F16C into a float row, or elementwise),
     so a conversion that rounds, drops subnormals or misses the tail of a row fails here. The bank
-    holds every finite fp16 pattern of magnitude below 4 (subnormals included) and D = 300 leaves
-    a tail of 4 past the 8-wide conversions."""
+    holds a random sample of the fp16 values below 4 in magnitude, both signs, 16 fp16 subnormals
+    among them; D = 300 leaves a tail of 4 past the 8-wide conversions, D = 5 is all tail."""
     dtype = torch.bfloat16 if bf16 else torch.float16
-    b, c, t, d = 2, 3, 5, 300
+    b, c, t = 2, 3, 5
     per_image, kind, k = layout
     x, mu, sigma, cls = make_bank(b, c, t, d, per_image=per_image, sigma_kind=kind, k=k, seed=3)
     patterns = torch.arange(0, 0x4400, dtype=torch.int32).to(torch.int16).view(torch.float16)
@@ -325,6 +326,9 @@ def test_16bit_forward_is_the_float32_forward_of_the_same_values(layout, bf16):
     flat[:n] = patterns[
         torch.randperm(patterns.numel(), generator=torch.Generator().manual_seed(0))[:n]
     ].double()
+    flat[:16] = (
+        torch.arange(1, 0x400, 0x40, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    )  # subnormals
     flat[n // 2 : n] *= -1
     if kind == "diag":  # some sigma values subnormal in fp16 (their 1 / sigma^2 is finite in float)
         sigma.reshape(-1)[::7] = 2.0**-20
