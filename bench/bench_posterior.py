@@ -393,3 +393,37 @@ def test_bench_per_image_bank_bandwidth(results, realistic, bench_device, dtype)
     )
     want = R.mixture_log_likelihood(x.double(), mu.double(), sigma.double())
     torch.testing.assert_close(fn().double(), want, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bench_per_image_diagonal_sigma(results, realistic, bench_device, dtype):
+    """The per-image bank with a diagonal sigma of the bank's shape: two streams read once (the
+    bank and sigma), a division per value and the log-determinant of every sigma row. Realistic:
+    REALISTIC_CPU's shape on the CPU, PER_IMAGE_GPU's on a GPU."""
+    if not realistic:
+        shape = SMOKE
+    else:
+        shape = PER_IMAGE_GPU if bench_device == "cuda" else REALISTIC_CPU
+    b, c, t, d = (shape[key] for key in "BCTD")
+    x, mu, _ = _inputs(shape, "per_image", bench_device, dtype=dtype)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    sigma = (0.5 + torch.rand(b, c, t, d, generator=g)).to(device=bench_device, dtype=dtype)
+    fn = lambda: G.mixture_log_likelihood(x, mu, sigma, validate=False)  # noqa: E731
+    timings = {
+        "genrep_fast": time_fn(fn, device=bench_device, l2_cold=bench_device == "cuda"),
+        "reference": time_fn(lambda: R.mixture_log_likelihood(x, mu, sigma), device=bench_device),
+    }
+    name = str(dtype).split(".")[-1]
+    sizes = dict(s_bank=mu.element_size(), s_x=x.element_size(), s_sigma=sigma.element_size())
+    results.add(
+        "posterior",
+        f"per_image_diag_sigma_{name}",
+        timings,
+        baseline="reference",
+        params=dict(shape, dtype=name, sigma="diagonal"),
+        bytes_moved=float(mu.numel() * mu.element_size() + sigma.numel() * sigma.element_size()),
+        cost=roofline.per_image_bank(b, c, t, d, **sizes),
+    )
+    n = min(8, b)  # the float64 check on a few images (a float64 copy of the whole is GBs)
+    want = R.mixture_log_likelihood(x[:n].double(), mu[:n].double(), sigma[:n].double())
+    torch.testing.assert_close(fn()[:n].double(), want, rtol=1e-4, atol=1e-2)

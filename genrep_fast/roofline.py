@@ -72,12 +72,18 @@ def _check_dims(**dims: int) -> None:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
 
 
-def per_image_bank(b: int, c: int, t: int, d: int, *, s_bank: int = 4, s_x: int = 4) -> Cost:
-    """Per-image bank ``mu [B, C, T, D]`` (difference form)."""
+def per_image_bank(
+    b: int, c: int, t: int, d: int, *, s_bank: int = 4, s_x: int = 4, s_sigma: int = 0
+) -> Cost:
+    """Per-image bank ``mu [B, C, T, D]`` (difference form). ``s_sigma``: bytes per element of a
+    diagonal sigma of the bank's shape (read once with it; 4 more FLOPs per element: the division
+    and the log-determinant's split and product); 0 for isotropic sigma ``[T]``."""
     _check_dims(b=b, c=c, t=t, d=d)
+    n = b * c * t * d
+    sigma_bytes = n * s_sigma if s_sigma else t * 4
     return Cost(
-        bytes=float(b * c * t * d * s_bank + b * d * s_x + t * 4 + b * c * 4),
-        flops=float(3 * b * c * t * d),
+        bytes=float(n * s_bank + b * d * s_x + sigma_bytes + b * c * 4),
+        flops=float((7 if s_sigma else 3) * n),
         precision="fp32",
     )
 

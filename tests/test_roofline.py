@@ -19,6 +19,10 @@ def test_per_image_bank():
     assert cost.flops == 630  # 3 * 210 bank elements
     bf16 = roofline.per_image_bank(B, C, T, D, s_bank=2, s_x=2)
     assert bf16.bytes == 420 + 28 + 20 + 24
+    # Diagonal sigma of the bank's shape: read once, in place of sigma [T].
+    diag = roofline.per_image_bank(B, C, T, D, s_bank=2, s_x=2, s_sigma=2)
+    assert diag.bytes == 420 + 28 + 420 + 24
+    assert diag.flops == 7 * 210
 
 
 def test_shared_bank_gemm_and_difference():

@@ -98,16 +98,18 @@ def _mixture_cases(args: argparse.Namespace) -> Iterator[Case]:
         mu = torch.randn(b, c, t, d, generator=g).to(dtype)
         iso = torch.rand(1, c, t, generator=g) + 0.5
         diag = (torch.rand(b, c, t, d, generator=g) + 0.5).to(dtype)
-        cost = roofline.per_image_bank(b, c, t, d, s_bank=mu.element_size(), s_x=x.element_size())
         name = str(dtype).removeprefix("torch.")
-        for label, sigma, extra in (("isotropic", iso, 0), ("diagonal", diag, diag.nbytes)):
+        for label, sigma, s_sigma in (("isotropic", iso, 0), ("diagonal", diag, diag.itemsize)):
+            cost = roofline.per_image_bank(
+                b, c, t, d, s_bank=mu.element_size(), s_x=x.element_size(), s_sigma=s_sigma
+            )
             # The op allocates its [B, C] output itself, as in use.
             yield Case(
                 f"{name}, {label} sigma",
                 lambda ops, slot, x=x, mu=mu, sigma=sigma: [
                     ops.mixture_ll_diff(x, mu, sigma, None)
                 ],
-                cost.bytes + extra,
+                cost.bytes,
             )
 
 
