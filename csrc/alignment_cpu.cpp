@@ -18,11 +18,8 @@
 #include <type_traits>
 #include <vector>
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include "alignment.h"
+#include "cpu_isa.h"
 #include "elem_convert.h"
 
 // No a*b+c -> fma contraction, whatever flags the build adds (-march=native): the combine then
@@ -110,7 +107,7 @@ template <typename scalar_t>
 // combine's outputs are the same bits; group_sums adds its partial sums in another order (wider
 // vectors), so its sums may differ in the last bits between CPUs.
 // GENREP_FAST_CPU_ISA=baseline forces the baseline loops (read on every call: tests compare them).
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#ifdef GENREP_FAST_X86_F16C
 #define GENREP_FAST_AVX2_CLONES 1
 
 // fp16 chunks by hand, with F16C's conversions. Auto-vectorised, the exact fp16 conversions
@@ -123,7 +120,7 @@ template <typename scalar_t>
 // integer operations; it stays auto-vectorised.)
 __attribute__((target("avx2,f16c"))) inline void load8_as_double(const c10::Half* src, __m256d& lo,
                                                                   __m256d& hi) {
-  const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m256 f = isa::load8_half(src);
   lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
   hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
 }
@@ -220,12 +217,8 @@ __attribute__((target("avx2,f16c"))) void chunk_combine_avx2(const scalar_t* p, 
 
 bool use_avx2() {
 #ifdef GENREP_FAST_AVX2_CLONES
-  // __builtin_cpu_init: the CPU model may not be filled in yet when a static initialiser of a
-  // shared object asks (GCC's documentation); calling it again is harmless.
-  static const bool has_avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") &&
-                                                          __builtin_cpu_supports("f16c"));
-  const char* isa = std::getenv("GENREP_FAST_CPU_ISA");
-  return has_avx2 && !(isa != nullptr && std::string(isa) == "baseline");
+  const char* forced = std::getenv("GENREP_FAST_CPU_ISA");
+  return isa::has_avx2_f16c() && !(forced != nullptr && std::string(forced) == "baseline");
 #else
   return false;
 #endif

@@ -31,10 +31,7 @@
 #include <type_traits>
 #include <vector>
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
+#include "cpu_isa.h"
 #include "elem_convert.h"
 
 // The hot loops are compiled twice on x86-64 with GCC: for AVX2+FMA (x86-64-v3) and for the
@@ -216,34 +213,44 @@ int64_t iso_entry(const SigmaTables<acc_t>& st, const Geometry& g, int64_t b, in
   return ((st.bs > 1 ? b : 0) * st.cs + (st.cs > 1 ? c : 0)) * g.T;
 }
 
+// Score of step t from its bank row m and its diagonal sigma row sg (unused when isotropic), rows
+// of any element type: row_scores passes the bank's own rows or float copies of them. Always
+// inlined, so it is compiled for row_scores' clone.
+template <typename acc_t, typename mrow_t, typename srow_t>
+[[gnu::always_inline]] inline void step_score(const Geometry& g, const SigmaTables<acc_t>& st,
+                                              const acc_t* xa, int64_t blk, int64_t e, int64_t t,
+                                              const mrow_t* m, const srow_t* sg, acc_t* s,
+                                              acc_t* q) {
+  if (g.diagonal) {
+    const acc_t qt = scaled_squared_distance(xa, m, sg, g.D);
+    if (q) q[t] = qt;
+    // Per-image bank: the log-determinant here, while the sigma row is in L1 (a separate pass
+    // would read diagonal sigma from memory twice); shared bank: from the table.
+    const acc_t log_norm = st.log_norm.empty()
+                               ? static_cast<acc_t>(-sum_log(sg, g.D) - st.half_d_log2pi)
+                               : st.log_norm[blk * g.T + t];
+    s[t] = acc_t(-0.5) * qt + log_norm;
+  } else {
+    const acc_t qt = squared_distance(xa, m, g.D);
+    if (q) q[t] = qt;
+    s[t] = acc_t(-0.5) * qt * st.inv_var[e + t] + st.log_norm[e + t];
+  }
+}
+
 // fp16 rows through F16C (x86-64 with GCC or Clang, picked at run time). The exact conversion of
 // csrc/elem_convert.h (bit operations with subnormal, normal and special paths blended, so that
 // every clone vectorises) cost more than the distance itself: fp16 ran at half bf16's bandwidth
 // with isotropic sigma. Where the CPU has AVX2 and F16C, row_scores converts each fp16 bank (and
 // diagonal sigma) row to float into a buffer in L1 with vcvtph2ps (exact for every value,
-// subnormals included, so the scores are the same bits) and runs the float loops on it.
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define GENREP_FAST_F16C_ROWS 1
+// subnormals included, so the scores are the same bits) and scores the copies.
+#ifdef GENREP_FAST_X86_F16C
 __attribute__((target("avx2,f16c"))) void half_row_to_float(const c10::Half* src, float* dst,
                                                             int64_t n) {
   int64_t d = 0;
-  for (; d + 8 <= n; d += 8) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
-    _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(raw));
-  }
+  for (; d + 8 <= n; d += 8) _mm256_storeu_ps(dst + d, isa::load8_half(src + d));
   for (; d < n; ++d) dst[d] = convert::to_acc<float>(src[d]);
 }
 #endif
-
-bool use_f16c_rows() {
-#ifdef GENREP_FAST_F16C_ROWS
-  static const bool has = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") &&
-                                                     __builtin_cpu_supports("f16c"));
-  return has;
-#else
-  return false;
-#endif
-}
 
 // The T scores of row (b, k) into s (and the quadratic terms into q if non-null). The forward
 // and the backward both call this, so their scores are bitwise identical.
@@ -251,65 +258,38 @@ template <typename scalar_t, typename sigma_t>
 GENREP_HOT void row_scores(const Geometry& g, const TypedInputs<scalar_t, sigma_t>& in,
                            const AccOf<scalar_t>* xa, int64_t b, int64_t c, AccOf<scalar_t>* s,
                            AccOf<scalar_t>* q) {
-  using acc_t = AccOf<scalar_t>;
-  const SigmaTables<acc_t>& st = in.st;
   const int64_t blk = g.block_of(b, c);
+  const int64_t e = g.diagonal ? 0 : iso_entry(in.st, g, b, c);
   const scalar_t* mu_blk = in.mu + blk * g.T * g.D;
-#ifdef GENREP_FAST_F16C_ROWS
+  const sigma_t* sig_blk = g.diagonal ? in.sig + blk * g.T * g.D : nullptr;
+#ifdef GENREP_FAST_X86_F16C
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    if (use_f16c_rows()) {
-      // The same loops on float copies of the rows: a float TypedInputs over one row at a time.
+    if (isa::has_avx2_f16c()) {
+      // One row of each, reused over the T steps. (A thread_local scratch instead measured
+      // 10-20% slower here; likely its TLS lookups from a shared object.)
       constexpr bool kHalfSigma = std::is_same_v<sigma_t, c10::Half>;
       std::vector<float> mrow(g.D), srow(kHalfSigma && g.diagonal ? g.D : 0);
+      float* const mr = mrow.data();
+      float* const sr = srow.data();
       for (int64_t t = 0; t < g.T; ++t) {
-        half_row_to_float(mu_blk + t * g.D, mrow.data(), g.D);
-        acc_t qt;
-        if (g.diagonal) {
-          const sigma_t* sig_row = in.sig + (blk * g.T + t) * g.D;
-          const float* sr = nullptr;
-          if constexpr (kHalfSigma) {
-            half_row_to_float(sig_row, srow.data(), g.D);
-            sr = srow.data();
+        half_row_to_float(mu_blk + t * g.D, mr, g.D);
+        const sigma_t* sig_row = g.diagonal ? sig_blk + t * g.D : nullptr;
+        if constexpr (kHalfSigma) {
+          if (g.diagonal) {
+            half_row_to_float(sig_row, sr, g.D);
+            step_score(g, in.st, xa, blk, e, t, mr, sr, s, q);
+            continue;
           }
-          qt = kHalfSigma ? scaled_squared_distance(xa, mrow.data(), sr, g.D)
-                          : scaled_squared_distance(xa, mrow.data(), sig_row, g.D);
-          const acc_t log_norm =
-              st.log_norm.empty()
-                  ? static_cast<acc_t>(-(kHalfSigma ? sum_log(sr, g.D) : sum_log(sig_row, g.D)) -
-                                       st.half_d_log2pi)
-                  : st.log_norm[blk * g.T + t];
-          s[t] = acc_t(-0.5) * qt + log_norm;
-        } else {
-          qt = squared_distance(xa, mrow.data(), g.D);
-          const int64_t e = iso_entry(st, g, b, c);
-          s[t] = acc_t(-0.5) * qt * st.inv_var[e + t] + st.log_norm[e + t];
         }
-        if (q) q[t] = qt;
+        step_score(g, in.st, xa, blk, e, t, mr, sig_row, s, q);
       }
       return;
     }
   }
 #endif
-  if (g.diagonal) {
-    const sigma_t* sig_blk = in.sig + blk * g.T * g.D;
-    for (int64_t t = 0; t < g.T; ++t) {
-      const acc_t qt = scaled_squared_distance(xa, mu_blk + t * g.D, sig_blk + t * g.D, g.D);
-      if (q) q[t] = qt;
-      // Per-image bank: the log-determinant here, while the sigma row is in L1 (a separate pass
-      // would read diagonal sigma from memory twice); shared bank: from the table.
-      const acc_t log_norm =
-          st.log_norm.empty()
-              ? static_cast<acc_t>(-sum_log(sig_blk + t * g.D, g.D) - st.half_d_log2pi)
-              : st.log_norm[blk * g.T + t];
-      s[t] = acc_t(-0.5) * qt + log_norm;
-    }
-  } else {
-    const int64_t e = iso_entry(st, g, b, c);
-    for (int64_t t = 0; t < g.T; ++t) {
-      const acc_t qt = squared_distance(xa, mu_blk + t * g.D, g.D);
-      if (q) q[t] = qt;
-      s[t] = acc_t(-0.5) * qt * st.inv_var[e + t] + st.log_norm[e + t];
-    }
+  for (int64_t t = 0; t < g.T; ++t) {
+    step_score(g, in.st, xa, blk, e, t, mu_blk + t * g.D,
+               g.diagonal ? sig_blk + t * g.D : nullptr, s, q);
   }
 }
 

@@ -75,15 +75,16 @@ def _check_dims(**dims: int) -> None:
 def per_image_bank(
     b: int, c: int, t: int, d: int, *, s_bank: int = 4, s_x: int = 4, s_sigma: int = 0
 ) -> Cost:
-    """Per-image bank ``mu [B, C, T, D]`` (difference form). ``s_sigma``: bytes per element of a
-    diagonal sigma of the bank's shape (read once with it; 4 more FLOPs per element: the division
-    and the log-determinant's split and product); 0 for isotropic sigma ``[T]``."""
+    """Per-image bank ``mu [B, C, T, D]`` (difference form): 3 FLOPs per bank element (subtract,
+    square, add). ``s_sigma``: bytes per element of a diagonal sigma of the bank's shape, read
+    once beside the bank, with 2 FLOPs more per element (the division and the log-determinant's
+    mantissa product); 0 for isotropic sigma ``[T]``."""
     _check_dims(b=b, c=c, t=t, d=d)
     n = b * c * t * d
     sigma_bytes = n * s_sigma if s_sigma else t * 4
     return Cost(
         bytes=float(n * s_bank + b * d * s_x + sigma_bytes + b * c * 4),
-        flops=float((7 if s_sigma else 3) * n),
+        flops=float((5 if s_sigma else 3) * n),
         precision="fp32",
     )
 
